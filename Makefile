@@ -1,0 +1,39 @@
+# Every target sets itself up: a virtualenv in .venv with the project and its dev tools.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: all setup test test-lab lint demo bench bench-failover clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -q -m "not lab" tests
+
+test-lab: $(STAMP)
+	$(BIN)/pytest -q -m lab tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+demo: $(STAMP)
+	$(BIN)/python -m hasync.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-failover: $(STAMP)
+	$(BIN)/python bench/failover.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

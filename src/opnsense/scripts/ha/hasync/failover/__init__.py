@@ -1,0 +1,1 @@
+"""Failover control: CARP/pfsync on OPNsense, keepalived/conntrackd/nftables on Linux."""

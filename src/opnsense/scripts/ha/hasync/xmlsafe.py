@@ -1,0 +1,38 @@
+"""One place that builds lxml parsers which never expand entities or touch the network.
+
+config.xml, payload files and XML-RPC bodies are all parsed through here: a DTD is refused
+outright (neither format uses one), so billion-laughs, quadratic-blowup and external-entity
+documents fail fast with a clear message instead of consuming memory. libxml2's default depth
+limit (256) bounds nesting.
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+
+
+class UnsafeXmlError(ValueError):
+    """The document is well-formed but uses features we refuse (DTD, entities)."""
+
+
+def _parser(remove_blank_text: bool) -> etree.XMLParser:
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_blank_text=remove_blank_text,
+        remove_comments=False,
+    )
+
+
+def parse_bytes(data: bytes, *, remove_blank_text: bool = True) -> etree._Element:
+    """Parse a whole document, refusing DTDs. Raises etree.XMLSyntaxError or UnsafeXmlError."""
+    doc = etree.fromstring(data, _parser(remove_blank_text)).getroottree()
+    if doc.docinfo.doctype or doc.docinfo.internalDTD is not None:
+        raise UnsafeXmlError("document type declarations (DTD) are not allowed")
+    root = doc.getroot()
+    for _ in root.iter(etree.Entity):
+        raise UnsafeXmlError("entity references are not allowed")
+    return root
