@@ -30,7 +30,7 @@ def _parser(remove_blank_text: bool) -> etree.XMLParser:
 def parse_bytes(data: bytes, *, remove_blank_text: bool = True) -> etree._Element:
     """Parse a whole document, refusing DTDs. Raises etree.XMLSyntaxError or UnsafeXmlError."""
     doc = etree.fromstring(data, _parser(remove_blank_text)).getroottree()
-    if doc.docinfo.doctype or doc.docinfo.internalDTD is not None:
+    if getattr(doc.docinfo, "doctype", "") or doc.docinfo.internalDTD is not None:
         raise UnsafeXmlError("document type declarations (DTD) are not allowed")
     root = doc.getroot()
     for _ in root.iter(etree.Entity):

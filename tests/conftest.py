@@ -1,0 +1,32 @@
+"""Shared test plumbing: import path, the optional ../shared data, and small helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = REPO / "src" / "opnsense" / "scripts" / "ha"
+if str(PACKAGE_ROOT) not in sys.path:
+    sys.path.insert(0, str(PACKAGE_ROOT))
+
+FIXTURES = REPO / "fixtures"
+SHARED = Path(os.environ.get("OPNSENSE_HA_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """../shared when present (a developer's or CI's checkout); skip cleanly in a user's clone."""
+    if not (SHARED / "fixtures").is_dir():
+        pytest.skip("../shared is absent (expected in a user's clone)")
+    return SHARED
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared not available)")
+    return path
