@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import xmlrpc
 from .errors import HaError, MergeError, ServiceError
@@ -105,7 +105,17 @@ class Dispatcher:
         return results
 
 
-AuthFunction = Callable[[str | None, str], "AuthVerdict"]
+class AuthOutcome(Protocol):
+    """What an authenticator returns (hasync.auth.AuthResult has this shape)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def username(self) -> str: ...
+
+
+AuthFunction = Callable[[str | None, str], AuthOutcome]
 
 
 @dataclass(frozen=True)
