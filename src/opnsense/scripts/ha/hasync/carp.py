@@ -272,12 +272,24 @@ class CarpOps:
         return {"status": "ok", "action": "disable"}
 
     def enable(self) -> dict[str, Any]:
-        """Undo `disable`: pfsync (only if it differs), allow=1, VIPs configured again."""
+        """Undo `disable`: pfsync (only if it differs), allow=1, VIPs configured again.
+
+        VIPs on an interface key that config.xml does not assign are skipped and named in the
+        reply (OPNsense silently fails on them).
+        """
         root = self.store.load()
+        assigned = {node.tag for node in root.iterfind("interfaces/*") if isinstance(node.tag, str)}
+        vips = _with_modes(root, carp_vips(root))
+        usable = [spec for spec in vips if spec.interface in assigned]
         self.backend.apply_pfsync(pfsync_config(root))
         self.backend.set_allow(True)
-        self.backend.configure_vips(_with_modes(root, carp_vips(root)), [])
-        return {"status": "ok", "action": "enable"}
+        self.backend.configure_vips(usable, [])
+        reply: dict[str, Any] = {"status": "ok", "action": "enable"}
+        skipped = [f"VIP {spec.subnet} (vhid {spec.vhid}): interface {spec.interface!r} is not assigned"
+                   for spec in vips if spec.interface not in assigned]
+        if skipped:
+            reply["messages"] = skipped
+        return reply
 
     def set_status(self, action: str) -> dict[str, Any]:
         """OPNsense's `interface carp_set_status <maintenance|disable|enable>` (maintenance toggles)."""

@@ -60,7 +60,7 @@ _INET6_RE = re.compile(
 _VHID_RE = re.compile(r"\bvhid (\d+)\b")
 _SYSCTL_RE = re.compile(r"^\s*(?P<name>[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+): ?(?P<value>.*)$")
 _PFSYNC_RE = re.compile(r"^\s*(?:pfsync: )?(?P<body>(?:syncdev: |syncpeer: |maxupd: ).*)$")
-_SYNCOK_RE = re.compile(r"^\s*syncok: (?P<ok>[01])\s*$")
+_SYNCOK_RE = re.compile(r"^\s*syncok: (?P<ok>[01])\b")
 _BOOTTIME_RE = re.compile(r"sec = (\d+), usec = (\d+)")
 
 
@@ -482,6 +482,9 @@ class FreeBsdBackend(FailoverBackend):
     def configure_vips(self, vips: list[VipSpec], removed: list[VipSpec]) -> None:
         """Remove `removed` VIP addresses, then (re)configure the vhids and addresses of `vips`.
 
+        Every spec is validated before the first command; VIPs on a device the OS does not have
+        are skipped with a warning rather than failing the others half-way.
+
         FreeBSD's ifconfig only takes the CARP password on argv (`pass <p>`); there is no stdin
         or file form, so OPNsense passes it the same way and it is briefly visible in the process
         table to local users. That is unavoidable here. What we control: the password never
@@ -496,7 +499,13 @@ class FreeBsdBackend(FailoverBackend):
                 log.info("removing VIP %s from %s", spec.subnet, spec.device)
                 self._run(["ifconfig", spec.device, family, spec.subnet, "-alias"])
         groups: dict[tuple[str, int], list[VipSpec]] = {}
+        missing = sorted({spec.device for spec in vips if spec.device not in current})
+        if missing:
+            # checked up front so one bad interface never leaves the others half configured
+            log.warning("skipping VIPs on %s: no such device (check interfaces.<key>.if)", ", ".join(missing))
         for spec in vips:
+            if spec.device in missing:
+                continue
             groups.setdefault((spec.device, spec.vhid), []).append(spec)
         for (device, vhid), specs in groups.items():
             carp = _carp_spec(specs)
