@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from fakekernel import FakeKernel
-
 from hasync.carp import CarpOps
 from hasync.failover.freebsd import FreeBsdBackend
 from hasync.store import ConfigStore

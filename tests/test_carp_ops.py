@@ -6,22 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import stat
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+
 from carp_helpers import CARP_PASSWORD, build_kernel, build_ops, sync_pfsync, write_config
 from fakekernel import FakeKernel
-
 from hasync import hooks
+from hasync.carp import STATE_FILE, CarpOps
 from hasync.commands import boot as boot_command
 from hasync.commands import carp as carp_command
 from hasync.commands import pfsync as pfsync_command
-from hasync.errors import HaError
-from hasync.carp import STATE_FILE, CarpOps
-from hasync.errors import FailoverError
+from hasync.errors import FailoverError, HaError
 from hasync.failover.model import maintenance_mode, preempt_wanted
 from hasync.store import ConfigStore
 from hasync.xmlsafe import parse_bytes
@@ -135,7 +134,8 @@ def test_concurrent_enters_add_once(tmp_path: Path) -> None:
 
 def test_enter_failure_keeps_flag_and_retry_adds_once(node: tuple[Path, FakeKernel, CarpOps]) -> None:
     conf, kernel, ops = node
-    kernel.fail_next[("sysctl", "net.inet.carp.demotion=240")] = "sysctl: net.inet.carp.demotion: Operation not permitted"
+    denied = "sysctl: net.inet.carp.demotion: Operation not permitted"
+    kernel.fail_next[("sysctl", "net.inet.carp.demotion=240")] = denied
     with pytest.raises(FailoverError, match="Operation not permitted"):
         ops.maintenance_enter()
     assert flag_on_disk(conf) and kernel.demotion == 0
@@ -278,7 +278,7 @@ def test_set_status_like_opnsense(node: tuple[Path, FakeKernel, CarpOps]) -> Non
 
 
 def test_status_shapes_and_no_secret(node: tuple[Path, FakeKernel, CarpOps]) -> None:
-    _, kernel, ops = node
+    _, _, ops = node
     status = ops.status()
     text = json.dumps(status)
     assert CARP_PASSWORD not in text

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+
 from carp_helpers import CARP_PASSWORD, build_kernel, sync_pfsync
 from conftest import FIXTURES, shared_path
 from fakekernel import FakeKernel
-
 from hasync.errors import FailoverError
 from hasync.failover import factory
 from hasync.failover.base import PfsyncConfig, VipSpec
