@@ -385,3 +385,15 @@ def test_fake_kernel_renders_what_the_parsers_read(tmp_path: Path) -> None:
     assert re.search(r"^\tcarp: BACKUP vhid 3 advbase 1 advskew 100\n\t      peer 224\.0\.0\.18 peer6 ff02::12$",
                      text, re.M)
     assert "\tinet 10.77.1.1 netmask 0xffffff00 broadcast 10.77.1.255 vhid 3\n" in text
+
+
+def test_null_backend_keeps_kernel_semantics_across_instances(tmp_path: Path) -> None:
+    state = tmp_path / factory.NULL_STATE_FILE
+    first = factory.NullBackend(state)
+    first.add_demotion(240)
+    first.add_demotion(-40)
+    first.set_preempt(True)
+    again = factory.NullBackend(state)  # e.g. the next CLI invocation
+    assert (again.carp_globals().demotion, again.carp_globals().preempt) == (200, True)
+    assert factory.NullBackend().carp_globals().demotion == 0  # without a file: memory only
+    assert again.apply_pfsync(PFSYNC_ON) is False and again.vip_states() == []

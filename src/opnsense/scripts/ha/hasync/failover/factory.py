@@ -8,6 +8,7 @@ otherwise FreeBSD's CARP/pfsync on FreeBSD (OPNsense) and keepalived/conntrackd 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import platform
@@ -24,36 +25,56 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "OPNSENSE_HA_FAILOVER"
 CHOICES = ("freebsd", "keepalived", "none")
+NULL_STATE_FILE = "hasync-null-failover.json"
 
 
 class NullBackend(FailoverBackend):
-    """For nodes without failover (the demo, a lone box): reports nothing, changes nothing.
+    """For nodes without failover (the demo, a lone box): no VIPs, no state sync, no OS access.
 
-    The demotion counter is kept in memory only so one process sees its own writes consistently;
-    there is no kernel behind it.
+    It still keeps CARP's counters (demotion, allow, preempt) with kernel semantics, in memory or,
+    given `state_file`, in a small JSON file, so the operations layer behaves the same across
+    separate CLI invocations (maintenance enter in one process, status in the next). The counter
+    never resets, hence a constant boot id.
     """
 
     name = "none"
 
-    def __init__(self) -> None:
-        self._demotion = 0
-        self._allow = True
-        self._preempt = False
+    def __init__(self, state_file: str | os.PathLike[str] | None = None) -> None:
+        self.state_file = Path(state_file) if state_file is not None else None
+        self._state: dict[str, int] = {"demotion": 0, "allow": 1, "preempt": 0}
+        if self.state_file is not None:
+            try:
+                loaded = json.loads(self.state_file.read_text())
+            except (OSError, ValueError):
+                loaded = {}
+            if isinstance(loaded, dict):
+                self._state.update({k: int(v) for k, v in loaded.items() if k in self._state and isinstance(v, int)})
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        temp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(self._state) + "\n")
+        os.replace(temp, self.state_file)
 
     def vip_states(self) -> list[VipState]:
         return []
 
     def carp_globals(self) -> CarpGlobals:
-        return CarpGlobals(demotion=self._demotion, allow=self._allow, preempt=self._preempt)
+        return CarpGlobals(demotion=self._state["demotion"], allow=bool(self._state["allow"]),
+                           preempt=bool(self._state["preempt"]))
 
     def add_demotion(self, delta: int) -> None:
-        self._demotion += delta
+        self._state["demotion"] += int(delta)
+        self._save()
 
     def set_allow(self, allow: bool) -> None:
-        self._allow = allow
+        self._state["allow"] = int(allow)
+        self._save()
 
     def set_preempt(self, preempt: bool) -> None:
-        self._preempt = preempt
+        self._state["preempt"] = int(preempt)
+        self._save()
 
     def pfsync_state(self) -> PfsyncState:
         return PfsyncState(enabled=False, syncdev=None, syncpeer=None, version=None, defer=None,
@@ -66,7 +87,7 @@ class NullBackend(FailoverBackend):
         return None
 
     def boot_id(self) -> str:
-        return ""
+        return "no-kernel"
 
 
 def _root_provider(conf_dir: str | os.PathLike[str]) -> Callable[[], etree._Element | None]:
@@ -97,7 +118,7 @@ def get_backend(conf_dir: str | os.PathLike[str] | Path, runner: CommandRunner |
     """The failover backend for the node whose config lives in `conf_dir`."""
     kind = choose()
     if kind == "none":
-        return NullBackend()
+        return NullBackend(Path(conf_dir) / NULL_STATE_FILE if Path(conf_dir).is_dir() else None)
     runner = runner or SubprocessRunner()
     if kind == "freebsd":
         from .freebsd import FreeBsdBackend
