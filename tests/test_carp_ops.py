@@ -440,6 +440,8 @@ def test_cli_status_json_and_event(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert run_cli(["--conf-dir", str(conf), "carp", "event", "1@vtnet0;x", "MASTER",
                      "--hook-dir", str(directory)]) == 2
     assert "is not <vhid>@<interface>" in capsys.readouterr().err
+    assert run_cli(["--conf-dir", str(conf), "carp", "set-status", "reboot"]) == 0  # OPNsense: exit 0
+    assert json.loads(capsys.readouterr().out) == {"status": "failed"}
 
 
 def test_cli_pfsync_and_boot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -447,7 +449,7 @@ def test_cli_pfsync_and_boot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     conf = tmp_path / "conf"
     write_config(conf)
     monkeypatch.setenv("OPNSENSE_HA_FAILOVER", "none")
-    assert run_cli(["--conf-dir", str(conf), "pfsync", "status", "--json"]) == 1  # configured on, not running
+    assert run_cli(["--conf-dir", str(conf), "pfsync", "status", "--json"]) == 0  # differences are in the JSON
     reply = json.loads(capsys.readouterr().out)
     assert reply["differences"][:2] == ["state sync is off but configured on", "syncdev - != vtnet2"]
     assert run_cli(["--conf-dir", str(conf), "pfsync", "apply"]) == 0

@@ -53,8 +53,11 @@ def _ops(args: argparse.Namespace) -> CarpOps:
 
 
 def _reply(reply: dict[str, Any]) -> int:
+    """Print the reply; exit 0 like OPNsense's carp_set_status.php even for {"status": "failed"},
+    because configd's script_output would replace the JSON by "Execute error" otherwise. Real
+    failures raise HaError (exit 2)."""
     print(json.dumps(reply))
-    return 0 if reply.get("status") == "ok" else 1
+    return 0
 
 
 def _maintenance(args: argparse.Namespace) -> int:
