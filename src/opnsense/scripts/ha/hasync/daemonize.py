@@ -1,0 +1,79 @@
+"""Start a foreground program in the background and record its pid: `daemon(8)` for the services dir.
+
+Usage: `python daemonize.py --pidfile FILE [--log FILE] [--cwd DIR] -- PROGRAM [ARG...]`
+
+`ServicesDirBackend` runs this through the `CommandRunner` (so all process creation goes through
+the one interface tests can fake) for services declared with `"daemon": true`. It starts the
+program in its own session (so stopping it can signal the whole process group), with stdin from
+/dev/null and stdout/stderr to the log file, writes the pid file atomically, and exits; the
+runner's output pipes are never inherited by the long-running program, so the runner does not
+wait for it. It uses the standard library only, so it runs from any interpreter without the
+package on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+# A program that dies within this time (bad arguments, port in use) is reported as a failed
+# start instead of leaving a pid file for a dead process.
+EARLY_EXIT_GRACE = 0.3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="daemonize.py", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--pidfile", required=True)
+    parser.add_argument("--log", default=os.devnull)
+    parser.add_argument("--cwd", default=None)
+    parser.add_argument("program", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        parser.error("no program given after --")
+    try:
+        log = open(args.log, "ab")
+    except OSError as exc:
+        print(f"cannot open log file {args.log}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        child = subprocess.Popen(
+            program,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=args.cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        print(f"cannot start {program[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        log.close()
+    tmp = f"{args.pidfile}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="ascii") as handle:
+            handle.write(f"{child.pid}\n")
+        os.replace(tmp, args.pidfile)
+    except OSError as exc:
+        child.kill()
+        print(f"cannot write pid file {args.pidfile}: {exc.strerror}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + EARLY_EXIT_GRACE
+    while time.monotonic() < deadline:
+        code = child.poll()
+        if code is not None:
+            os.unlink(args.pidfile)
+            print(f"{program[0]} exited at once with status {code}; see {args.log}", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    print(child.pid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
