@@ -159,6 +159,12 @@ def test_nosync_zero_or_empty_is_not_set() -> None:
     assert php_empty("0") and php_empty("") and php_empty([]) and not php_empty("00")
 
 
+def test_nosync_zero_on_a_single_record_keeps_it() -> None:
+    value: dict[str, Any] = {"a": {"nosync": "0", "x": "1"}, "b": {"nosync": "", "x": "2"}}
+    remove_nosync(value)
+    assert value == {"a": {"nosync": "0", "x": "1"}, "b": {"nosync": "", "x": "2"}}
+
+
 def test_nosync_container_and_nested_records_are_removed() -> None:
     value: dict[str, Any] = {
         "a": {"nosync": "1", "x": "gone"},
