@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup test test-lab lint demo bench bench-failover clean
+
+.PHONY: all setup test test-fast test-lab lint demo bench bench-failover clean
 
 all: test
 
@@ -16,7 +17,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# All tests. Lab tests (marker `lab`) need root, keepalived, conntrackd and nftables; they skip
+# with a message otherwise. `make test-fast` leaves them out.
 test: $(STAMP)
+	$(BIN)/pytest -q tests
+
+test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not lab" tests
 
 test-lab: $(STAMP)
