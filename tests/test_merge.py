@@ -474,11 +474,30 @@ def test_real_carp_pair_from_the_opnsense_docs(registry: SyncItemRegistry) -> No
         ({"sec": {"@attributes": "x"}}, "attributes must be a struct"),
         ({"sec": {"@attributes": {"1bad": "x"}}}, "attribute name"),
         ({"sec": {"password": REDACTED}}, "--redact"),
+        ({"0": {"a": "1"}, "1": {"b": "2"}}, "got an array"),
+        ({"sec": {"a": float("nan")}}, "not a config value"),
+        ({"virtualip": {"vip": ["not a struct"]}}, "every VIP must be a struct"),
     ],
 )
 def test_bad_payloads_are_refused(payload: Any, message: str) -> None:
     with pytest.raises(MergeError, match=message):
         normalize_payload(payload)
+
+
+def test_a_refused_payload_leaves_the_tree_untouched() -> None:
+    root = parse("<opnsense><sec><a>1</a></sec><virtualip><vip><vhid>1</vhid></vip></virtualip></opnsense>")
+    before = xml(root)
+    with pytest.raises(MergeError):
+        merge(root, {"sec": {"a": "2"}, "virtualip": {"vip": [{"vhid": "1"}, "junk"]}})
+    assert xml(root) == before
+
+
+def test_root_attributes_merge_as_attributes_when_accepted() -> None:
+    root = parse('<opnsense a="1"><sec/></opnsense>')
+    with pytest.raises(MergeError, match="@attributes"):
+        merge(root, {"@attributes": {"b": "2"}})
+    merge(root, {"@attributes": {"b": "2"}}, accept_unknown=True)
+    assert root.attrib == {"a": "1", "b": "2"}
 
 
 def test_deep_nesting_is_refused() -> None:

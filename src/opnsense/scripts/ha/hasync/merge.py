@@ -48,6 +48,7 @@ Decisions where we deliberately differ from the PHP code (bugs, not behaviour an
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -189,7 +190,14 @@ def normalize_payload(payload: Any) -> dict[str, Any]:
     if not payload:
         raise MergeError("the payload is empty: it names no config section")
     result = _normalize(payload, "", 0)
-    assert isinstance(result, dict)
+    if not isinstance(result, dict):
+        raise MergeError("a payload must be a struct of config sections, got an array (numeric keys)")
+    vips = result.get("virtualip")
+    if isinstance(vips, dict):
+        items = vips.get("vip", [])
+        items = [items] if isinstance(items, dict) else items
+        if not isinstance(items, list) or not all(isinstance(vip, dict) for vip in items):
+            raise MergeError("virtualip.vip: every VIP must be a struct")
     return result
 
 
@@ -225,6 +233,8 @@ def _normalize(value: Any, path: str, depth: int) -> Any:
 
 
 def _check_scalar(value: Any, path: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MergeError(f"{path}: {value} is not a config value")
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, str):
@@ -329,8 +339,8 @@ def merge_payload(
     for key, value in data.items():
         if key == "virtualip":
             _merge_vips(root, value, ctx)
-        else:
-            _merge_key(root, key, value, key, ctx)
+        else:  # through the container merge, so a root-level "@attributes" is handled as such
+            _merge_container(root, {key: value}, "", ctx)
 
     changed_top = [key for key in data if _fingerprint_all(_children(root, key)) != top_before[key]]
     changed_points = [p for p in points if _fingerprint_all(find_path(root, p)) != point_before[p]]
@@ -685,9 +695,12 @@ def apply_payload_file(
     path: str | Path,
     registry: SyncItemRegistry,
     accept_unknown: bool = False,
-    username: str = "root@opnsense-ha",
+    username: str | None = None,
 ) -> MergeReport:
-    """Offline sync: merge a payload file into the store's config under one exclusive lock."""
+    """Offline sync: merge a payload file into the store's config under one exclusive lock.
+
+    `username` goes into the revision (the store's default, "(system)", when None).
+    """
     source = Path(path)
     try:
         data = source.read_bytes()
@@ -698,6 +711,10 @@ def apply_payload_file(
         check_payload(payload, registry, accept_unknown)  # fail before taking the lock
     except MergeError as exc:
         raise MergeError(f"{source}: {exc}") from None
-    with store.transaction(revision_description(payload), username=username) as root:
+    description = revision_description(payload)
+    transaction = (
+        store.transaction(description) if username is None else store.transaction(description, username=username)
+    )
+    with transaction as root:
         report = merge_payload(root, payload, registry, accept_unknown=accept_unknown)
     return report
