@@ -295,6 +295,20 @@ def test_cli_payload_xmlrpc_is_the_exact_method_call(
     assert xmlrpc.loads_request(body) == ("opnsense.restore_config_section", [json.loads(json.dumps(expected))])
 
 
+def test_cli_payload_skips_stored_ids_no_item_defines(
+    tmp_path: Path, registry: SyncItemRegistry, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # rc.filter_synchronize only looks up known items: a retired legacy flag is ignored, loudly here
+    rules = "<synchronizerules>on</synchronizerules>"
+    text = (CONFIGS / "legacy.xml").read_text().replace(rules, "<synchronizewidgets>on</synchronizewidgets>" + rules)
+    (tmp_path / "config.xml").write_text(text)
+    assert run_command(payload_command, ["--conf-dir", str(tmp_path), "payload"]) == (0, "")
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == payload_for_items(load("legacy.xml"), registry, ["rules", "aliases", "virtualip", "dhcpd"])
+    assert "widgets" in caplog.text
+    assert registry.split_known(["widgets", "nat", "x"]) == (["nat"], ["widgets", "x"])
+
+
 def test_cli_payload_errors(conf_dir: Path) -> None:
     code, message = run_command(payload_command, ["--conf-dir", str(conf_dir), "payload", "--items", "nope"])
     assert code == 2 and "unknown sync item" in message

@@ -292,6 +292,19 @@ class SyncItemRegistry:
             )
         return list(seen.values())
 
+    def split_known(self, item_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(known ids, unknown ids), each in the given order.
+
+        rc.filter_synchronize only looks up the items it knows, so a stored id whose plugin is
+        not installed (or a retired legacy flag such as ``synchronizewidgets``) is ignored there;
+        callers working from `hasync` use this to do the same and say so.
+        """
+        known: list[str] = []
+        unknown: list[str] = []
+        for item_id in item_ids:
+            (known if item_id in self._items else unknown).append(item_id)
+        return known, unknown
+
     def sections_for(self, item_ids: Iterable[str]) -> list[str]:
         """Dotted section paths of the given items, in item order, each once."""
         sections: dict[str, None] = {}

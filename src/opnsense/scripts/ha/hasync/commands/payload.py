@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
 from .. import xmlrpc
+from ..errors import SyncItemError
 from ..items import SyncItemRegistry
 from ..payload import payload_for_items, redact, selected_item_ids
 from ..store import ConfigStore
+
+log = logging.getLogger("hasync.payload")
 
 
 def register(subparsers: Any) -> None:
@@ -38,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
     registry = SyncItemRegistry.load(args.items_dir)
     root = ConfigStore(args.conf_dir).load()
     ids = selected_item_ids(root, args.items)
+    if args.items is None:
+        # Stored ids: like rc.filter_synchronize, skip those no installed item defines.
+        ids, unknown = registry.split_known(ids)
+        if unknown:
+            log.warning("ignoring sync item(s) stored in hasync that no item defines: %s", ", ".join(unknown))
+        if not ids:
+            raise SyncItemError("none of the sync items stored in hasync is known here")
     value = payload_for_items(root, registry, ids)
     if args.redact:
         value = redact(value)
