@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
-from conftest import FIXTURES
 
+from conftest import FIXTURES
 from hasync.agent import AgentServer
 from hasync.serve import ServeOptions, build_server
 from hasync.store import ConfigStore

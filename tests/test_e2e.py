@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodes import ROOT_PASSWORD, SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 
 from hasync import xmlrpc
 from hasync.agent import AgentServer
@@ -23,6 +22,7 @@ from hasync.remote import Remote
 from hasync.services import ServicesDirBackend
 from hasync.store import ConfigStore
 from hasync.syncer import SyncOptions, SyncRun, trust_store
+from nodes import ROOT_PASSWORD, SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 
 
 @pytest.fixture
@@ -311,7 +311,8 @@ def test_stalled_backup_fails_at_deadline(pair: Pair) -> None:
 
 def test_version_skew(pair: Pair, agent: AgentServer) -> None:
     def versions(node: Path, version: str) -> None:
-        (node / "version.json").write_text(json.dumps({p: {"version": version} for p in ("base", "firmware", "kernel")}))
+        document = {part: {"version": version} for part in ("base", "firmware", "kernel")}
+        (node / "version.json").write_text(json.dumps(document))
 
     versions(pair.primary, "26.7.3")
     versions(pair.backup, "26.1.9")

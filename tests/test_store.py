@@ -221,7 +221,8 @@ PHP_STYLE_WRITER = textwrap.dedent(
 
 
 def test_interleaves_with_opnsense_style_writer_without_lost_updates(conf: Path) -> None:
-    (conf / "config.xml").write_bytes(BASE.replace(b"<counter>0</counter>", b"<counter>0</counter><phpcount>0</phpcount>"))
+    with_php_counter = BASE.replace(b"<counter>0</counter>", b"<counter>0</counter><phpcount>0</phpcount>")
+    (conf / "config.xml").write_bytes(with_php_counter)
     store = ConfigStore(conf)
     rounds = 60
     writer = subprocess.Popen([sys.executable, "-c", PHP_STYLE_WRITER, str(conf / "config.xml"), str(rounds)])

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from .failover.model import carp_vips
-from .services import ServicesDirBackend
 from .osiface import SubprocessRunner
+from .services import ServicesDirBackend
 from .store import ConfigStore
 
 REPO = Path(__file__).resolve().parents[5]
