@@ -31,7 +31,9 @@ Decisions where we deliberately differ from the PHP code (bugs, not behaviour an
    are ordered by their ``sequence`` field, so keeping nosync ones first is harmless there.)
 3. *Kept nosync records vs. incoming ones.* A backup nosync record and an incoming record with
    the same uuid (or, for VIPs, the same VIP key) would give a duplicate; the backup's own
-   record wins and the incoming one is skipped with a warning.
+   record wins and the incoming one is skipped with a warning. A lone MVC item (uuid element
+   that is not a list tag) counts as a list of one for the nosync rule, so whether a record
+   survives never depends on how many siblings it has.
 4. *VIP order.* PHP re-adds the kept VIPs with ``array_unshift`` in a loop, which reverses their
    order; we keep them in their original order.
 5. *An empty VIP set.* A primary without any VIP sends ``virtualip: []``; PHP then skips the VIP
