@@ -185,6 +185,12 @@ def test_backup_nosync_records_are_kept_and_put_first() -> None:
     assert texts(root, "sec.item", "n") == ["local", "b", "c"]
 
 
+def test_lone_mvc_item_marked_nosync_is_kept_like_a_list_member() -> None:
+    root = parse('<opnsense><sec><m uuid="1"><n>mine</n><nosync>1</nosync></m></sec></opnsense>')
+    merge(root, {"sec": {"m": {"@attributes": {"uuid": "2"}, "n": "theirs"}}})
+    assert texts(root, "sec.m", "n") == ["mine", "theirs"]
+
+
 def test_kept_nosync_record_wins_over_an_incoming_one_with_the_same_uuid() -> None:
     root = parse('<opnsense><sec><item uuid="u1"><n>mine</n><nosync>1</nosync></item></sec></opnsense>')
     report = merge(root, {"sec": {"item": [{"@attributes": {"uuid": "u1"}, "n": "theirs"}, {"n": "other"}]}})
