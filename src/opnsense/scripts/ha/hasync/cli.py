@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from . import commands
 from .errors import HaError
+from .logsetup import setup_syslog
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="opnsense-ha: %(message)s",
         stream=sys.stderr,
     )
+    setup_syslog()
     try:
         return int(args.func(args) or 0)
     except HaError as exc:

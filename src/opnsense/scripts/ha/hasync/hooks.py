@@ -31,7 +31,6 @@ from .osiface import CommandRunner, SubprocessRunner
 DEFAULT_HOOK_DIR = Path("/usr/local/etc/rc.syshook.d/carp")
 DEFAULT_TIMEOUT = 60.0
 STATES = ("MASTER", "BACKUP", "INIT")
-SYSLOG_SOCKET = "/dev/log"
 
 log = logging.getLogger("hasync.hooks")
 
@@ -63,21 +62,6 @@ def validate_event(subsystem: str, state: str) -> tuple[int, str, str]:
     if state not in STATES:
         raise HookArgumentError(f"CARP event type {state[:32]!r} is not one of {', '.join(STATES)}")
     return vhid, match.group("ifname"), state
-
-
-def setup_syslog(logger: logging.Logger = log) -> None:
-    """Send `logger` to the local syslog as OPNsense's tools do, if there is one (once)."""
-    if not os.path.exists(SYSLOG_SOCKET):
-        return
-    if any(isinstance(h, logging.handlers.SysLogHandler) for h in logger.handlers):
-        return
-    try:
-        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET,
-                                                 facility=logging.handlers.SysLogHandler.LOG_USER)
-    except OSError:
-        return
-    handler.setFormatter(logging.Formatter("opnsense-ha[%(process)d]: %(message)s"))
-    logger.addHandler(handler)
 
 
 def hook_scripts(hook_dir: Path) -> list[Path]:

@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 from ..carp import CarpOps, open_ops
-from ..hooks import DEFAULT_HOOK_DIR, DEFAULT_TIMEOUT, run_carp_hooks, setup_syslog
+from ..hooks import DEFAULT_HOOK_DIR, DEFAULT_TIMEOUT, run_carp_hooks
+from ..logsetup import setup_syslog
 
 
 def register(subparsers: Any) -> None:
