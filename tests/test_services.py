@@ -8,7 +8,6 @@ command construction with a fake runner, and real processes started, restarted a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -37,6 +36,7 @@ from hasync.services import (
     sort_services,
     unknown_service_message,
 )
+from services_helpers import reap_orphans  # noqa: F401 - autouse fixture
 
 PLUGINCTL = "/usr/local/sbin/pluginctl"
 CONFIGCTL = "/usr/local/sbin/configctl"
@@ -440,25 +440,6 @@ def test_dir_hooks(declared: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # services dir: real processes
 # ------------------------------------------------------------------------------------------
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-@pytest.fixture(autouse=True, scope="module")
-def reap_orphans() -> Any:
-    """Daemons outlive the helper that started them and get reparented. Make this test process
-    their subreaper (Linux) and reap them at the end, so the shared machine keeps no zombies when
-    PID 1 does not reap."""
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-    if libc is not None:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    yield
-    if libc is not None:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
-
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
     """Poll with a deadline so a broken build fails instead of hanging; not a timing assertion."""
