@@ -293,8 +293,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             return xmlrpc.dumps_fault(xmlrpc.INTERNAL_ERROR, f"server error. internal error in {method}")
 
 
-def run_until_signalled(server: AgentServer) -> None:
-    """Serve in the foreground; SIGTERM/SIGINT stop the loop cleanly and close the socket."""
+def run_until_signalled(server: AgentServer, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve in the foreground; SIGTERM/SIGINT stop the loop cleanly and close the socket.
+
+    The handlers are installed before `on_ready` announces the agent, so a supervisor that
+    signals as soon as it sees the announcement always gets a clean stop.
+    """
     stop = threading.Event()
 
     def _stop(_signum: int, _frame: object) -> None:
@@ -304,6 +308,8 @@ def run_until_signalled(server: AgentServer) -> None:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
     log.info("agent listening on %s", server.url)
+    if on_ready is not None:
+        on_ready()
     try:
         while not stop.wait(0.5) and thread.is_alive():
             pass

@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `opnsense-ha items | head`
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":

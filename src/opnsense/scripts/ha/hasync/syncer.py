@@ -160,9 +160,18 @@ class SyncRun:
             result.skipped = "not every CARP VIP is MASTER on this node; sync skipped (pre_check_master)"
             log.info("%s", result.skipped)
             return
-        item_ids = self.options.items if self.options.items is not None else settings.syncitems
+        if self.options.items is not None:
+            item_ids = list(self.options.items)
+        else:
+            # like rc.filter_synchronize: stored ids of items not installed here are skipped
+            item_ids, unknown = self.registry.split_known(settings.syncitems)
+            if unknown:
+                note = f"hasync.syncitems names items not installed here, skipped: {', '.join(unknown)}"
+                result.warnings.append(note)
+                log.warning("%s", note)
         if not item_ids:
-            raise HaError("no sync items selected: set hasync.syncitems or pass --items")
+            raise HaError("no sync items selected: hasync.syncitems is empty (choose items in System > "
+                          "High Availability, or pass --items)")
         result.items = list(item_ids)
         payload: dict[str, Any] = {}
 

@@ -44,6 +44,5 @@ def run(args: argparse.Namespace) -> int:
         limits=AgentLimits(max_body=args.max_body_mb * 1024 * 1024),
     )
     server = build_server(options, failover_backend(args.conf_dir))
-    print(f"opnsense-ha agent listening on {server.url}", flush=True)
-    run_until_signalled(server)
+    run_until_signalled(server, lambda: print(f"opnsense-ha agent listening on {server.url}", flush=True))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lxml import etree
 
+from ..items import read_hasync
 from .base import PfsyncConfig, VipSpec
 
 MAINTENANCE_TAG = "virtualip_carp_maintenancemode"
@@ -54,21 +55,18 @@ def carp_vips(root: etree._Element) -> list[VipSpec]:
 
 def pfsync_config(root: etree._Element) -> PfsyncConfig:
     """Desired pfsync settings from `hasync` (new style) or the legacy `pfsyncenabled` form."""
-    hasync = root.find("hasync")
-    iface = _text(hasync, "pfsyncinterface")
-    legacy_enabled = _text(hasync, "pfsyncenabled")
-    if hasync is not None and hasync.find("pfsyncenabled") is not None and legacy_enabled != "on":
-        iface = ""
+    settings = read_hasync(root)
+    iface = settings.pfsync_interface_effective
     return PfsyncConfig(
         syncdev=interface_device(root, iface) if iface else None,
-        syncpeer=_text(hasync, "pfsyncpeerip") or None,
-        version=_text(hasync, "pfsyncversion", "1400") or "1400",
-        defer=_text(hasync, "pfsyncdefer") == "1",
+        syncpeer=settings.pfsyncpeerip or None,
+        version=settings.pfsyncversion or "1400",
+        defer=settings.pfsyncdefer,
     )
 
 
 def preempt_wanted(root: etree._Element) -> bool:
-    return _text(root.find("hasync"), "disablepreempt") != "1"
+    return _text(root.find("hasync"), "disablepreempt") not in ("1", "on")
 
 
 def maintenance_mode(root: etree._Element) -> bool:
