@@ -13,6 +13,8 @@ PACKAGE_ROOT = REPO / "src" / "opnsense" / "scripts" / "ha"
 if str(PACKAGE_ROOT) not in sys.path:
     sys.path.insert(0, str(PACKAGE_ROOT))
 
+from services_helpers import reap_orphans  # noqa: E402,F401 - autouse: no zombies from test daemons
+
 FIXTURES = REPO / "fixtures"
 SHARED = Path(os.environ.get("OPNSENSE_HA_SHARED", REPO.parent / "shared"))
 

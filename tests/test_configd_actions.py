@@ -314,7 +314,6 @@ def test_exec_sync(pair: Pair, configd: Configd) -> None:
     assert backup_revisions(pair) == before + 1
 
 
-@pytest.mark.xfail(reason="needs `opnsense-ha services reload-templates` (lead's remote commands)", strict=False)
 def test_exec_reload_templates(configd: Configd) -> None:
     assert configd.json("exec", "reload_templates") == {"status": "done"}
 

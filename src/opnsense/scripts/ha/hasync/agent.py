@@ -12,6 +12,7 @@ throttling, one merge at a time, and a decoder that refuses DTDs and deep nestin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -34,6 +35,7 @@ DEFAULT_MAX_BODY = 128 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_BODY_DEADLINE = 120.0
 DEFAULT_MAX_CONNECTIONS = 32
+DRAIN_LIMIT = 1024 * 1024
 
 IXR_CAPABILITIES = {
     "xmlrpc": {"specUrl": "http://www.xmlrpc.com/spec", "specVersion": 1},
@@ -263,14 +265,31 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             log.warning("refused request from %s: it is this server's own address (loop guard)", remote)
             self._send(200, xmlrpc.AUTH_FAILED_RESPONSE)
             return
+        # Credentials travel in the header: check them before reading the body, so an
+        # unauthenticated (or throttled) client can never make us read up to the body limit.
+        verdict = self.server.authenticate(self.headers.get("Authorization"), remote)
+        if not verdict.ok:
+            self._drain_small_body()
+            self._send(200, xmlrpc.AUTH_FAILED_RESPONSE)
+            return
         body = self._read_body()
         if body is None:
             return
-        verdict = self.server.authenticate(self.headers.get("Authorization"), remote)
-        if not verdict.ok:
-            self._send(200, xmlrpc.AUTH_FAILED_RESPONSE)
-            return
         self._send(200, self._dispatch(body, CallContext(verdict.username, remote)))
+
+    def _drain_small_body(self) -> None:
+        """Read (and drop) a small refused body so closing the socket does not reset the reply.
+
+        A large one is left unread: the peer may then see a reset instead of the reply, which is
+        acceptable for a client that is not allowed in anyway.
+        """
+        try:
+            length = int(self.headers.get("Content-Length") or "0")
+        except ValueError:
+            return
+        if 0 < length <= DRAIN_LIMIT:
+            with contextlib.suppress(OSError):
+                self.rfile.read(length)
 
     def _dispatch(self, body: bytes, context: CallContext) -> bytes:
         try:

@@ -73,6 +73,13 @@ class Remote:
         message = peer.call(f"opnsense.{action}_service", [{"service": name, "id": service_id}])
         return {"response": str(message), "status": "ok"}
 
+    def reload_templates(self) -> dict[str, Any]:
+        """Re-render the backup's templates (`ha exec reload_templates`); no sync first."""
+        reply = self.peer().call("opnsense.configd_reload_all_templates", [[]])
+        if not isinstance(reply, dict):
+            raise HaError(f"backup sent an unexpected configd_reload_all_templates reply: {str(reply)[:200]}")
+        return reply
+
     def restart_all(self) -> dict[str, Any]:
         """Synchronize and reconfigure all: list first, sync, reload templates, restart each."""
         listing = self.services()["response"]
