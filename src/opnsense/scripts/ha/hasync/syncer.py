@@ -126,6 +126,7 @@ class SyncRun:
         self.failover = failover
         self.progress = progress
         self.result = SyncResult(dry_run=options.dry_run)
+        self.username = ""
 
     def _step(self, name: str, action: Callable[[], str]) -> None:
         started = time.monotonic()
@@ -149,7 +150,9 @@ class SyncRun:
         except HaError as exc:
             result.status = "error"
             result.message = str(exc)
-            log.error("An error occurred while attempting XMLRPC sync: %s", exc)
+            # OPNsense's own wording, so existing log filters and alerts keep matching
+            log.error("An error occurred while attempting XMLRPC sync with username %s and %s: %s",
+                      self.username or "(unknown)", result.target or "(no target)", exc)
         return result
 
     def _run(self) -> None:
@@ -183,6 +186,7 @@ class SyncRun:
         self._step("build payload", build)
         peer = peer_from_settings(self.store.conf_dir, root, settings, self.options.client)
         result.target = peer.url
+        self.username = peer.username
         try:
             self._talk(peer, payload)
         finally:
