@@ -42,6 +42,7 @@ class ServeOptions:
     items_dir: Path | None = None
     accept_unknown_sections: bool = False
     limits: AgentLimits | None = None
+    extensions: bool = True  # hasync.* methods; False stands in for a stock OPNsense backup
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -104,6 +105,10 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         accept_unknown_sections=options.accept_unknown_sections,
     )
     dispatcher = node.register(Dispatcher())
+    if options.extensions:
+        from .extensions import Extensions
+
+        Extensions(node).register(dispatcher)
     context = tls_context(options, store, state_dir)
     try:
         return AgentServer(

@@ -26,6 +26,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--accept-unknown-sections", action="store_true",
                         help="merge sections no registered sync item covers")
     parser.add_argument("--max-body-mb", type=int, default=128, help="request body limit in MiB (default 128)")
+    parser.add_argument("--no-extensions", action="store_true",
+                        help="offer only OPNsense's opnsense.* methods, no hasync.* (behave like a stock backup)")
     parser.set_defaults(func=run)
 
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         items_dir=Path(args.items_dir) if args.items_dir else None,
         accept_unknown_sections=args.accept_unknown_sections,
         limits=AgentLimits(max_body=args.max_body_mb * 1024 * 1024),
+        extensions=not args.no_extensions,
     )
     server = build_server(options, failover_backend(args.conf_dir))
     run_until_signalled(server, lambda: print(f"opnsense-ha agent listening on {server.url}", flush=True))
