@@ -230,6 +230,9 @@ class SyncRun:
             return "merged"
 
         self._step("restore_config_section", restore)
+        from . import snapshot  # late import: snapshot builds on this module
+
+        snapshot.record_after_sync(self.store.conf_dir, self.registry, result, payload, peer)
         log.info("Merged %s config sections to %s", ", ".join(payload), peer.peer_key)
         self._step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
         if self.options.restart_services:
