@@ -762,15 +762,26 @@ def test_preempt_switch_rerenders_and_reloads(node: tuple[KeepalivedBackend, Fak
     assert not any("nopreempt" in body for body in instances_of(backend.paths.keepalived_conf.read_text()).values())
 
 
-def test_boot_id_changes_only_with_a_new_counter(node: tuple[KeepalivedBackend, FakeLinux], tmp_path: Path) -> None:
-    backend, _ = node
-    first = backend.boot_id()
-    backend.add_demotion(5)
-    assert backend.boot_id() == first and len(first) == 32
-    shutil.rmtree(backend.paths.run_dir)
-    fresh = KeepalivedBackend(backend.conf_dir, FakeLinux({"sync0": [("10.77.3.1", 24)]}), options=backend.options)
-    fresh.start()
-    assert fresh.boot_id() != first and fresh.carp_globals().demotion == 0
+def test_the_counter_starts_at_zero_with_every_boot(tmp_path: Path) -> None:
+    """Like net.inet.carp.demotion: kept across processes, reset when the machine reboots."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "config.xml").write_text(CONFIG.format(disablepreempt="0", secret=CARP_SECRET))
+    kernel = tmp_path / "boot_id"
+    kernel.write_text("boot-one\n")
+    fake = FakeLinux({"sync0": [("10.77.3.1", 24)]})
+    options = LinuxOptions(keepalived="/usr/sbin/keepalived", conntrackd="/usr/sbin/conntrackd", nft="/usr/sbin/nft")
+    first = KeepalivedBackend(conf, fake, options=options, kernel_boot_id=kernel)
+    first.add_demotion(240)
+    epoch = first.boot_id()
+    again = KeepalivedBackend(conf, fake, options=options, kernel_boot_id=kernel)
+    assert again.carp_globals().demotion == 240 and again.boot_id() == epoch and len(epoch) == 32
+    kernel.write_text("boot-two\n")  # the machine rebooted
+    after = KeepalivedBackend(conf, fake, options=options, kernel_boot_id=kernel)
+    assert after.carp_globals().demotion == 0 and after.paths.track_file.read_text().strip() == "0"
+    assert after.boot_id() != epoch
+    after.add_demotion(7)
+    assert KeepalivedBackend(conf, fake, options=options, kernel_boot_id=kernel).carp_globals().demotion == 7
 
 
 def test_stop_takes_everything_down(node: tuple[KeepalivedBackend, FakeLinux]) -> None:

@@ -322,7 +322,7 @@ class Lab:
         full = ["ip", "netns", "exec", namespace, *argv] if namespace else list(argv)
         result = self.runner.run(full, input_text=input_text, timeout=timeout)
         if check and not result.ok:
-            detail = (result.stderr or result.stdout).strip()[:500]
+            detail = (result.stderr or result.stdout).strip()[-1500:]
             raise LabError(f"`{' '.join(full)}` failed (exit {result.returncode}): {detail}")
         return result
 

@@ -752,8 +752,10 @@ class KeepalivedBackend(FailoverBackend):
         options: LinuxOptions | None = None,
         clock: Clock | None = None,
         timeout: float = 30.0,
+        kernel_boot_id: Path = Path("/proc/sys/kernel/random/boot_id"),
     ) -> None:
         self.conf_dir = Path(conf_dir)
+        self.kernel_boot_id = kernel_boot_id
         self.runner = runner
         self.paths = paths or LinuxPaths.for_conf_dir(self.conf_dir)
         self.options = (options or LinuxOptions.load(self.paths.options_json)).resolved()
@@ -776,20 +778,39 @@ class KeepalivedBackend(FailoverBackend):
         return result
 
     def _prepare(self) -> None:
+        try:
+            self._prepare_files()
+        except PermissionError as exc:
+            raise FailoverError(f"{self.paths.run_dir}: {exc.strerror} (run as root)") from None
+
+    def _prepare_files(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.paths.run_dir, 0o755)  # keepalived's script security refuses writable dirs
         self.paths.state_dir.mkdir(exist_ok=True)
-        if not self.paths.epoch.exists():
-            _atomic_write(self.paths.epoch, uuid.uuid4().hex + "\n")
-        if not self.paths.demotion.exists():
-            _atomic_write(self.paths.demotion, "0\n")
-        if not self.paths.track_file.exists():
-            _atomic_write(self.paths.track_file, "0\n")
+        with self._flock(self.paths.demotion.with_name("demotion.lock")):
+            kernel = self._kernel_boot()
+            parts = (_read(self.paths.epoch) or "").split()
+            fresh = not parts or not self.paths.demotion.exists()
+            rebooted = bool(kernel) and (len(parts) < 2 or parts[1] != kernel)
+            if fresh or rebooted:
+                # like the kernel's sysctl, the counter starts at 0 with every boot of the machine
+                if rebooted and not fresh:
+                    log.info("the machine rebooted since the demotion counter started; resetting it to 0")
+                _atomic_write(self.paths.demotion, "0\n")
+                _atomic_write(self.paths.track_file, "0\n")
+                _atomic_write(self.paths.epoch, f"{uuid.uuid4().hex} {kernel}".strip() + "\n")
+            if not self.paths.track_file.exists():
+                _atomic_write(self.paths.track_file, f"{clamp_track(self.demotion())}\n")
+
+    def _kernel_boot(self) -> str:
+        try:
+            return self.kernel_boot_id.read_text().strip()
+        except OSError:
+            return ""
 
     @contextlib.contextmanager
-    def _locked(self, path: Path | None = None) -> Iterator[None]:
-        self._prepare()
-        target = path or self.paths.lock
+    def _flock(self, target: Path) -> Iterator[None]:
+        """An exclusive flock on `target` with a bounded wait (a stuck holder is an error, not a hang)."""
         fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = self.clock.monotonic() + self.timeout
@@ -805,6 +826,12 @@ class KeepalivedBackend(FailoverBackend):
             yield
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path | None = None) -> Iterator[None]:
+        self._prepare()
+        with self._flock(path or self.paths.lock):
+            yield
 
     def _load_root(self) -> etree._Element:
         from ..store import ConfigStore
@@ -874,6 +901,7 @@ class KeepalivedBackend(FailoverBackend):
             raise FailoverError(f"{self.paths.demotion}: {text!r} is not a number") from None
 
     def carp_globals(self) -> CarpGlobals:
+        self._prepare()  # a reboot since the last write resets the counter first
         preempt = self._preempt()
         if preempt is None:
             try:
@@ -883,8 +911,10 @@ class KeepalivedBackend(FailoverBackend):
         return CarpGlobals(demotion=self.demotion(), allow=self._allowed(), preempt=preempt)
 
     def boot_id(self) -> str:
-        """Changes whenever the demotion counter starts afresh (the run dir was created anew)."""
-        return (_read(self.paths.epoch) or "").strip()
+        """Changes whenever the demotion counter starts afresh: a reboot, or a new run dir."""
+        self._prepare()
+        parts = (_read(self.paths.epoch) or "").split()
+        return parts[0] if parts else ""
 
     def _applied_pfsync(self) -> dict[str, Any] | None:
         text = _read(self.paths.pfsync_json)
@@ -1047,13 +1077,16 @@ class KeepalivedBackend(FailoverBackend):
             _atomic_write(self.paths.notify_script, script, mode=0o755)
 
     def _apply_gate(self, instances: Sequence[VrrpInstance]) -> None:
-        if not self.options.gate:
-            rules = render_gate([], open_=False)
-        else:
-            is_master = (_read(self.paths.group_state) or "").strip() == "MASTER"
-            rules = render_gate(instances, open_=is_master and self.keepalived_pid() is not None)
-        _atomic_write(self.paths.gate_rules, rules)
-        self._run([self.options.nft, "-f", str(self.paths.gate_rules)])
+        """Re-create the gate, open only on a committed MASTER. Under notify.sh's lock, so a
+        transition cannot open the old table while we replace it with a closed one."""
+        with self._flock(self.paths.run_dir / "notify.lock"):
+            if not self.options.gate:
+                rules = render_gate([], open_=False)
+            else:
+                is_master = (_read(self.paths.group_state) or "").strip() == "MASTER"
+                rules = render_gate(instances, open_=is_master and self.keepalived_pid() is not None)
+            _atomic_write(self.paths.gate_rules, rules)
+            self._run([self.options.nft, "-f", str(self.paths.gate_rules)])
 
     def _check_keepalived_conf(self) -> None:
         result = self._run([self.options.keepalived, "-t", "-f", str(self.paths.keepalived_conf)], check=False)
@@ -1067,8 +1100,10 @@ class KeepalivedBackend(FailoverBackend):
         if not self.paths.keepalived_conf.exists():
             raise FailoverError("no keepalived.conf rendered yet; configure the VIPs first")
         self._check_keepalived_conf()
-        for stale in self.paths.state_dir.iterdir():
-            stale.unlink()
+        for stale in [*self.paths.state_dir.iterdir(), self.paths.group_state,
+                      self.paths.run_dir / "group.wanted"]:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()  # left by an earlier run: keepalived reports afresh
         _atomic_write(self.paths.resign_file, "0\n")
         argv = [self.options.keepalived, "-P", "-D", "-f", str(self.paths.keepalived_conf),
                 "-p", str(self.paths.keepalived_pid), "-r", str(self.paths.vrrp_pid)]
@@ -1180,7 +1215,8 @@ class KeepalivedBackend(FailoverBackend):
     def start(self) -> None:
         """Bring the node up from config.xml: state sync, VIPs, gate, keepalived."""
         self._prepare()
-        self.options.save(self.paths.options_json) if not self.paths.options_json.exists() else None
+        if not self.paths.options_json.exists():
+            self.options.save(self.paths.options_json)
         root = self._load_root()
         if self._preempt() is None:
             _atomic_write(self.paths.preempt, "1\n" if preempt_wanted(root) else "0\n")
