@@ -211,26 +211,69 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# Key kinds, cached: a payload repeats the same few hundred tag names a million times.
+_ELEMENT_KEY, _ATTRIBUTES_KEY, _BAD_KEY = 1, 2, 0
+_KEY_KINDS: dict[str, int] = {}
+
+
+def _key_kind(key: str) -> int:
+    kind = _KEY_KINDS.get(key)
+    if kind is None:
+        if key == ATTRIBUTES or (key.endswith(ATTRIBUTES) and _NAME_RE.match(key[: -len(ATTRIBUTES)])):
+            kind = _ATTRIBUTES_KEY
+        else:
+            kind = _ELEMENT_KEY if _NAME_RE.match(key) else _BAD_KEY
+        if len(_KEY_KINDS) < 65536:
+            _KEY_KINDS[key] = kind
+    return kind
+
+
 def _normalize(value: Any, path: str, depth: int) -> Any:
+    """Validate `value`; copy-on-write: containers come back as the same object unless a PHP
+    list-hole struct inside them had to become a list (a 50 MB payload is not copied)."""
     if depth > MAX_DEPTH:
         raise MergeError(f"{path or 'payload'}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
-        if value and all(isinstance(k, str) and _NUMERIC_KEY.match(k) for k in value):
-            return [_normalize(item, f"{path}[{k}]", depth + 1) for k, item in value.items()]
-        out: dict[str, Any] = {}
+        if value:
+            first = next(iter(value))
+            if isinstance(first, str) and _NUMERIC_KEY.match(first) and \
+                    all(isinstance(k, str) and _NUMERIC_KEY.match(k) for k in value):
+                return [_normalize(item, f"{path}[{k}]", depth + 1) for k, item in value.items()]
+        out: dict[str, Any] | None = None
+        shortcut = depth < MAX_DEPTH  # a scalar one level down is within the limit
         for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
             if not isinstance(key, str):
-                raise MergeError(f"{where}: keys must be strings")
-            if key == ATTRIBUTES or (key.endswith(ATTRIBUTES) and _NAME_RE.match(key[: -len(ATTRIBUTES)])):
-                out[key] = _normalize_attributes(item, where)
-                continue
-            if not _NAME_RE.match(key):
+                raise MergeError(f"{path}.{key}: keys must be strings" if path else f"{key}: keys must be strings")
+            kind = _key_kind(key)
+            if kind == _ELEMENT_KEY:
+                if isinstance(item, (dict, list)) or not shortcut:
+                    new = _normalize(item, f"{path}.{key}" if path else key, depth + 1)
+                elif isinstance(item, str) and item.isprintable() and item != REDACTED:
+                    continue  # the common case, checked inline: printable text has no XML-invalid character
+                else:
+                    new = _check_scalar(item, f"{path}.{key}" if path else key)
+            elif kind == _ATTRIBUTES_KEY:
+                new = _normalize_attributes(item, f"{path}.{key}" if path else key)
+            else:
+                where = f"{path}.{key}" if path else key
                 raise MergeError(f"{where}: {key!r} cannot be a config.xml element name")
-            out[key] = _normalize(item, where, depth + 1)
-        return out
+            if new is not item:
+                if out is None:
+                    out = dict(value)
+                out[key] = new
+        return value if out is None else out
     if isinstance(value, list):
-        return [_normalize(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+        copied: list[Any] | None = None
+        shortcut = depth < MAX_DEPTH
+        for index, item in enumerate(value):
+            if shortcut and isinstance(item, str) and item.isprintable() and item != REDACTED:
+                continue
+            new = _normalize(item, f"{path}[{index}]", depth + 1)
+            if new is not item:
+                if copied is None:
+                    copied = list(value)
+                copied[index] = new
+        return value if copied is None else copied
     return _check_scalar(value, path)
 
 
@@ -240,7 +283,7 @@ def _check_scalar(value: Any, path: str) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, str):
-        if _XML_INVALID.search(value):
+        if not value.isprintable() and _XML_INVALID.search(value):
             raise MergeError(f"{path}: text contains characters XML cannot carry")
         if value == REDACTED:
             raise MergeError(
@@ -262,7 +305,7 @@ def _normalize_attributes(value: Any, path: str) -> Any:
         if isinstance(item, (dict, list)):
             raise MergeError(f"{path}.{name}: an attribute value must be a string")
         _check_scalar(item, f"{path}.{name}")
-    return dict(value)
+    return value
 
 
 def check_payload(payload: Mapping[str, Any], registry: SyncItemRegistry, accept_unknown: bool = False) -> list[str]:
@@ -335,8 +378,7 @@ def merge_payload(
     for path in unknown_points:
         ctx.warnings.append(f"{path}: merged although no registered sync item covers it (--accept-unknown-sections)")
 
-    top_before = {key: _fingerprint_all(_children(root, key)) for key in data}
-    point_before = {point: _fingerprint_all(find_path(root, point)) for point in points}
+    top_before = {key: _snapshot(_children(root, key)) for key in data}
 
     for key, value in data.items():
         if key == "virtualip":
@@ -344,8 +386,24 @@ def merge_payload(
         else:  # through the container merge, so a root-level "@attributes" is handled as such
             _merge_container(root, {key: value}, "", ctx)
 
-    changed_top = [key for key in data if _fingerprint_all(_children(root, key)) != top_before[key]]
-    changed_points = [p for p in points if _fingerprint_all(find_path(root, p)) != point_before[p]]
+    # What changed, by `_fingerprint` equality: identical bytes settle it for the (usual) untouched
+    # top-level sections; otherwise their before-state is parsed back and compared exactly, and a
+    # point can only have changed below a top-level section that did.
+    changed_top: list[str] = []
+    before_tops: dict[str, list[etree._Element]] = {}
+    for key in data:
+        after = _children(root, key)
+        snapshot = top_before[key]
+        if len(snapshot) == len(after) and all(old == _serial(node) for old, node in zip(snapshot, after, strict=True)):
+            continue
+        before_tops[key] = [_reparse(old) for old in snapshot]
+        if not _same_nodes(before_tops[key], after):
+            changed_top.append(key)
+    changed_points = [
+        p for p in points
+        if p.split(".")[0] in before_tops
+        and not _same_nodes(_find_below(before_tops[p.split(".")[0]], p), find_path(root, p))
+    ]
     vips_touched = ctx.vips_added or ctx.vips_changed or ctx.vips_removed
     if "virtualip" in data and vips_touched and "virtualip" not in changed_points:
         changed_points.append("virtualip")
@@ -374,6 +432,54 @@ def _fingerprint(node: etree._Element) -> tuple[Any, ...]:
 
 def _fingerprint_all(nodes: Iterable[etree._Element]) -> tuple[Any, ...]:
     return tuple(_fingerprint(node) for node in nodes)
+
+
+# Comparing `_fingerprint`s of whole sections walks every element in Python (seconds for a large
+# config); these give the same answer with libxml2 doing the walking.
+
+
+def _serial(node: etree._Element) -> bytes:
+    return etree.tostring(node, encoding="utf-8", with_tail=False)
+
+
+def _snapshot(nodes: Iterable[etree._Element]) -> list[bytes]:
+    return [_serial(node) for node in nodes]
+
+
+def _reparse(data: bytes) -> etree._Element:
+    from . import xmlsafe
+
+    return xmlsafe.parse_bytes(data, remove_blank_text=False)
+
+
+def _find_below(tops: list[etree._Element], dotted: str) -> list[etree._Element]:
+    """`find_path(root, dotted)` for a root whose `dotted.split('.')[0]` children are `tops`."""
+    nodes = tops
+    for part in dotted.split(".")[1:]:
+        nodes = [child for node in nodes for child in node if child.tag == part]
+    return nodes
+
+
+def _same_nodes(before: list[etree._Element], after: list[etree._Element]) -> bool:
+    """``_fingerprint_all(before) == _fingerprint_all(after)``, stopping at the first difference.
+
+    Equal serialisations imply equal fingerprints; only where the bytes differ (a real change, or
+    what fingerprints ignore: comments, attribute order, tails) does it look inside.
+    """
+    if len(before) != len(after):
+        return False
+    for old, new in zip(before, after, strict=True):
+        if _serial(old) == _serial(new):
+            continue
+        if old.tag != new.tag or sorted(old.attrib.items()) != sorted(new.attrib.items()):
+            return False
+        old_kids = [child for child in old if isinstance(child.tag, str)]
+        new_kids = [child for child in new if isinstance(child.tag, str)]
+        old_text = "" if old_kids else (old.text or "")
+        new_text = "" if new_kids else (new.text or "")
+        if old_text != new_text or not _same_nodes(old_kids, new_kids):
+            return False
+    return True
 
 
 def _merge_container(parent: etree._Element, incoming: Mapping[str, Any], path: str, ctx: _Context) -> None:
@@ -476,13 +582,22 @@ def _replace(
 
 
 def _splice(parent: etree._Element, old: list[etree._Element], new: list[etree._Element]) -> None:
-    """Put `new` where the first of `old` was (or at the end), removing `old`."""
-    index = parent.index(old[0]) if old else len(parent)
+    """Put `new` where the first of `old` was (or at the end), removing `old`.
+
+    Inserting by index walks the child list each time (quadratic for a list of 20 000 rules), so
+    a placeholder marks the spot and every node goes in right before it.
+    """
+    if not old:
+        parent.extend(new)
+        return
+    marker = etree.Element("hasync-splice-marker")
+    old[0].addprevious(marker)
     for node in old:
         if node.getparent() is parent:
             parent.remove(node)
-    for offset, node in enumerate(new):
-        parent.insert(index + offset, node)
+    for node in new:
+        marker.addprevious(node)
+    parent.remove(marker)
 
 
 def _text(value: Any) -> str:
@@ -535,18 +650,43 @@ def build_elements(tag: str, value: Any) -> list[etree._Element]:
 
 
 def _fill(element: etree._Element, value: Mapping[str, Any]) -> None:
+    leaf_attributes = False
     for key, item in value.items():
         if key == ATTRIBUTES:
             for name, attr in item.items():
                 element.set(name, _text(attr))
-        elif not key.endswith(ATTRIBUTES):
-            element.extend(build_elements(key, item))
+        elif key.endswith(ATTRIBUTES):
+            leaf_attributes = True
+        else:
+            _append(element, key, item)
+    if not leaf_attributes:
+        return
     for key, item in value.items():
         if key != ATTRIBUTES and key.endswith(ATTRIBUTES):
-            targets = _children(element, key[: -len(ATTRIBUTES)])
-            if targets:
+            target = next(element.iterchildren(key[: -len(ATTRIBUTES)]), None)
+            if target is not None:
                 for name, attr in item.items():
-                    targets[0].set(name, _text(attr))
+                    target.set(name, _text(attr))
+
+
+def _append(parent: etree._Element, tag: str, value: Any) -> None:
+    """``parent.extend(build_elements(tag, value))``, but built in place: a standalone element
+    is a document of its own in lxml, and moving it into the tree walks it again."""
+    if value is False:
+        return
+    if isinstance(value, list):
+        if not value:
+            etree.SubElement(parent, tag)
+        for item in value:
+            _append(parent, tag, item)
+        return
+    child = etree.SubElement(parent, tag)
+    if isinstance(value, dict):
+        _fill(child, value)
+    else:
+        text = _text(value)
+        if text:
+            child.text = text
 
 
 # --- virtual IPs --------------------------------------------------------------------------
