@@ -93,7 +93,7 @@ def service_backend(services_dir: Path | None) -> ServiceBackend:
 
 def build_server(options: ServeOptions, failover: FailoverBackend | None = None) -> AgentServer:
     store = ConfigStore(options.conf_dir)
-    store.load()  # fail early, with file/line, on a broken config
+    store.recover()  # fail early, with file/line, on a broken config; clean up after a crash
     state_dir = options.state_dir or Path(DEFAULT_STATE_DIR)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry = SyncItemRegistry.load(options.items_dir)

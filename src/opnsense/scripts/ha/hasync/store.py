@@ -112,6 +112,17 @@ class ConfigStore:
             fcntl.flock(handle, fcntl.LOCK_EX)
             return self._read_locked(handle, first_error=error)
 
+    def recover(self) -> etree._Element:
+        """Crash recovery for a service start: `load`, but under the exclusive lock.
+
+        `load` only reads, so temp files of a writer that was killed mid-write stay until the
+        next write. Holding the exclusive lock proves no live writer owns them; this sweeps them
+        and restores config.xml from history when it does not parse.
+        """
+        with self._open("r+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            return self._read_locked(handle)
+
     def read_bytes(self) -> bytes:
         with self._open("rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH)
@@ -164,9 +175,13 @@ class ConfigStore:
         self._prune(backup_count(root))
 
     def _rewrite_in_place(self, handle: IO[bytes], data: bytes) -> None:
+        # Truncate before writing: a writer killed mid-write then leaves a prefix of the new
+        # version, which lacks the closing </opnsense> and never parses, so load() restores the
+        # history copy. Overwriting the old bytes first could leave new prefix + old tail, which
+        # does parse when the cut falls inside repeated records (seen in test_crash_load).
         handle.seek(0)
-        handle.write(data)
         handle.truncate()
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 
