@@ -7,9 +7,12 @@ the primary applies*, computed with the same function on both nodes:
 
 * the value of each dotted section path, in the nested shape `Config::toArray()` gives and the
   payload carries (a path missing on a node is ``[]``, exactly as the primary sends it);
-* every record with a non-empty ``nosync`` removed, at any depth. The primary never sends its
-  nosync records, and the backup's own nosync records are kept by the merge: both are
-  node-local, so neither may count as a difference;
+* every record with a non-empty ``nosync`` removed, at any depth, except in the ordered rule
+  lists `filter.rule`, `nat.rule` and `nat.outbound.rule`. The primary never sends its nosync
+  records, and the merge keeps the backup's own: both are node-local, so neither may count as a
+  difference. In those three rule lists, though, the merge replaces the list wholesale and drops
+  the backup's nosync rules (`merge.RULE_LISTS`), so there they stay in the form: a backup with
+  local nosync rules differs, exactly as a sync would change it;
 * for `virtualip`, only the VIPs that have a vhid. The backup's plain IP aliases and proxy-ARP
   VIPs are its own and stay. The ``advskew + 100`` transform needs no special case: the primary
   digests the transformed payload, and the backup stores (and digests) the transformed value;
@@ -42,7 +45,8 @@ from typing import Any
 from lxml import etree
 
 from .items import SyncItemRegistry
-from .payload import VIRTUALIP, _copy_section, build_payload, php_empty, remove_nosync
+from .merge import RULE_LISTS
+from .payload import VIRTUALIP, _copy_section, build_payload, php_empty
 from .tree import ATTRIBUTES, LIST_TAGS, element_to_value
 
 CANONICAL_FORM = "hasync-canonical-1"
@@ -220,10 +224,32 @@ def _vip_canonical(section: Any) -> Any:
     return {"vip": kept} if kept else ""
 
 
+def _is_nosync(value: Any) -> bool:
+    return isinstance(value, dict) and not php_empty(value.get("nosync"))
+
+
+def strip_nosync(value: Any, path: str = "") -> None:
+    """`payload.remove_nosync`, except where the merge drops the backup's nosync records anyway."""
+    if isinstance(value, dict):
+        for key in list(value):
+            item = value[key]
+            where = f"{path}.{key}" if path else key
+            if where in RULE_LISTS:
+                continue
+            if _is_nosync(item):
+                del value[key]
+            else:
+                strip_nosync(item, where)
+    elif isinstance(value, list):
+        value[:] = [item for item in value if not _is_nosync(item)]
+        for item in value:
+            strip_nosync(item, path)
+
+
 def canonical(value: Mapping[str, Any]) -> Any:
     """The canonical form of one item's payload-form value (see the module docstring)."""
     work = copy.deepcopy(dict(value))
-    remove_nosync(work)
+    strip_nosync(work)
     if VIRTUALIP in work:
         work[VIRTUALIP] = _vip_canonical(work[VIRTUALIP])
     return normalize(work)
