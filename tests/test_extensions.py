@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -182,14 +183,33 @@ def test_normalize_matches_what_the_backup_stores() -> None:
     assert digest.digest({"r": ["1", "2"]}) != digest.digest({"r": ["2", "1"]})
 
 
-def test_canonical_strips_nosync_and_keeps_only_vhid_vips() -> None:
+def test_canonical_strips_nosync_where_the_merge_keeps_it_and_keeps_only_vhid_vips() -> None:
+    rule_list = [{"descr": "a"}, {"descr": "local", "nosync": "1"}, {"descr": "b", "nosync": "0"}]
     value = {"virtualip": {"vip": [{"vhid": "1", "advskew": 100}, {"mode": "ipalias", "subnet": "10.0.0.9"},
                                    {"vhid": "3", "nosync": "1"}]},
-             "filter": {"rule": [{"descr": "a"}, {"descr": "local", "nosync": "1"}, {"descr": "b", "nosync": "0"}]}}
+             "OPNsense": {"Firewall": {"Filter": {"rules": {"rule": copy.deepcopy(rule_list)}}}},
+             "filter": {"rule": copy.deepcopy(rule_list)}}
     assert digest.canonical(value) == {
         "virtualip": {"vip": [{"vhid": "1", "advskew": "100"}]},
-        "filter": {"rule": [{"descr": "a"}, {"descr": "b", "nosync": "0"}]},
+        "OPNsense": {"Firewall": {"Filter": {"rules": {"rule": [{"descr": "a"}, {"descr": "b", "nosync": "0"}]}}}},
+        # the merge replaces the legacy ordered rule list wholesale, dropping local nosync rules:
+        # such a rule is a difference a sync would remove, so it stays in the form
+        "filter": {"rule": [{"descr": "a"}, {"descr": "local", "nosync": "1"}, {"descr": "b", "nosync": "0"}]},
     }
+
+
+def test_backup_nosync_rule_in_a_legacy_rule_list_differs_until_a_sync_drops_it(pair: Pair) -> None:
+    with agent(pair):
+        sync(pair)
+        with edit(pair.backup) as root:
+            local = copy.deepcopy(root.find("filter/rule"))
+            local.find("descr").text = "fw-b local rule"
+            etree.SubElement(local, "nosync").text = "1"
+            root.find("filter").append(local)
+        assert remote_digests(pair)["rules"] != local_digests(pair)["rules"]
+        sync(pair)
+        assert remote_digests(pair)["rules"] == local_digests(pair)["rules"]
+    assert "fw-b local rule" not in (pair.backup / "config.xml").read_text()
     assert digest.canonical({"virtualip": {"vip": []}}) == digest.canonical({"virtualip": []}) == {"virtualip": ""}
 
 
