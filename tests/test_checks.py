@@ -22,6 +22,7 @@ from hasync import checks, schemas
 from hasync.carp import CarpOps
 from hasync.checks import CheckContext, CheckReport, run_checks
 from hasync.client import ClientOptions
+from hasync.failover.factory import NullBackend
 from hasync.failover.freebsd import FreeBsdBackend
 from hasync.items import SyncItemRegistry
 from hasync.store import ConfigStore
@@ -251,6 +252,12 @@ def test_state_sync_broken_is_critical(world: World) -> None:
     world.primary.run(["ifconfig", "pfsync0", "-syncdev", "-syncpeer", "down"])
     down = result(world.run(), "statesync")
     assert down.status == "CRITICAL" and "fw-a: state sync is configured but not running" in down.message
+
+
+def test_state_sync_on_a_node_without_failover_backend_is_unknown(world: World) -> None:
+    statesync = result(world.run(failover=NullBackend()), "statesync")
+    assert statesync.status == "UNKNOWN" and "fw-a: state sync is configured but this node has no failover" in (
+        statesync.message)
 
 
 def test_backup_with_a_sync_target_is_a_sync_loop_risk(world: World) -> None:

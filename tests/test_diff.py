@@ -286,6 +286,9 @@ def test_secret_paths() -> None:
     assert is_secret_path("ipsec.phase1.pre-shared-key") and is_secret_path("system.user.otp_seed")
     assert not is_secret_path("filter.rule.descr") and not is_secret_path("cert.crt")
     assert not is_secret_path("system.user.name")
+    assert is_secret_path("OPNsense.Kea.dhcp4.ddns.tsig-key") and is_secret_path("openvpn.server.tls_key")
+    assert not is_secret_path("OPNsense.wireguard.client.clients.client.pubkey")
+    assert not is_secret_path("OPNsense.IPsec.remotes.remote.public_key")
 
 
 # --- output ----------------------------------------------------------------------------------------

@@ -469,7 +469,10 @@ def check_statesync(ctx: CheckContext, facts: _Facts) -> CheckResult:
             continue
         configured.append(name)
         detail = str(sync.get("detail") or "")
-        if not sync.get("enabled") or not sync.get("running"):
+        if node.get("backend") == "none":
+            problems.append((UNKNOWN, f"{name}: state sync is configured but this node has no failover backend "
+                                      "(OPNSENSE_HA_FAILOVER=none), so it cannot be checked"))
+        elif not sync.get("enabled") or not sync.get("running"):
             problems.append((CRITICAL, f"{name}: state sync is configured but not running ({detail or 'down'})"))
         elif sync.get("syncok") == "no":
             why = detail or "syncok 0: bulk update not finished or the peer does not answer"

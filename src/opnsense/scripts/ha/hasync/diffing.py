@@ -70,7 +70,10 @@ _INDEX = re.compile(r"\[\d+\]")
 
 def is_secret_name(name: str) -> bool:
     lowered = name.lower().lstrip("@")
-    return lowered in _SECRET_NAMES or is_secret_key(lowered) or any(part in lowered for part in _SECRET_PARTS)
+    if lowered in _SECRET_NAMES or is_secret_key(lowered) or any(part in lowered for part in _SECRET_PARTS):
+        return True
+    # tsig-key, tls_key, crypto_key, ...: key material unless it says it is the public half
+    return lowered.endswith(("_key", "-key")) and "pub" not in lowered
 
 
 def is_secret_path(path: str) -> bool:
