@@ -22,166 +22,39 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hasync.failover.linux import vrrp_priority
-from hasync.lab import (
-    FW1,
-    FW2,
-    LAN_VIP,
-    NS_LAN,
-    FirewallSpec,
-    Lab,
-    LabOptions,
-    StreamRun,
-    missing_binaries,
-    probe_vip,
-    start_stream,
+from hasync.lab import FW1, FW2, LAN_VIP, NS_LAN, Lab, LabOptions, start_stream
+from lab_helpers import (
+    ADVBASE,
+    DEFAULT,
+    RESUME_WINDOW,
+    SYNCED_SKEW,
+    UNPLANNED_BOUND,
+    LabHolder,
+    carp_status_json,
+    cut_primary_and_measure,
+    gate_drops,
+    lab_session,
+    restore_primary,
+    state_times,
+    wait_resumed,
 )
 
 pytestmark = pytest.mark.lab
 
-ADVBASE = 1
-SYNCED_SKEW = 100  # what the sync adds to the backup's advskew (OPNsense's rule)
-# acceptance (b): the LAN VIP answers via fw2 within 3 x advbase + advskew/256 + 1 s
-UNPLANNED_BOUND = 3 * ADVBASE + SYNCED_SKEW / 256 + 1
-RESUME_WINDOW = 10.0  # seconds after the VIP moved in which a surviving stream must flow again
-
-
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "the lab needs Linux network namespaces"
-    if os.geteuid() != 0:
-        return "lab tests need root (network namespaces, nftables, keepalived); run `sudo make test-lab`"
-    missing = missing_binaries()
-    if missing:
-        return (f"lab tests need {', '.join(missing)} "
-                "(Debian: apt-get install keepalived conntrackd conntrack nftables iproute2)")
-    return None
-
-
-class LabHolder:
-    """One lab at a time, rebuilt when a test needs another variant or left it unhealthy."""
-
-    def __init__(self) -> None:
-        self.lab: Lab | None = None
-        self.server: subprocess.Popen[str] | None = None
-
-    def healthy(self) -> bool:
-        lab = self.lab
-        if lab is None or self.server is None or self.server.poll() is not None:
-            return False
-        try:
-            status = lab.status()
-        except Exception:
-            return False
-        if not status["up"]:
-            return False
-        for node in status["nodes"][:2]:
-            wanted = "MASTER" if node["name"] == "fw1" else "BACKUP"
-            if not node.get("carp") or any(row["status"] != wanted for row in node["carp"]):
-                return False
-            if node.get("demotion") != 0 or node.get("keepalived_pid") is None:
-                return False
-            if lab.options.state_sync and not node["state_sync"]["running"]:
-                return False
-            if node.get("preempt") != lab.options.preempt:
-                return False
-        return True
-
-    def get(self, options: LabOptions) -> Lab:
-        if self.lab is not None and self.lab.options == options and self.healthy():
-            return self.lab
-        self.close()
-        self.lab = Lab(options)
-        self.lab.up()
-        self.server = self.lab.start_echo_server()
-        return self.lab
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.kill()
-            self.server.wait()
-            self.server = None
-        if self.lab is not None:
-            self.lab.down()
-            self.lab = None
-
 
 @pytest.fixture(scope="module")
-def labs() -> Iterator[LabHolder]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    holder = LabHolder()
-    try:
-        yield holder
-    finally:
-        holder.close()
-
-
-DEFAULT = LabOptions(advbase=ADVBASE)
+def labs(request: pytest.FixtureRequest) -> LabHolder:
+    return lab_session(request)
 
 
 @pytest.fixture
 def lab(labs: LabHolder) -> Lab:
     return labs.get(DEFAULT)
-
-
-# --- helpers ------------------------------------------------------------------------------------------
-
-
-def state_times(lab: Lab, fw: FirewallSpec, state: str) -> list[float]:
-    """Unix times at which each VRRP instance of `fw` last entered `state` (from notify.sh)."""
-    backend = lab.backend(fw)
-    times: list[float] = []
-    for inst in backend.applied_instances():
-        words = (backend.paths.state_dir / inst.name).read_text().split()
-        if words and words[0] == state:
-            times.append(float(words[1]))
-    return times
-
-
-def wait_resumed(lab: Lab, run: StreamRun, after: float, timeout: float) -> bool:
-    """True once every connection echoed a message after monotonic time `after`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = run.status()
-        if status.get("error"):
-            return False
-        if status.get("last_echo", 0.0) > after:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def restore_primary(lab: Lab) -> None:
-    lab.set_links(FW1, True)
-    lab.wait_states({FW1: "MASTER", FW2: "BACKUP"}, timeout=6 * ADVBASE + 6)
-
-
-def gate_drops(lab: Lab, fw: FirewallSpec) -> int:
-    result = lab._run(["nft", "-j", "list", "chain", "inet", "hasync_gate", "gate"], namespace=fw.namespace)
-    drops = 0
-    for item in json.loads(result.stdout)["nftables"]:
-        rule = item.get("rule")
-        if not rule:
-            continue
-        if any("drop" in expr for expr in rule["expr"]):
-            for expr in rule["expr"]:
-                if "counter" in expr:
-                    drops += int(expr["counter"]["packets"])
-    return drops
-
-
-def carp_status_json(lab: Lab, fw: FirewallSpec) -> dict[str, Any]:
-    result = lab.opnsense_ha(fw, ["carp", "status", "--json"], check=True)
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
 
 
 # --- (a) -----------------------------------------------------------------------------------------------
@@ -236,18 +109,6 @@ def test_lab_status_json_describes_every_node(lab: Lab) -> None:
 
 
 # --- (b) and its control (c) ---------------------------------------------------------------------------
-
-
-def cut_primary_and_measure(lab: Lab, run: StreamRun) -> tuple[float, float, bool]:
-    """Cut fw1's LAN and WAN links. Returns (seconds until the LAN VIP answered, monotonic time
-    of that answer, whether the stream flowed again within RESUME_WINDOW of it)."""
-    cut_at = time.monotonic()
-    lab.set_links(FW1, False)
-    probe = probe_vip(lab, LAN_VIP, timeout=UNPLANNED_BOUND + 5)
-    assert probe["ok"], f"the LAN VIP never answered after fw1's links were cut: {probe}"
-    answered = probe["time"] - cut_at
-    resumed = wait_resumed(lab, run, probe["time"], RESUME_WINDOW)
-    return answered, probe["time"], resumed
 
 
 def test_b_unplanned_failover_keeps_the_tcp_stream(lab: Lab) -> None:
@@ -394,7 +255,7 @@ def test_commit_race_is_closed_by_the_gate(labs: LabHolder, gate: bool) -> None:
         time.sleep(3.0)
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
-        resumed = wait_resumed(lab, run, time.monotonic(), RESUME_WINDOW)
+        resumed = wait_resumed(run, time.monotonic(), RESUME_WINDOW)
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

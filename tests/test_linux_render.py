@@ -447,8 +447,9 @@ def test_a_lone_instance_also_drives_state_sync(tmp_path: Path) -> None:
 
 def test_parsers() -> None:
     link = ("UDP traffic device=sync0 status=RUNNING role=ACTIVE:\n   40 Bytes sent   48 Bytes recv\n"
-            "UDP traffic device=sync1 status=DOWN role=BACKUP:\n")
-    assert parse_conntrackd_links(link) == {"sync0": "RUNNING", "sync1": "DOWN"}
+            "UDP traffic device=sync1 status=DOWN role=BACKUP:\n"
+            "UDP traffic device=sync2 status=NO-CARRIER role=BACKUP:\n")
+    assert parse_conntrackd_links(link) == {"sync0": "RUNNING", "sync1": "DOWN", "sync2": "NO-CARRIER"}
     assert parse_vrrp_state("MASTER 1795653209.90\n") == "MASTER" and parse_vrrp_state("garbage") is None
     assert [carp_status(s) for s in ("MASTER", "BACKUP", "FAULT", "STOP", None)] == [
         "MASTER", "BACKUP", "INIT", "INIT", "INIT"]

@@ -630,6 +630,17 @@ class Lab:
             for side in which:
                 sw.link("set", index=sw.link_lookup(ifname=f"{fw.name}-{side}")[0], state="up" if up else "down")
 
+    def partition(self, on: bool) -> None:
+        """Split brain: the firewalls' switch ports are isolated from each other (bridge port
+        isolation), so neither hears the other's VRRP while clients still reach both and every
+        carrier stays up. Each side believes it is alone."""
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=NS_SW) as sw:
+            for fw in FIREWALLS:
+                for side in ("lan", "wan"):
+                    sw.brport("set", index=sw.link_lookup(ifname=f"{fw.name}-{side}")[0], isolated=1 if on else 0)
+
     def set_sync_link(self, up: bool) -> None:
         from pyroute2 import IPRoute
 

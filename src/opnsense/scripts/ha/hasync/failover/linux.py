@@ -86,7 +86,7 @@ UNIX_PATH_MAX = 107
 VRRP_STATES = ("MASTER", "BACKUP", "FAULT", "STOP")
 
 _DEVICE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,14}$")
-_LINK_RE = re.compile(r"device=(?P<device>\S+)\s+status=(?P<status>[A-Z]+)")
+_LINK_RE = re.compile(r"device=(?P<device>\S+)\s+status=(?P<status>[A-Z][A-Z_-]*)")
 
 
 # --- what gets rendered ---------------------------------------------------------------------------
