@@ -466,7 +466,7 @@ def test_parsers() -> None:
 class FakeLinux:
     """A CommandRunner with the behaviour the backend depends on.
 
-    keepalived writes its pid file and stays alive until SIGTERM; `ps -p` answers for live pids;
+    keepalived writes its pid file and stays alive until SIGTERM; /proc/<pid>/comm names live pids;
     conntrackd -d starts a daemon that answers `-s link` until `-k`; `ip -j addr` reports addresses.
     """
 
@@ -489,14 +489,14 @@ class FakeLinux:
         argv = list(argv)
         self.calls.append(argv)
         name = os.path.basename(argv[0])
-        if name == "ps":
-            comm = self.alive.get(int(argv[2]))
+        if name == "cat" and argv[1].startswith("/proc/") and argv[1].endswith("/comm"):
+            comm = self.alive.get(int(argv[1].split("/")[2]))
             return self._ok(argv, comm + "\n") if comm else self._fail(argv)
-        if name == "kill":
-            pid = int(argv[2])
+        if name == "sh" and argv[1] == "-c" and argv[2].startswith("kill -"):
+            pid = int(argv[4])
             if pid not in self.alive:
                 return self._fail(argv, "no such process")
-            if argv[1] in ("-TERM", "-KILL"):
+            if argv[2].split()[1] in ("-TERM", "-KILL"):
                 del self.alive[pid]
             return self._ok(argv)
         if name == "keepalived":
@@ -527,6 +527,9 @@ class FakeLinux:
                      for dev, addrs in self.addresses.items() if device in (None, dev)]
             return self._ok(argv, json.dumps(links))
         return self._fail(argv, f"{name}: unexpected in this test")
+
+    def signals(self, name: str) -> int:
+        return sum(1 for argv in self.calls if argv[:2] == ["sh", "-c"] and argv[2].startswith(f"kill -{name} "))
 
     def count(self, *words: str) -> int:
         return sum(1 for argv in self.calls if all(w in argv for w in words))
@@ -725,16 +728,16 @@ def test_state_sync_needs_an_address_on_the_link(node: tuple[KeepalivedBackend, 
 def test_configure_vips_merges_and_reloads_only_on_change(node: tuple[KeepalivedBackend, FakeLinux]) -> None:
     backend, fake = node
     pid = backend.keepalived_pid()
-    hups = fake.count("kill", "-HUP")
+    hups = fake.signals("HUP")
     lan, wan = build_instances([vip(1, "10.77.1.1"), vip(2, "10.77.2.1", device="wan0", interface="wan")])
     changed = vip(2, "10.77.2.1", device="wan0", interface="wan", advskew=100)
     backend.configure_vips([changed], [])
     instances = instances_of(backend.paths.keepalived_conf.read_text())
     assert value(instances["VH2_wan0"], "priority") == str(vrrp_priority(100))
     assert value(instances["VH1_lan0"], "priority") == str(vrrp_priority(0))  # untouched VIPs stay
-    assert fake.count("kill", "-HUP") == hups + 1 and backend.keepalived_pid() == pid
+    assert fake.signals("HUP") == hups + 1 and backend.keepalived_pid() == pid
     backend.configure_vips([changed], [])
-    assert fake.count("kill", "-HUP") == hups + 1  # nothing changed, no reload
+    assert fake.signals("HUP") == hups + 1  # nothing changed, no reload
     backend.configure_vips([], [vip(1, "10.77.1.1")])
     assert set(instances_of(backend.paths.keepalived_conf.read_text())) == {"VH2_wan0"}
     assert '"lan0"' not in fake.loaded_gates[-1]
@@ -755,10 +758,10 @@ def test_bad_vip_changes_nothing(node: tuple[KeepalivedBackend, FakeLinux]) -> N
 
 def test_preempt_switch_rerenders_and_reloads(node: tuple[KeepalivedBackend, FakeLinux]) -> None:
     backend, fake = node
-    hups = fake.count("kill", "-HUP")
+    hups = fake.signals("HUP")
     backend.set_preempt(False)
     assert all("nopreempt" in body for body in instances_of(backend.paths.keepalived_conf.read_text()).values())
-    assert backend.carp_globals().preempt is False and fake.count("kill", "-HUP") == hups + 1
+    assert backend.carp_globals().preempt is False and fake.signals("HUP") == hups + 1
     backend.set_preempt(True)
     assert not any("nopreempt" in body for body in instances_of(backend.paths.keepalived_conf.read_text()).values())
 

@@ -82,7 +82,7 @@ FW1 = FirewallSpec("fw1", "ha-fw1", "10.77.1.2", "10.77.2.2", "10.77.3.1", "10.7
 FW2 = FirewallSpec("fw2", "ha-fw2", "10.77.1.3", "10.77.2.3", "10.77.3.2", "10.77.3.1", 100, False)
 FIREWALLS = (FW1, FW2)
 NAMESPACES = (NS_SW, FW1.namespace, FW2.namespace, NS_LAN, NS_WAN)
-REQUIRED_BINARIES = ("ip", "nft", "keepalived", "conntrackd", "sysctl", "flock", "timeout", "setsid")
+REQUIRED_BINARIES = ("ip", "nft", "keepalived", "conntrackd", "flock", "timeout", "setsid")
 
 
 @dataclass(frozen=True)
@@ -326,6 +326,11 @@ class Lab:
             raise LabError(f"`{' '.join(full)}` failed (exit {result.returncode}): {detail}")
         return result
 
+    def sysctl(self, namespace: str, values: dict[str, int]) -> None:
+        """Per-namespace sysctls, written to /proc/sys from inside the namespace (no procps needed)."""
+        script = "; ".join(f"echo {int(value)} > /proc/sys/{key.replace('.', '/')}" for key, value in values.items())
+        self._run(["sh", "-ec", script], namespace=namespace)
+
     def backend(self, fw: FirewallSpec) -> KeepalivedBackend:
         return KeepalivedBackend(self.conf_dir(fw), NetnsRunner(fw.namespace, self.runner), clock=self.clock)
 
@@ -416,8 +421,7 @@ class Lab:
 
         for name in NAMESPACES:
             netns.create(name)
-            self._run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                       "net.ipv6.conf.default.disable_ipv6=1"], namespace=name)
+            self.sysctl(name, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1})
         with IPRoute(netns=NS_SW) as sw:
             for bridge in ("br-lan", "br-wan"):
                 sw.link("add", ifname=bridge, kind="bridge", br_mcast_snooping=0, br_forward_delay=0)
@@ -480,8 +484,8 @@ class Lab:
             )
             (conf / "config.xml").write_bytes(data)
             os.chmod(conf / "config.xml", 0o640)
-            self._run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.netfilter.nf_conntrack_tcp_loose=0",
-                       "net.netfilter.nf_conntrack_tcp_be_liberal=0"], namespace=fw.namespace)
+            self.sysctl(fw.namespace, {"net.ipv4.ip_forward": 1, "net.netfilter.nf_conntrack_tcp_loose": 0,
+                                       "net.netfilter.nf_conntrack_tcp_be_liberal": 0})
             ruleset = render_ruleset(fw, strict=self.options.strict)
             self._run(["nft", "-f", "-"], namespace=fw.namespace, input_text=ruleset)
             paths = LinuxPaths.for_conf_dir(conf)

@@ -838,12 +838,16 @@ class KeepalivedBackend(FailoverBackend):
 
         return ConfigStore(self.conf_dir).load()
 
+    def _signal(self, pid: int, name: str, *, check: bool = True) -> CommandResult:
+        """`kill -NAME pid` through the shell's builtin (the kill binary is procps', not always there)."""
+        return self._run(["sh", "-c", f'kill -{name} "$1"', "kill", str(pid)], check=check)
+
     def _pid_alive(self, pidfile: Path, comm: str) -> int | None:
         text = _read(pidfile)
         if not text or not text.strip().isdigit():
             return None
         pid = text.strip()
-        result = self._run(["ps", "-p", pid, "-o", "comm="], check=False)
+        result = self._run(["cat", f"/proc/{pid}/comm"], check=False)
         return int(pid) if result.ok and result.stdout.strip() == comm else None
 
     # --- reading ---
@@ -1063,7 +1067,7 @@ class KeepalivedBackend(FailoverBackend):
         elif changed:
             self._check_keepalived_conf()
             log.info("reloading keepalived (configuration changed)")
-            self._run(["kill", "-HUP", str(pid)])
+            self._signal(pid, "HUP")
         return changed
 
     def _write_notify(self, instances: Sequence[VrrpInstance]) -> None:
@@ -1123,11 +1127,11 @@ class KeepalivedBackend(FailoverBackend):
         if pid is None:
             return
         log.info("stopping keepalived (pid %d)", pid)
-        self._run(["kill", "-TERM", str(pid)], check=False)
+        self._signal(pid, "TERM", check=False)
         deadline = self.clock.monotonic() + 5.0
         while self.keepalived_pid() is not None:
             if self.clock.monotonic() >= deadline:
-                self._run(["kill", "-KILL", str(pid)], check=False)
+                self._signal(pid, "KILL", check=False)
                 break
             self.clock.sleep(0.05)
 
