@@ -306,17 +306,28 @@ def test_tampered_snapshot_values_are_refused(pair: Pair) -> None:
 # --- preserving the pre-merge version ------------------------------------------------------------
 
 
-def test_out_of_band_config_is_preserved_in_history_before_the_merge(pair: Pair) -> None:
+def history_files(pair: Pair) -> list[Path]:
+    return sorted((pair.backup / "backup").glob("config-*.xml"))
+
+
+def preserved_files(pair: Pair) -> list[Path]:
+    return sorted((pair.backup / "ha-state" / "preserved").glob("config-*.xml"))
+
+
+def test_out_of_band_config_is_kept_before_the_merge(pair: Pair) -> None:
     pre = (pair.backup / "config.xml").read_bytes()  # copied in, never written through the store
     with agent(pair):
         sync(pair)
-        files = sorted((pair.backup / "backup").glob("config-*.xml"))
-        assert files[0].read_bytes() == pre and len(files) == 2
-        sync(pair)  # control: now config.xml is the newest history file, nothing extra is copied
-    assert len(list((pair.backup / "backup").glob("config-*.xml"))) == 3
+        assert [f.read_bytes() for f in preserved_files(pair)] == [pre]
+        assert len(history_files(pair)) == 1  # OPNsense's history holds only the merge, as ever
+        assert oct(preserved_files(pair)[0].stat().st_mode & 0o777) == "0o600"
+        with edit(pair.primary) as root:
+            root.find("filter/rule/descr").text = "second version"
+        sync(pair)  # control: config.xml now is the newest history file, nothing more is kept
+    assert len(preserved_files(pair)) == 1 and len(history_files(pair)) == 2
 
 
 def test_preserving_is_off_without_extensions(pair: Pair) -> None:
     with agent(pair, extensions=False):
         sync(pair)
-    assert len(list((pair.backup / "backup").glob("config-*.xml"))) == 1
+    assert len(history_files(pair)) == 1 and preserved_files(pair) == []

@@ -137,8 +137,12 @@ def test_history_marks_the_sync_and_the_target(pair: Pair, capsys: Any) -> None:
     assert [e["sync"] for e in entries] == [True, False]
     assert [e["current"] for e in entries] == [True, False]
     assert [e["rollback_target"] for e in entries] == [False, True]
+    # the fixture's config.xml was copied in, never written with history: the agent kept it
+    # before the merge, outside OPNsense's backup/ directory
+    assert [e["preserved"] for e in entries] == [False, True]
+    assert len(ConfigStore(pair.backup).history()) == 1
     assert remote["rollback"]["possible"] is True and remote["node"] == "fw-b"
-    assert "[current, sync]" in text and "[rollback target]" in text
+    assert "[current, sync]" in text and "[kept by opnsense-ha before a merge, not in backup/, rollback target]" in text
     assert "rollback: rollback would restore" in text
 
 

@@ -30,9 +30,10 @@ stand in for a stock backup.
 account. That account can already overwrite the same sections (and the users in them), so this
 grants nothing new; the CLI never prints secret values (see `diffing`).
 
-The extension also wraps `opnsense.restore_config_section`: before the merge it preserves a
-config.xml that is not in history (`rollback.preserve_current`), so the first sync into a node
-can be rolled back. The merge itself is untouched.
+The extension also wraps `opnsense.restore_config_section`: before the merge it keeps a copy of a
+config.xml that is not in the config history (`rollback.preserve_current`, into
+`<conf-dir>/ha-state/preserved/`), so the first sync into a node can be rolled back. The merge
+itself, and OPNsense's history directory, are untouched.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class Extensions:
         def handler(argument: Any, context: CallContext) -> Any:
             if isinstance(argument, dict) and argument:  # the merge refuses anything else itself
                 try:
-                    rollbackmod.preserve_current(self.node.store)
+                    rollbackmod.preserve_current(self.node.store, self.state_dir)
                 except (HaError, OSError) as exc:  # never block a sync over the undo copy
                     log.warning("could not preserve config.xml in history before the merge: %s", exc)
             return merge(argument, context)

@@ -18,10 +18,12 @@ written as the newest history file (fsync'd), then config.xml is rewritten in pl
 between leaves config.xml unparseable or old; the next load restores the newest valid history
 file, which is the restored version. Either the old or the restored config survives, never a mix.
 
-For the version before the *first* sync to exist in history, a config that was written outside
-any history-keeping writer (copied in, edited by hand) is preserved into history just before a
-merge (`preserve_current`, called by the agent's extension wrapper around
-`opnsense.restore_config_section`).
+For the version before the *first* sync to exist at all, a config.xml that no history-keeping
+writer produced (copied in, edited by hand) is preserved just before a merge (`preserve_current`,
+called by the agent's extension wrapper around `opnsense.restore_config_section`). The copy goes
+to `<conf-dir>/ha-state/preserved/`, not into `backup/`: OPNsense's history, its pruning and
+anything that counts revisions stay exactly as they were. Rollback sees the history files and the
+preserved copies as one timeline, ordered by time.
 
 A small journal (`<conf-dir>/ha-state/rollback-journal.json`) records which history file a
 rollback wrote and what it restored, so `history` can say so: the restored file's own revision
@@ -58,7 +60,8 @@ log = logging.getLogger("hasync.rollback")
 SYNC_DESCRIPTION_RE = re.compile(r"^Merged .* config sections from XMLRPC client\.$", re.DOTALL)
 JOURNAL_FILE = "rollback-journal.json"
 JOURNAL_KEEP = 50
-PRESERVED_USERNAME = "(preserved by opnsense-ha before a merge)"
+PRESERVED_DIR = "preserved"
+PRESERVED_KEEP = 5
 
 
 class RollbackError(HaError):
@@ -76,6 +79,7 @@ class Revision:
     username: str
     size: int
     readable: bool = True
+    preserved: bool = False  # a pre-merge copy in ha-state/preserved, not an OPNsense history file
 
     @property
     def is_sync(self) -> bool:
@@ -102,15 +106,26 @@ def _stamp(path: Path) -> float:
         return 0.0
 
 
-def revisions(store: ConfigStore) -> list[tuple[Revision, bytes]]:
-    """Every history file with its bytes, newest first."""
+def _preserved_files(state_dir: Path | None) -> list[Path]:
+    if state_dir is None or not (state_dir / PRESERVED_DIR).is_dir():
+        return []
+    return sorted((state_dir / PRESERVED_DIR).glob("config-*.xml"), key=_stamp, reverse=True)
+
+
+def revisions(store: ConfigStore, state_dir: Path | None = None) -> list[tuple[Revision, bytes]]:
+    """Every history file (and preserved pre-merge copy) with its bytes, newest first."""
     out: list[tuple[Revision, bytes]] = []
-    for path in store._history_files():
+    paths = [(path, False) for path in store._history_files()]
+    paths += [(path, True) for path in _preserved_files(state_dir)]
+    for path, preserved in paths:
         try:
             data = path.read_bytes()
         except OSError:
             continue  # pruned between listing and reading
-        out.append((_revision(path, data, _stamp(path)), data))
+        revision = _revision(path, data, _stamp(path))
+        revision.preserved = preserved
+        out.append((revision, data))
+    out.sort(key=lambda entry: entry[0].time, reverse=True)
     return out
 
 
@@ -177,7 +192,7 @@ def _iso(stamp: float) -> str:
 
 def history_document(store: ConfigStore, state_dir: Path) -> dict[str, Any]:
     """`opnsense-ha history --json` / `hasync.history`: revisions newest first with markers."""
-    history = revisions(store)
+    history = revisions(store, state_dir)
     current = store.read_bytes()
     plan = make_plan(history, current)
     journal = {str(entry.get("file")): entry for entry in read_journal(state_dir)}
@@ -193,6 +208,7 @@ def history_document(store: ConfigStore, state_dir: Path) -> dict[str, Any]:
             "size": revision.size,
             "current": data == current,
             "sync": revision.is_sync,
+            "preserved": revision.preserved,
             "rollback_target": plan.target is not None and revision.path == plan.target.path,
             "restored_from": str(rolled.get("restored_from", "")) if rolled else "",
         })
@@ -239,29 +255,53 @@ def _locked(store: ConfigStore) -> Iterator[IO[bytes]]:
         yield handle
 
 
-def preserve_current(store: ConfigStore) -> Path | None:
-    """Copy config.xml into history if its exact bytes are not the newest history file.
+def _same_bytes(path: Path, data: bytes) -> bool:
+    with contextlib.suppress(OSError):
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    return False
+
+
+def preserve_current(store: ConfigStore, state_dir: Path) -> Path | None:
+    """Keep a copy of config.xml if its exact bytes are neither the newest history file nor kept yet.
 
     Every history-keeping writer (ours, OPNsense's PHP) leaves its result as the newest history
     file, so this only copies configs written some other way; without it the first sync into such
-    a node could never be rolled back. A config that does not parse is left alone (the store
-    restores history on load anyway). Returns the history file written, if any.
+    a node could never be rolled back. The copy is written under config.xml's exclusive lock (so
+    it is the version the merge starts from), fsync'd and renamed into place; the newest
+    `PRESERVED_KEEP` copies are kept. A config that does not parse is left alone (the store
+    restores history on load anyway). Returns the file written, if any.
     """
+    directory = state_dir / PRESERVED_DIR
     with _locked(store) as handle:
         data = handle.read()
         files = store._history_files()
-        if files:
-            newest = files[0]
-            with contextlib.suppress(OSError):
-                if newest.stat().st_size == len(data) and newest.read_bytes() == data:
-                    return None
+        if files and _same_bytes(files[0], data):
+            return None
+        kept = _preserved_files(state_dir)
+        if kept and _same_bytes(kept[0], data):
+            return None
         try:
             parse_config_bytes(data, str(store.config_path))
         except ConfigError:
             return None
-        written = store._write_history(data, store.clock.time())
-    log.info("preserved the current config.xml as %s before a merge (it was not in history)", written.name)
-    return written
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stamp = store.clock.time()
+        target = directory / f"config-{stamp:.4f}.xml"
+        while target.exists():
+            stamp += 0.0001
+            target = directory / f"config-{stamp:.4f}.xml"
+        temp = directory / f".tmp-{os.getpid()}-{stamp:.4f}.xml"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(temp, target)
+    for old in _preserved_files(state_dir)[PRESERVED_KEEP:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    log.info("kept config.xml as %s before a merge (it was not in the config history)", target)
+    return target
 
 
 # --- rollback ------------------------------------------------------------------------------------
@@ -329,7 +369,7 @@ def rollback(
     """
     with _locked(store) as handle:
         current = handle.read()
-        plan = make_plan(revisions(store), current)
+        plan = make_plan(revisions(store, state_dir), current)
         node = _hostname(current)
         if not plan.possible:
             raise RollbackError(plan.reason)

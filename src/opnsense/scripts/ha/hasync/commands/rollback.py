@@ -126,6 +126,8 @@ def run_history(args: argparse.Namespace) -> int:
             marks.append("current")
         if entry.get("sync"):
             marks.append("sync")
+        if entry.get("preserved"):
+            marks.append("kept by opnsense-ha before a merge, not in backup/")
         if entry.get("rollback_target"):
             marks.append("rollback target")
         if entry.get("restored_from"):
