@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from hasync.failover.linux import vrrp_priority
-from hasync.lab import FW1, FW2, LAN_VIP, NS_LAN, Lab, LabOptions, start_stream
+from hasync.lab import FW1, FW2, LAN_VIP, NS_LAN, WAN_VIP, FirewallSpec, Lab, LabOptions, start_stream
 from lab_helpers import (
     ADVBASE,
     DEFAULT,
@@ -231,6 +231,28 @@ def test_f_external_demotion_stays_after_maintenance_enter_and_leave(lab: Lab) -
     finally:
         backend.add_demotion(-backend.carp_globals().demotion)
     restore_primary(lab)
+
+
+# --- carp disable / enable ----------------------------------------------------------------------------
+
+
+def test_carp_disable_hands_over_and_enable_takes_back(lab: Lab) -> None:
+    from pyroute2 import IPRoute
+
+    def vips_on(fw: FirewallSpec) -> set[str]:
+        with IPRoute(netns=fw.namespace) as ipr:
+            return {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=2)} & {LAN_VIP, WAN_VIP}
+
+    try:
+        assert json.loads(lab.opnsense_ha(FW1, ["carp", "disable"], check=True).stdout)["status"] == "ok"
+        lab.wait_states({FW2: "MASTER"}, timeout=2)  # keepalived's priority-0 goodbye: no 3 s wait
+        assert vips_on(FW1) == set() and vips_on(FW2) == {LAN_VIP, WAN_VIP}
+        status = carp_status_json(lab, FW1)
+        assert {row["status"] for row in status["rows"]} == {"DISABLED"} and len(status["rows"]) == 2
+    finally:
+        lab.opnsense_ha(FW1, ["carp", "enable"], check=True)
+    lab.wait_states({FW1: "MASTER", FW2: "BACKUP"}, timeout=3 * ADVBASE + 3)
+    assert vips_on(FW1) == {LAN_VIP, WAN_VIP} and vips_on(FW2) == set()
 
 
 # --- keepalived #2254: the commit gate and its control -------------------------------------------------

@@ -678,7 +678,12 @@ def test_vip_states_map_keepalived_to_carp(node: tuple[KeepalivedBackend, FakeLi
     backend.set_allow(False)
     assert {r.status for r in backend.vip_states()} == {"DISABLED"} and backend.keepalived_pid() is None
     assert backend.carp_globals().allow is False
-    backend.set_allow(True)
+    backend.configure_vips([], [vip(1, "10.77.1.1"), vip(2, "10.77.2.1", device="wan0", interface="wan")])
+    # `carp disable` also takes the VIPs down; the configured ones are still listed, DISABLED
+    assert backend.applied_instances() == []
+    assert sorted((r.vhid, r.status) for r in backend.vip_states()) == [(1, "DISABLED"), (2, "DISABLED")]
+    backend.set_allow(True)  # then, as `carp enable` does, the VIPs come back
+    backend.configure_vips([vip(1, "10.77.1.1"), vip(2, "10.77.2.1", device="wan0", interface="wan")], [])
     assert backend.keepalived_pid() is not None and backend.carp_globals().allow is True
 
 

@@ -871,11 +871,17 @@ class KeepalivedBackend(FailoverBackend):
                 for inst in self.applied_instances()}
 
     def vip_states(self) -> list[VipState]:
+        allowed = self._allowed()
         instances = self.applied_instances()
+        if not allowed and not instances:
+            # `carp disable` took the VIPs down; like OPNsense, still list the configured ones
+            try:
+                instances = build_instances(carp_vips(self._load_root()))
+            except (ConfigError, FailoverError):
+                instances = []
         if not instances:
             return []
         running = self.keepalived_pid() is not None
-        allowed = self._allowed()
         states = self.vrrp_states()
         rows: list[VipState] = []
         for inst in instances:
