@@ -13,7 +13,18 @@ from typing import Any
 
 import pytest
 
-from hasync.lab import FW1, FW2, LAN_VIP, FirewallSpec, Lab, LabOptions, StreamRun, missing_binaries, probe_vip
+from hasync.lab import (
+    FW1,
+    FW2,
+    LAN_VIP,
+    FirewallSpec,
+    Lab,
+    LabOptions,
+    StreamRun,
+    missing_binaries,
+    namespace_support,
+    probe_vip,
+)
 
 ADVBASE = 1
 SYNCED_SKEW = 100  # what the sync adds to the backup's advskew (OPNsense's rule)
@@ -32,6 +43,9 @@ def skip_reason() -> str | None:
     if missing:
         return (f"lab tests need {', '.join(missing)} "
                 "(Debian: apt-get install keepalived conntrackd conntrack nftables iproute2)")
+    problem = namespace_support()
+    if problem:
+        return f"lab tests need network namespaces: {problem}"
     return None
 
 

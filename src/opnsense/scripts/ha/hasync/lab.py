@@ -284,6 +284,23 @@ def missing_binaries() -> list[str]:
     return [name for name in REQUIRED_BINARIES if shutil.which(name, path=path) is None]
 
 
+def namespace_support() -> str | None:
+    """None if this process can create network namespaces, else why not (containers without
+    CAP_SYS_ADMIN, a read-only /run, ...). Creates and removes one throw-away namespace."""
+    from pyroute2 import netns
+
+    name = f"ha-probe-{os.getpid()}"
+    try:
+        netns.create(name)
+    except Exception as exc:  # pyroute2 raises OSError subclasses, or its own errors from the helper
+        return f"cannot create a network namespace ({exc})"
+    try:
+        netns.remove(name)
+    except Exception as exc:
+        return f"cannot remove the probe network namespace {name} ({exc})"
+    return None
+
+
 class Lab:
     """Build, drive and tear down the namespace lab."""
 
@@ -399,6 +416,9 @@ class Lab:
         if missing:
             raise LabError(f"missing programs: {', '.join(missing)} "
                            "(Debian: apt-get install keepalived conntrackd nftables conntrack iproute2)")
+        problem = namespace_support()
+        if problem:
+            raise LabError(f"{problem}; the lab needs network namespaces (a privileged container or a VM)")
 
     def up(self) -> dict[str, Any]:
         """Tear down leftovers, build the topology, start the daemons, wait for fw1 MASTER."""
