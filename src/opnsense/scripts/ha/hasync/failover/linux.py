@@ -39,6 +39,10 @@ worse advertisement. To keep CARP's "maintenance hands over in well under a seco
 `add_demotion` makes a MASTER whose demotion reaches 240 (the skew at which CARP saturates, so any
 healthy peer is better) resign: a one-shot FAULT through a weight-0 ``track_file``, which sends a
 priority-0 advertisement; the peer takes over after its skew time (~0.4 s at priority 150).
+One difference stays: a MASTER with no live peer that enters maintenance is without its VIPs for
+about 3 x advbase until it takes them back, where CARP keeps them. VRRP backups are silent, so the
+master cannot know whether anyone listens (conntrackd's heartbeat would tell, but only after a
+second of sampling, too late for a sub-second handover).
 
 All commands go through the `CommandRunner`; the renderers are pure functions.
 """
