@@ -42,6 +42,7 @@ AUTH_FAILED_RESPONSE = (
     b"      <value>Authentication failed</value>\n    </param>\n  </params>\n</methodResponse>\n\n"
 )
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _XML_INVALID_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
@@ -180,6 +181,8 @@ def _decode_value(node: etree._Element) -> Any:
         return text
     if kind in ("int", "i4", "i8"):
         try:
+            if not _INT_TEXT.fullmatch(text.strip()):  # int() also takes "1_000" and non-ASCII digits
+                raise ValueError(text)
             number = int(text.strip())
         except ValueError:
             raise XmlRpcDecodeError(f"<{kind}> holds no integer: {text[:40]!r}") from None
