@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from lxml import etree
 
@@ -53,7 +51,7 @@ from .failover import model
 from .failover.base import FailoverBackend, VipSpec
 from .items import SyncItemRegistry
 from .services import ServiceBackend
-from .store import ConfigStore, backup_count, parse_config_bytes
+from .store import ConfigStore, parse_config_bytes
 
 log = logging.getLogger("hasync.rollback")
 
@@ -115,7 +113,7 @@ def _preserved_files(state_dir: Path | None) -> list[Path]:
 def revisions(store: ConfigStore, state_dir: Path | None = None) -> list[tuple[Revision, bytes]]:
     """Every history file (and preserved pre-merge copy) with its bytes, newest first."""
     out: list[tuple[Revision, bytes]] = []
-    paths = [(path, False) for path in store._history_files()]
+    paths = [(path, False) for path in store.history_files()]
     paths += [(path, True) for path in _preserved_files(state_dir)]
     for path, preserved in paths:
         try:
@@ -247,14 +245,6 @@ def _hostname(data: bytes) -> str:
 # --- preserving the pre-merge version ----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked(store: ConfigStore) -> Iterator[IO[bytes]]:
-    """config.xml open for update under the exclusive flock every writer of it takes."""
-    with store._open("r+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield handle
-
-
 def _same_bytes(path: Path, data: bytes) -> bool:
     with contextlib.suppress(OSError):
         return path.stat().st_size == len(data) and path.read_bytes() == data
@@ -272,9 +262,9 @@ def preserve_current(store: ConfigStore, state_dir: Path) -> Path | None:
     restores history on load anyway). Returns the file written, if any.
     """
     directory = state_dir / PRESERVED_DIR
-    with _locked(store) as handle:
-        data = handle.read()
-        files = store._history_files()
+    with store.locked_bytes() as locked:
+        data = locked.data
+        files = store.history_files()
         if files and _same_bytes(files[0], data):
             return None
         kept = _preserved_files(state_dir)
@@ -367,8 +357,8 @@ def rollback(
     `services`/`failover` None: that part of the reconfiguration is skipped and named in the
     warnings (the config is restored either way).
     """
-    with _locked(store) as handle:
-        current = handle.read()
+    with store.locked_bytes() as locked:
+        current = locked.data
         plan = make_plan(revisions(store, state_dir), current)
         node = _hostname(current)
         if not plan.possible:
@@ -385,9 +375,7 @@ def rollback(
                 "then use --force to roll back anyway",
                 node, plan.sync, plan.target)
         target_root = parse_config_bytes(plan.target_bytes, str(plan.target.path))
-        written = store._write_history(plan.target_bytes, store.clock.time())  # history first ...
-        store._rewrite_in_place(handle, plan.target_bytes)  # ... then config.xml in place
-        store._prune(backup_count(target_root))
+        written = locked.replace(plan.target_bytes)  # history first, then config.xml in place
     result = RollbackResult(
         "ok",
         f"restored {plan.target.path.name} ({plan.target.description or 'no description'}), the version before "

@@ -174,6 +174,18 @@ class ConfigStore:
         self._rewrite_in_place(handle, data)
         self._prune(backup_count(root))
 
+    @contextlib.contextmanager
+    def locked_bytes(self) -> Iterator[LockedConfig]:
+        """config.xml's exact bytes under the exclusive lock, for byte-exact restores (rollback).
+
+        Unlike `transaction`, nothing is parsed or re-serialised, and nothing is written unless
+        the caller asks with `LockedConfig.replace`.
+        """
+        with self._open("r+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._sweep_temp_files()
+            yield LockedConfig(self, handle, handle.read())
+
     def _rewrite_in_place(self, handle: IO[bytes], data: bytes) -> None:
         # Truncate before writing: a writer killed mid-write then leaves a prefix of the new
         # version, which lacks the closing </opnsense> and never parses, so load() restores the
@@ -216,6 +228,10 @@ class ConfigStore:
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
 
+    def history_files(self) -> list[Path]:
+        """History files (`backup/config-<time>.xml`), newest first."""
+        return self._history_files()
+
     def _history_files(self) -> list[Path]:
         """History files, newest first."""
         if not self.backup_dir.is_dir():
@@ -252,6 +268,29 @@ class ConfigStore:
                 )
             )
         return entries
+
+
+class LockedConfig:
+    """config.xml held under the exclusive lock by `ConfigStore.locked_bytes`."""
+
+    def __init__(self, store: ConfigStore, handle: IO[bytes], data: bytes) -> None:
+        self._store = store
+        self._handle = handle
+        self.data = data
+
+    def replace(self, data: bytes) -> Path:
+        """Make `data` (a complete, valid config) the current config, crash-safely.
+
+        Same order as every write: history file first, then the in-place rewrite, then pruning.
+        Returns the history file written.
+        """
+        root = parse_config_bytes(data, "replacement config")
+        store = self._store
+        written = store._write_history(data, store.clock.time())
+        store._rewrite_in_place(self._handle, data)
+        store._prune(backup_count(root))
+        self.data = data
+        return written
 
 
 def set_revision(root: etree._Element, *, username: str, description: str, when: float) -> None:
