@@ -17,18 +17,29 @@ What is proven here:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
+import zlib
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from hasync import merge
-from hasync.errors import MergeError
-from hasync.payload import REDACTED
+from conftest import REPO, SHARED
+from hasync import fastpath, merge, xmlrpc
+from hasync.agent import MethodFault
+from hasync.client import PeerClient
+from hasync.errors import HaError, MergeError, RemoteFault
+from hasync.items import SyncItemRegistry, read_hasync
+from hasync.payload import REDACTED, build_payload
+from hasync.store import ConfigStore, parse_config_bytes
+from hasync.syncer import SyncOptions, SyncRun
 from hasync.tree import ATTRIBUTES
+from nodes import Pair, make_pair, running_agent
 
 # --- reference copies of the code the speedups replaced ------------------------------------------
 
@@ -121,7 +132,8 @@ def ref_normalize(value: Any, path: str, depth: int) -> Any:
 # --- strategies ----------------------------------------------------------------------------------
 
 TAGS = ["a", "b", "rule", "item", "alias", "nosync", "descr", "user"]
-TEXTS = st.sampled_from(["", "1", "0", " ", "x", "a\rb", "l1\r\nl2", "t&<>\"'", "é", "  pad  ", "nosync"])
+TEXTS = st.sampled_from(["", "1", "0", " ", "x", "a\rb", "l1\r\nl2", "c\r\r\nd\n", "t&<>\"'", "é", "  pad  ",
+                         "tab\there", "nosync"])
 
 
 @st.composite
@@ -252,3 +264,272 @@ def test_splice_keeps_position_order_and_tails() -> None:
     assert etree.tostring(parent) == b"<p><x/>t1<r>2</r><r/><r/><y/><z/></p>"
     merge._splice(parent, [], [etree.Element("n")])
     assert etree.tostring(parent).endswith(b"<z/><n/></p>")
+
+
+# --- the fast path rebuilds the compatible payload exactly ------------------------------------------
+
+SECTION_CHOICES = ["filter", "nat", "OPNsense.Firewall.Alias", "OPNsense.Firewall", "virtualip", "dhcpd",
+                   "system.user", "x", "x.a", "missing.path", "OPNsense.IDS.rules"]
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> etree._Element:
+    """A config root with the shapes that matter: repeated and list tags, nosync records and
+    attributes, comments, CRs, VIPs with and without vhid, a DHCP failover peer."""
+    root = etree.Element("opnsense")
+    lan = etree.SubElement(etree.SubElement(root, "interfaces"), "lan")
+    etree.SubElement(lan, "ipaddr").text = "10.0.0.1"
+    etree.SubElement(lan, "subnet").text = "24"
+    for top in draw(st.lists(st.sampled_from(["filter", "nat", "OPNsense", "virtualip", "dhcpd", "system", "x"]),
+                             max_size=7)):
+        node = etree.SubElement(root, top)
+        for child in draw(st.lists(elements(), max_size=3)):
+            node.append(child)
+        if top == "OPNsense":
+            firewall = etree.SubElement(node, "Firewall")
+            aliases = etree.SubElement(etree.SubElement(firewall, "Alias", version="1.0.1"), "aliases")
+            for child in draw(st.lists(elements(), max_size=3)):
+                alias = etree.SubElement(aliases, "alias", uuid=f"u{len(aliases)}")
+                alias.append(child)
+                if draw(st.booleans()):
+                    etree.SubElement(alias, "nosync").text = draw(st.sampled_from(["1", "0", ""]))
+            rules = etree.SubElement(etree.SubElement(node, "IDS"), "rules")
+            for _ in range(draw(st.integers(0, 2))):
+                etree.SubElement(etree.SubElement(rules, "rule", uuid="r"), "sid").text = "1"
+        elif top == "virtualip":
+            for _ in range(draw(st.integers(0, 3))):
+                vip = etree.SubElement(node, "vip")
+                for tag, text in (("vhid", draw(st.sampled_from(["", "1", "7"]))),
+                                  ("advskew", draw(st.sampled_from(["", "0", "200", "x"]))),
+                                  ("mode", "carp"), ("interface", "lan")):
+                    etree.SubElement(vip, tag).text = text or None
+                if draw(st.integers(0, 4)) == 0:
+                    etree.SubElement(vip, "nosync").text = "1"
+        elif top == "dhcpd":
+            for _ in range(draw(st.integers(1, 2))):
+                conf = etree.SubElement(node, "lan")
+                etree.SubElement(conf, "failover_peerip").text = draw(st.sampled_from(["10.0.0.2", " ", ""]))
+                etree.SubElement(conf, "staticmap").text = draw(TEXTS)
+        elif top == "system":
+            for _ in range(draw(st.integers(0, 2))):
+                user = etree.SubElement(node, "user")
+                etree.SubElement(user, "name").text = draw(TEXTS)
+    return root
+
+
+def compatible_payload(root: etree._Element, sections: list[str]) -> Any:
+    """What the backup decodes on the compatible path (through the real IXR codec)."""
+    payload = build_payload(root, sections)
+    return xmlrpc.loads_request(xmlrpc.dumps_request(fastpath.RESTORE_METHOD, [payload]))[1][0]
+
+
+def assert_same_payload(root: etree._Element, sections: list[str]) -> None:
+    try:
+        expected = compatible_payload(root, sections)
+    except HaError as exc:
+        with pytest.raises((HaError, MethodFault)) as info:
+            fastpath.decode_param_for_tests(fastpath.build_blob(root, sections).param)
+        assert str(exc) in str(info.value)
+        return
+    got = fastpath.decode_param_for_tests(fastpath.build_blob(root, sections).param)
+    assert got == expected
+    assert json.dumps(got) == json.dumps(expected)  # key order too: it decides element order on the backup
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(), st.lists(st.sampled_from(SECTION_CHOICES), min_size=1, max_size=5, unique=True))
+def test_fast_path_payload_equals_the_compatible_one(root: etree._Element, sections: list[str]) -> None:
+    root = etree.fromstring(etree.tostring(root))  # as parsed from a file
+    assert_same_payload(root, sections)
+
+
+def test_fast_path_payload_on_real_configs() -> None:
+    real = SHARED / "fixtures" / "real"
+    if not real.is_dir():
+        pytest.skip("../shared is absent (expected in a user's clone)")
+    registry = SyncItemRegistry.load()
+    sections = registry.sections_for(registry.ids())
+    checked = 0
+    for path in sorted(real.glob("*.xml")):
+        root = parse_config_bytes(path.read_bytes(), str(path))
+        assert_same_payload(root, sections)
+        checked += 1
+    assert checked >= 5
+
+
+def test_fast_path_payload_on_a_generated_config() -> None:
+    generate = load_generator()
+    primary, _ = generate.generate(0.3, seed=11)
+    root = parse_config_bytes(primary, "generated")
+    registry = SyncItemRegistry.load()
+    assert_same_payload(root, registry.sections_for(read_hasync(root).syncitems))
+
+
+def load_generator() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "bench" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- bounded, checked decoding ----------------------------------------------------------------------
+
+
+def test_inflate_refuses_a_zip_bomb_without_inflating_it() -> None:
+    bomb = zlib.compress(b"\0" * (256 * 1024 * 1024), 9)  # 256 MiB of zeros in ~250 KB
+    assert len(bomb) < 1024 * 1024
+    with pytest.raises(MethodFault, match="past its declared size"):
+        fastpath.inflate([bomb], 1024 * 1024)
+    with pytest.raises(MethodFault, match="over the"):
+        fastpath.inflate([bomb], 256 * 1024 * 1024, limit=64 * 1024 * 1024)
+    # control: an honest declaration within the limit inflates
+    small = zlib.compress(b"\0" * 4096)
+    assert fastpath.inflate([small[:10], small[10:]], 4096) == b"\0" * 4096
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda p: p.update(format="other-2"), "unknown format"),
+        (lambda p: p.update(compression="xz"), "unknown compression"),
+        (lambda p: p.update(sha256="0" * 64), "sha256"),
+        (lambda p: p.update(sections=["filter", "nat"]), "announced sections"),
+        (lambda p: p.update(data=[p["data"][0][:-4]]), "truncated|corrupt"),
+        (lambda p: p.update(data=[p["data"][0] + b"junk"]), "trailing"),
+        (lambda p: p.update(size=p["size"] - 1), "declared size"),
+        (lambda p: p.update(interfaces={"lan": "x"}), "interfaces"),
+        (lambda p: p.update(size="12"), "integer"),
+    ],
+)
+def test_bad_fast_path_params_are_refused(mangle: Any, message: str) -> None:
+    root = etree.fromstring("<opnsense><filter><rule><descr>a</descr></rule></filter></opnsense>")
+    param = fastpath.build_blob(root, ["filter"]).param
+    param["interfaces"] = {}
+    mangle(param)
+    with pytest.raises(MethodFault, match=message):
+        fastpath.decode_param_for_tests(param)
+
+
+def test_a_section_holding_foreign_elements_is_refused() -> None:
+    document = b'<?xml version="1.0"?>\n<sections><section path="filter"><nat/></section></sections>'
+    with pytest.raises(MethodFault, match=r"expected <filter> elements only"):
+        fastpath.payload_from_document(document, ["filter"], None)
+    entity = b'<!DOCTYPE s [<!ENTITY e "x">]><sections><section path="filter"><filter>&e;</filter></section></sections>'
+    with pytest.raises(MethodFault, match=r"DTD|not well-formed"):
+        fastpath.payload_from_document(entity, ["filter"], None)
+
+
+# --- end to end over TLS: negotiation and byte-identical results --------------------------------------
+
+
+def revision_time_masked(path: Path) -> bytes:
+    data = path.read_bytes()
+    return re.sub(rb"(<revision>.*?<time>)[^<]*(</time>)", rb"\1T\2", data, count=1, flags=re.S)
+
+
+def new_pair(tmp_path: Path, name: str) -> Pair:
+    (tmp_path / name).mkdir()
+    return make_pair(tmp_path / name)
+
+
+def make_generated_pair(tmp_path: Path, name: str, size_mb: float = 0.3) -> Pair:
+    pair = new_pair(tmp_path, name)
+    primary, backup = load_generator().generate(size_mb, seed=5)
+    (pair.primary / "config.xml").write_bytes(primary)
+    (pair.backup / "config.xml").write_bytes(backup)
+    return pair
+
+
+def sync(pair: Pair, **options: Any) -> Any:
+    return SyncRun(ConfigStore(pair.primary), SyncItemRegistry.load(), SyncOptions(**options)).run()
+
+
+@pytest.mark.parametrize("kind", ["fixtures", "generated"])
+def test_fast_and_compatible_paths_leave_byte_identical_backups(tmp_path: Path, kind: str) -> None:
+    pairs = {}
+    for name in ("compatible", "fast"):
+        pairs[name] = make_generated_pair(tmp_path, name) if kind == "generated" else new_pair(tmp_path, name)
+    results = {}
+    for name, pair in pairs.items():
+        with running_agent(pair) as server:
+            pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+            results[name] = sync(pair, full=True, fast_path=(name == "fast"))
+    assert results["compatible"].status == "ok", results["compatible"].message
+    assert results["fast"].status == "ok", results["fast"].message
+    assert results["compatible"].transfer == "XML-RPC" and results["fast"].transfer == "fast path"
+    compatible = revision_time_masked(pairs["compatible"].backup / "config.xml")
+    fast = revision_time_masked(pairs["fast"].backup / "config.xml")
+    assert compatible == fast
+    # control: the sync really changed the backup (the comparison is not between two untouched files)
+    original = make_generated_pair(tmp_path, "original") if kind == "generated" else new_pair(tmp_path, "original")
+    assert revision_time_masked(original.backup / "config.xml") != fast
+    # and the fast path sent much less than the compatible call
+    assert results["fast"].bytes_sent < results["compatible"].bytes_sent
+
+
+def test_fast_path_only_with_an_agent_that_offers_it(tmp_path: Path) -> None:
+    pair = new_pair(tmp_path, "n")
+    with running_agent(pair, extensions=False) as server:  # stands in for a stock OPNsense backup
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        methods = PeerClient(server.url, "hasync", "demo-sync-password").call("system.listMethods")
+        assert fastpath.METHOD not in methods
+        stock = sync(pair, full=True)
+    assert stock.status == "ok" and stock.transfer == "XML-RPC"
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        caps = PeerClient(server.url, "hasync", "demo-sync-password").call("hasync.capabilities")
+        assert fastpath.FEATURE in caps["features"]
+        ours = sync(pair, full=True)
+        forced = sync(pair, full=True, fast_path=False)
+    assert ours.transfer == "fast path" and "fast path offered" in ours.steps[1].detail
+    assert forced.transfer == "XML-RPC"
+
+
+def test_the_agent_refuses_a_zip_bomb_over_the_wire(tmp_path: Path) -> None:
+    pair = new_pair(tmp_path, "n")
+    bomb = zlib.compress(b"<" * (64 * 1024 * 1024), 9)
+    param = {"format": fastpath.FORMAT, "compression": "zlib", "size": 1000, "sha256": "0" * 64,
+             "sections": ["filter"], "data": [bomb]}
+    before = (pair.backup / "config.xml").read_bytes()
+    with running_agent(pair) as server:
+        client = PeerClient(server.url, "hasync", "demo-sync-password")
+        with pytest.raises(RemoteFault, match="declared size"):
+            client.call(fastpath.METHOD, [param])
+        assert isinstance(client.call("opnsense.firmware_version"), dict)  # the agent is fine
+    assert (pair.backup / "config.xml").read_bytes() == before
+
+
+# --- the agent's config cache -------------------------------------------------------------------------
+
+
+def test_config_cache_parses_once_per_version_of_the_file(tmp_path: Path) -> None:
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 4e9)  # every file looks old
+    first = cache.root()
+    assert cache.root() is first and cache.loads == 1
+    digests, unknown = cache.digests(["users", "nope"])
+    assert unknown == ["nope"] and cache.digests(["users"])[0] == digests and cache.loads == 1
+    with store.transaction("test: change") as root:
+        root.find("system/hostname").text = "renamed"  # type: ignore[union-attr]
+    assert cache.root().findtext("system/hostname") == "renamed" and cache.loads == 2
+
+
+def test_config_cache_checks_content_while_the_file_is_young(tmp_path: Path, monkeypatch: Any) -> None:
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    # a file system whose timestamps cannot tell two writes apart: identity is size only
+    monkeypatch.setattr(fastpath, "file_key", lambda path: (0, 0, path.stat().st_size, 0, 0))
+    now = [0.5]
+    cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: now[0])
+    assert cache.root().findtext("system/hostname") == "fw-b"
+    data = store.config_path.read_bytes()
+    store.config_path.write_bytes(data.replace(b"<hostname>fw-b<", b"<hostname>fw-c<"))  # same size
+    assert cache.root().findtext("system/hostname") == "fw-c"  # seen through the content hash
+    now[0] = 10.0  # old enough now: identity alone is trusted after one more content check
+    cache.root()
+    store.config_path.write_bytes(data)
+    assert cache.root().findtext("system/hostname") == "fw-c"  # control: without the check it is not seen

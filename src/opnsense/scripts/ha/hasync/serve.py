@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import fastpath
 from .agent import AgentLimits, AgentServer, Dispatcher
 from .auth import Authenticator
 from .backup import BackupNode
@@ -105,16 +106,20 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         accept_unknown_sections=options.accept_unknown_sections,
     )
     dispatcher = node.register(Dispatcher())
+    # parsed config.xml and digests, reused while the file is unchanged (logins read it every request)
+    cache = fastpath.ConfigCache(store, registry)
     if options.extensions:
         from .extensions import Extensions
 
-        Extensions(node).register(dispatcher)
+        extensions = Extensions(node)
+        extensions.register(dispatcher)
+        fastpath.register(dispatcher, extensions.features, cache)
     context = tls_context(options, store, state_dir)
     try:
         return AgentServer(
             parse_listen(options.listen),
             dispatcher,
-            Authenticator(store.load),
+            Authenticator(cache.root),
             tls=context,
             allow_loopback=options.allow_loopback,
             limits=options.limits,

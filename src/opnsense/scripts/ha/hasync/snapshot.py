@@ -193,19 +193,24 @@ def record_after_sync(
     result: SyncResult,
     payload: dict[str, Any],
     peer: PeerClient,
+    item_ids: list[str] | None = None,
 ) -> None:
-    """Called by `SyncRun` right after the backup confirmed the merge. Never raises."""
+    """Called by `SyncRun` right after the backup confirmed the merge. Never raises.
+
+    `item_ids`: the items that were sent (default: all of `result.items`).
+    """
     from .extensions import discover
 
+    ids = list(result.items) if item_ids is None else list(item_ids)
     backup_digests: dict[str, str] = {}
     try:
         if discover(peer).has("hasync.digest"):
             backup_digests, _unknown = digestmod.parse_digest_reply(
-                peer.call("hasync.digest", [list(result.items)]))
+                peer.call("hasync.digest", [ids]))
     except HaError as exc:
         log.info("no digests from the backup after the sync: %s", exc)
     try:
-        record(conf_dir, registry, list(result.items), payload, peer.url, backup_digests)
+        record(conf_dir, registry, ids, payload, peer.url, backup_digests)
     except (HaError, OSError) as exc:
         note = f"the snapshot of this sync was not recorded ({exc}); diff/check against a stock backup will be stale"
         result.warnings.append(note)

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import versions, xmlrpc
+from . import fastpath, versions
 from .client import ClientOptions, PeerClient, TrustStore, target_url
 from .errors import HaError
 from .failover.base import FailoverBackend
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
-from .payload import payload_for_items
 from .store import ConfigStore
 
 log = logging.getLogger("hasync.sync")
@@ -54,6 +53,8 @@ class SyncOptions:
     dry_run: bool = False
     ignore_version: bool = False
     client: ClientOptions = field(default_factory=ClientOptions)
+    full: bool = False  # send every item without comparing digests first
+    fast_path: bool = True  # compressed XML sections when the backup offers them (hasync.capabilities)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class SyncResult:
     message: str = ""
     bytes_sent: int = 0
     bytes_received: int = 0
+    transfer: str = ""  # "fast path", "XML-RPC", or "none" when the digests matched
+    items_unchanged: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,8 @@ class SyncResult:
             "message": self.message,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "transfer": self.transfer,
+            "items_unchanged": self.items_unchanged,
         }
 
 
@@ -157,7 +162,9 @@ class SyncRun:
 
     def _run(self) -> None:
         result = self.result
-        root = self.store.load()
+        # config.xml is parsed only when something is sent (a no-op sync reads cached digests)
+        view = fastpath.ConfigView(self.store, state_dir(self.store.conf_dir))
+        root = view.light_root()
         settings = read_hasync(root)
         if self.options.pre_check_master and not self._all_master():
             result.skipped = "not every CARP VIP is MASTER on this node; sync skipped (pre_check_master)"
@@ -176,19 +183,14 @@ class SyncRun:
             raise HaError("no sync items selected: hasync.syncitems is empty (choose items in System > "
                           "High Availability, or pass --items)")
         result.items = list(item_ids)
-        payload: dict[str, Any] = {}
-
-        def build() -> str:
-            payload.update(payload_for_items(root, self.registry, item_ids))
-            result.sections = list(payload)
-            return f"{len(item_ids)} items, sections {', '.join(payload) or '(none)'}"
-
-        self._step("build payload", build)
+        plan = fastpath.SyncPlan(view, self.registry, item_ids, full=self.options.full,
+                                 fast=self.options.fast_path)
+        self._step("build payload", plan.prepare)
         peer = peer_from_settings(self.store.conf_dir, root, settings, self.options.client)
         result.target = peer.url
         self.username = peer.username
         try:
-            self._talk(peer, payload)
+            self._talk(peer, plan)
         finally:
             result.bytes_sent, result.bytes_received = peer.bytes_sent, peer.bytes_received
 
@@ -199,11 +201,11 @@ class SyncRun:
         states = self.failover.vip_states()
         return all(state.status == "MASTER" for state in states)
 
-    def _talk(self, peer: PeerClient, payload: dict[str, Any]) -> None:
+    def _talk(self, peer: PeerClient, plan: fastpath.SyncPlan) -> None:
         result = self.result
 
         def probe() -> str:
-            remote = versions.firmware_version_of(peer.call("opnsense.firmware_version"))
+            remote = versions.firmware_version_of(plan.probe(peer))
             local = versions.local_versions(self.store.conf_dir)["firmware"]["version"]
             result.local_version, result.remote_version = local, remote
             verdict = versions.compare(local, remote)
@@ -215,25 +217,31 @@ class SyncRun:
             if verdict != "equal":
                 result.warnings.append(f"backup runs {remote}, this node {local}")
                 log.warning("version skew: backup runs %s, this node %s", remote, local)
-            return f"backup {remote}, local {local}"
+            note = plan.probe_note()
+            return f"backup {remote}, local {local}" + (f"; {note}" if note else "")
 
         self._step("firmware_version", probe)
+        result.items_unchanged = list(plan.unchanged)
+        result.sections = plan.top_keys()
+        if not plan.send_ids:  # digest-first: the backup already holds what we would send
+            result.transfer = "none"
+            self._step("nothing to sync", plan.nothing)
+            plan.record_unchanged(peer, result.warnings)
+            if self.options.restart_services and not self.options.dry_run:
+                restart_all(peer, self, result)
+            return
         if self.options.dry_run:
-            size = len(xmlrpc.dumps_request("opnsense.restore_config_section", [payload]))
-            self._step("dry run", lambda: f"would send {size} bytes; nothing sent")
+            self._step("dry run", plan.dry_run)
             return
 
-        def restore() -> str:
-            reply = peer.call("opnsense.restore_config_section", [payload])
-            if reply is not True:
-                raise HaError(f"backup did not confirm the merge (answered {str(reply)[:100]!r})")
-            return "merged"
-
-        self._step("restore_config_section", restore)
+        self._step("restore_config_section", lambda: plan.send(peer))
+        result.transfer = plan.transfer
+        result.sections = plan.top_keys()
         from . import snapshot  # late import: snapshot builds on this module
 
-        snapshot.record_after_sync(self.store.conf_dir, self.registry, result, payload, peer)
-        log.info("Merged %s config sections to %s", ", ".join(payload), peer.peer_key)
+        snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
+                                   item_ids=plan.record_ids)
+        log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
         self._step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
         if self.options.restart_services:
             restart_all(peer, self, result)

@@ -23,6 +23,10 @@ def register(subparsers: Any) -> None:
                       help="only sync when every local CARP VIP is MASTER (for cron)")
     sync.add_argument("--dry-run", action="store_true", help="probe the backup and build the payload, send nothing")
     sync.add_argument("--ignore-version", action="store_true", help="sync despite a major/minor version skew")
+    sync.add_argument("--full", action="store_true",
+                      help="send every selected item (default: only items whose digests differ from the backup's)")
+    sync.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                      help="always use OPNsense's XML-RPC call, even when the backup offers the fast path")
     sync.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_client_options(sync)
     sync.set_defaults(func=run_sync)
@@ -48,6 +52,8 @@ def run_sync(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         ignore_version=args.ignore_version,
         client=client_options(args, ClientOptions()),
+        full=args.full,
+        fast_path=args.fast_path,
     )
     run = SyncRun(ConfigStore(args.conf_dir), registry, options,
                   failover=failover_backend(args.conf_dir) if args.pre_check_master else None,

@@ -1,0 +1,897 @@
+"""The fast path between two opnsense-ha nodes: compressed XML subtrees instead of XML-RPC structs.
+
+Why: the compatible `opnsense.restore_config_section` call carries the payload as nested XML-RPC
+structs, about twice the size of the config, and both ends walk every value in Python (PHP's
+array form, then IXR markup, then back). Between two agents of ours the primary can send what it
+already has, the config's own XML, compressed. Stock OPNsense peers never see this: the client
+uses it only when the backup's `hasync.capabilities` lists the feature `FEATURE`.
+
+Wire form (`METHOD`, one struct param):
+
+* ``format`` = `FORMAT`, ``compression`` = ``"zlib"``, ``size`` (inflated bytes) and ``sha256``
+  of the inflated document;
+* ``sections``: the dotted section paths, in the order the payload would list them;
+* ``interfaces`` (only when a ``dhcpd`` section travels): ``{if: {ipaddr, subnet}}`` of the
+  primary, the only input of the DHCP failover rewrite that is not in the sections themselves;
+* ``data``: the zlib stream as ``<base64>`` chunks of at most `CHUNK` bytes (libxml2 refuses text
+  nodes over 10 MB without its "huge" mode, which we keep off).
+
+The inflated document is ``<sections><section path="a.b">ELEMENTS</section>...</sections>``, the
+elements being the primary's subtrees at each path *before* any payload transform, or
+``<section path="a.b" missing="1"/>`` for a path the primary's toArray form does not have.
+
+Identical results by construction: the agent rebuilds the very payload the compatible path would
+deliver, with the same functions (`tree.element_to_value` on the same elements, payload's VIP,
+nosync and DHCP rules, in the same order), applies what the IXR round trip itself does to values
+(XML line-end normalisation turns CR into LF; an empty struct travels as an empty array), and
+hands the result to the handler registered for `opnsense.restore_config_section`: the same merge
+engine, lock, revision text, history write and reconfiguration. `tests/test_fastpath.py` proves
+payload equality on random trees and byte-identical merged configs end to end.
+
+Bounded: the inflated size is declared up front, must not exceed `MAX_INFLATED`, and inflation
+stops one byte past the declared size (a zip bomb costs at most the declared size); the
+document is parsed with `xmlsafe` (no DTD, no entities, depth limit).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from lxml import etree
+
+from . import xmlrpc, xmlsafe
+from .agent import CallContext, Dispatcher, Handler, MethodFault
+from .errors import ConfigError, HaError, RemoteFault
+from .items import SyncItemRegistry
+from .payload import (
+    VIRTUALIP,
+    _rewrite_dhcp_failover,
+    _vip_section,
+    check_sections,
+    payload_for_items,
+    php_empty,
+    remove_nosync,
+)
+from .store import ConfigStore, parse_config_bytes
+from .tree import LIST_TAGS, element_to_value
+
+log = logging.getLogger("hasync.fastpath")
+
+METHOD = "hasync.restore_sections_xml"
+FEATURE = "restore_sections_xml"
+FORMAT = "hasync-sections-1"
+COMPRESSION = "zlib"
+CHUNK = 6 * 1024 * 1024  # raw bytes per <base64> param item: 8 MiB of base64, under libxml2's 10 MB
+MAX_INFLATED = 768 * 1024 * 1024
+COMPRESS_LEVEL = 1  # loopback and LAN links are fast; level 1 gets ~4x on configs at ~100 MB/s
+RESTORE_METHOD = "opnsense.restore_config_section"
+DHCPD = "dhcpd"
+
+
+# --- the primary: sections as XML --------------------------------------------------------------
+
+
+def locate(root: etree._Element, dotted: str) -> list[etree._Element] | None:
+    """The elements whose toArray value sits at `dotted`, or None when the path is missing.
+
+    `payload._copy_section` walks PHP's array form: every level above the last must be a dict
+    there, which toArray makes only of a single element with children whose tag is not a list
+    tag; the last level is the whole group of children with that tag.
+    """
+    parts = dotted.split(".")
+    node = root
+    for part in parts[:-1]:
+        if part in LIST_TAGS:
+            return None
+        group = [child for child in node if child.tag == part]
+        if len(group) != 1 or len(group[0]) == 0:
+            return None
+        node = group[0]
+    group = [child for child in node if child.tag == parts[-1]]
+    return group or None
+
+
+@dataclass
+class SectionsBlob:
+    """What the primary sends: the struct for `METHOD` plus numbers for the report."""
+
+    param: dict[str, Any]
+    sections: list[str]
+    size: int
+    compressed: int
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed / self.size if self.size else 1.0
+
+
+def _interfaces_for_dhcp(root: etree._Element) -> dict[str, dict[str, str]]:
+    """The primary's `interfaces` reduced to what `payload.own_address_facing` reads."""
+    holder = etree.Element("holder")
+    for node in root:
+        if node.tag == "interfaces":
+            holder.append(copy.deepcopy(node))
+    value = element_to_value(holder).get("interfaces")
+    out: dict[str, dict[str, str]] = {}
+    if isinstance(value, dict):
+        for name, conf in value.items():
+            if isinstance(conf, dict) and isinstance(conf.get("ipaddr"), str) and isinstance(conf.get("subnet"), str):
+                out[str(name)] = {"ipaddr": conf["ipaddr"], "subnet": conf["subnet"]}
+    return out
+
+
+def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPRESS_LEVEL) -> SectionsBlob:
+    """Serialise and compress the subtrees at `sections` of the primary's config tree.
+
+    Section paths are checked exactly as for the compatible payload (node-specific ones are
+    refused). The document is compressed as it is produced, so the primary never holds the
+    inflated document and the compressed one at once.
+    """
+    wanted = check_sections(sections)
+    compressor = zlib.compressobj(level)
+    digest = hashlib.sha256()
+    out: list[bytes] = []
+    size = 0
+
+    def put(data: bytes) -> None:
+        nonlocal size
+        digest.update(data)
+        size += len(data)
+        piece = compressor.compress(data)
+        if piece:
+            out.append(piece)
+
+    put(b'<?xml version="1.0" encoding="UTF-8"?>\n<sections>')
+    for dotted in wanted:
+        group = locate(root, dotted)
+        if group is None:
+            put(f"<section path={quoteattr(dotted)} missing=\"1\"/>".encode())
+            continue
+        put(f"<section path={quoteattr(dotted)}>".encode())
+        for node in group:
+            put(etree.tostring(node, encoding="utf-8", with_tail=False))
+        put(b"</section>")
+    put(b"</sections>")
+    out.append(compressor.flush())
+    stream = b"".join(out)
+    param: dict[str, Any] = {
+        "format": FORMAT,
+        "compression": COMPRESSION,
+        "size": size,
+        "sha256": digest.hexdigest(),
+        "sections": list(wanted),
+        "data": [stream[i : i + CHUNK] for i in range(0, len(stream), CHUNK)] or [b""],
+    }
+    if any(dotted.split(".")[0] == DHCPD for dotted in wanted):
+        param["interfaces"] = _interfaces_for_dhcp(root)
+    return SectionsBlob(param, list(wanted), size, len(stream))
+
+
+# --- the backup: from the blob back to the payload ---------------------------------------------
+
+
+def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -> bytes:
+    """Inflate a zlib stream, never producing more than `declared` (≤ `limit`) bytes."""
+    if declared < 0 or declared > limit:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: declared size {declared} is over the {limit} allowed")
+    inflater = zlib.decompressobj()
+    pieces: list[bytes] = []
+    total = 0
+    try:
+        for chunk in chunks:
+            data = chunk
+            while data:
+                piece = inflater.decompress(data, declared - total + 1)
+                total += len(piece)
+                if total > declared:
+                    raise MethodFault(xmlrpc.INVALID_PARAMS,
+                                      f"{METHOD}: the data inflates past its declared size of {declared} bytes")
+                pieces.append(piece)
+                data = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+            if inflater.eof and (data or inflater.unused_data):
+                raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: trailing data after the compressed stream")
+        if not inflater.eof:
+            raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: the compressed stream is truncated")
+    except zlib.error as exc:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: corrupt compressed data ({exc})") from None
+    if total != declared:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: inflated to {total} bytes, {declared} declared")
+    return b"".join(pieces)
+
+
+def _ixr_roundtrip_fix(value: Any) -> Any:
+    """What the IXR round trip does to a toArray value beyond line ends: an empty struct
+    (from an element holding only comments) travels as an empty array."""
+    if isinstance(value, dict):
+        if not value:
+            return []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                value[key] = _ixr_roundtrip_fix(item)
+        return value
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                value[index] = _ixr_roundtrip_fix(item)
+    return value
+
+
+def _place(payload: dict[str, Any], dotted: str, value: Any, missing: bool) -> None:
+    """`payload._copy_section`'s placement, given whether the primary had the path."""
+    parts = dotted.split(".")
+    target = payload
+    for part in parts[:-1]:
+        existing = target.get(part)
+        if isinstance(existing, dict):
+            target = existing
+        elif existing is None or php_empty(existing):
+            target[part] = {}
+            target = target[part]
+        else:
+            return  # an earlier, broader section already copied this whole subtree
+    target[parts[-1]] = [] if missing else value
+
+
+def _fault(text: str) -> MethodFault:
+    return MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: {text}")
+
+
+def _check_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[str, Any] | None]:
+    if not isinstance(argument, dict):
+        raise _fault("expects one struct")
+    if argument.get("format") != FORMAT:
+        raise _fault(f"unknown format {str(argument.get('format'))[:40]!r}, this agent reads {FORMAT!r}")
+    if argument.get("compression") != COMPRESSION:
+        raise _fault(f"unknown compression {str(argument.get('compression'))[:20]!r}")
+    sections = argument.get("sections")
+    if not isinstance(sections, list) or not sections or not all(isinstance(s, str) for s in sections):
+        raise _fault("'sections' must be a non-empty array of dotted paths")
+    data = argument.get("data")
+    if isinstance(data, bytes):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(chunk, bytes) for chunk in data):
+        raise _fault("'data' must be an array of base64 chunks")
+    size = argument.get("size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise _fault("'size' must be an integer")
+    sha = argument.get("sha256")
+    if not isinstance(sha, str):
+        raise _fault("'sha256' must be a hex string")
+    interfaces = argument.get("interfaces")
+    if interfaces is not None:
+        interfaces = interfaces if interfaces != [] else {}
+        if not isinstance(interfaces, dict) or not all(
+            isinstance(conf, dict) and isinstance(conf.get("ipaddr"), str) and isinstance(conf.get("subnet"), str)
+            for conf in interfaces.values()
+        ):
+            raise _fault("'interfaces' must map interface names to {ipaddr, subnet}")
+    return sections, data, size, sha, interfaces
+
+
+def payload_from_document(
+    document: bytes, sections: Sequence[str], interfaces: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Rebuild the compatible payload from the inflated sections document (see module docstring)."""
+    # XML-RPC carries CR raw and the receiving parser turns CR LF and lone CR into LF; lxml wrote
+    # every CR of a value as a character reference (a LF too, inside attribute values), which is
+    # the only way one can be in here. LF goes back as a reference: raw, an attribute would
+    # read it as a space.
+    if b"&#13;" in document:
+        document = (document.replace(b"&#13;&#10;", b"&#10;").replace(b"&#13;\n", b"\n")
+                    .replace(b"&#13;", b"&#10;"))
+    try:
+        top = xmlsafe.parse_bytes(document, remove_blank_text=False)
+    except etree.XMLSyntaxError as exc:
+        raise _fault(f"the sections document is not well-formed ({exc})") from None
+    except xmlsafe.UnsafeXmlError as exc:
+        raise _fault(str(exc)) from None
+    holders = [node for node in top if isinstance(node.tag, str)]
+    if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
+            any(h.tag != "section" for h in holders):
+        raise _fault("the sections document does not list the announced sections")
+    payload: dict[str, Any] = {}
+    for holder in holders:
+        dotted = str(holder.get("path"))
+        last = dotted.split(".")[-1]
+        missing = holder.get("missing") == "1"
+        if not missing and (len(holder) == 0 or any(isinstance(c.tag, str) and c.tag != last for c in holder)):
+            raise _fault(f"section {dotted}: expected <{last}> elements only")
+        holder.attrib.clear()  # the holder's own attributes are not part of the value
+        value = None if missing else element_to_value(holder).get(last)
+        if dotted == VIRTUALIP:
+            payload[VIRTUALIP] = _vip_section({} if missing else {VIRTUALIP: value})
+        else:
+            _place(payload, dotted, value, missing)
+        holder.clear()  # free the subtree as soon as it is converted
+    remove_nosync(payload)
+    if DHCPD in payload:
+        _rewrite_dhcp_failover(payload, {"interfaces": interfaces or {}})
+    # toArray makes an empty struct only of an element holding nothing but comments or PIs, and
+    # remove_nosync can empty one; IXR sends an empty struct as an empty array. Walk only then.
+    start = document.find(b"?>") + 2
+    if any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?")):
+        fixed: Any = _ixr_roundtrip_fix(payload)
+        return fixed
+    return payload
+
+
+@dataclass
+class FastPathAgent:
+    """The backup side of the fast path: decode, rebuild the payload, hand it to the merge."""
+
+    dispatcher: Dispatcher
+    max_inflated: int = MAX_INFLATED
+    features: set[str] = field(default_factory=lambda: {FEATURE})
+
+    def register(self) -> None:
+        self.dispatcher.register(METHOD, self.restore_sections_xml)
+
+    def restore_sections_xml(self, argument: Any, context: CallContext) -> Any:
+        sections, chunks, size, sha, interfaces = _check_param(argument)
+        document = inflate(chunks, size, self.max_inflated)
+        if hashlib.sha256(document).hexdigest() != sha.lower():
+            raise _fault("the inflated document does not match its sha256")
+        try:
+            payload = payload_from_document(document, sections, interfaces)
+        except HaError as exc:  # e.g. the DHCP failover rewrite finds no interface facing the peer
+            raise _fault(str(exc)) from None
+        del document
+        merge = self.dispatcher.methods.get(RESTORE_METHOD)
+        if merge is None:
+            raise _fault(f"this agent has no {RESTORE_METHOD}")
+        log.debug("fast path: %d sections, %d bytes inflated, from %s@%s", len(sections), size,
+                  context.username, context.remote_addr)
+        return merge(payload, context)
+
+
+# --- the primary: talking to a peer -------------------------------------------------------------
+
+
+@dataclass
+class PeerProbe:
+    """What one round trip told us about the backup."""
+
+    firmware: Any
+    capabilities: dict[str, Any] | None = None  # None: no hasync.capabilities (stock OPNsense)
+    digests: Any = None  # the raw hasync.digest reply, when asked for and offered
+    note: str = ""
+
+    @property
+    def fast_path(self) -> bool:
+        features = (self.capabilities or {}).get("features") or []
+        return isinstance(features, list) and FEATURE in features
+
+
+def _multicall_value(entry: Any) -> tuple[bool, Any]:
+    if isinstance(entry, list) and len(entry) == 1:
+        return True, entry[0]
+    return False, entry
+
+
+def probe(peer: Any, digest_items: Sequence[str] | None = None) -> PeerProbe:
+    """firmware_version, hasync.capabilities and (optionally) hasync.digest in one request.
+
+    One `system.multicall` saves two TLS handshakes and two logins (a bcrypt verify each) per
+    sync. A peer without multicall gets the calls one by one; a peer without `hasync.*`
+    answers those with faults, which simply mean "stock backup".
+    """
+    calls: list[dict[str, Any]] = [
+        {"methodName": "opnsense.firmware_version", "params": []},
+        {"methodName": "hasync.capabilities", "params": []},
+    ]
+    if digest_items is not None:
+        calls.append({"methodName": "hasync.digest", "params": [list(digest_items)]})
+    try:
+        replies = peer.call("system.multicall", [calls])
+    except RemoteFault:
+        replies = None
+    if not isinstance(replies, list) or len(replies) != len(calls):
+        return _probe_one_by_one(peer, digest_items)
+    ok, firmware = _multicall_value(replies[0])
+    if not ok:
+        # the real error text, from the real call
+        firmware = peer.call("opnsense.firmware_version")
+    result = PeerProbe(firmware)
+    ok, caps = _multicall_value(replies[1])
+    if ok and isinstance(caps, dict):
+        result.capabilities = caps
+        if digest_items is not None:
+            ok, digests = _multicall_value(replies[2])
+            result.digests = digests if ok else None
+    return result
+
+
+def _probe_one_by_one(peer: Any, digest_items: Sequence[str] | None) -> PeerProbe:
+    result = PeerProbe(peer.call("opnsense.firmware_version"), note="the backup has no system.multicall")
+    try:
+        caps = peer.call("hasync.capabilities")
+    except RemoteFault:
+        return result
+    if isinstance(caps, dict):
+        result.capabilities = caps
+        if digest_items is not None:
+            try:
+                result.digests = peer.call("hasync.digest", [list(digest_items)])
+            except RemoteFault:
+                result.digests = None
+    return result
+
+
+def send_blob(peer: Any, blob: SectionsBlob) -> Any:
+    return peer.call(METHOD, [blob.param])
+
+
+Describe = Callable[[SectionsBlob], str]
+
+
+def describe(blob: SectionsBlob) -> str:
+    return (f"fast path: {len(blob.sections)} sections, {blob.size} bytes of XML sent as {blob.compressed} "
+            f"({blob.ratio:.0%})")
+
+
+def decode_param_for_tests(param: dict[str, Any]) -> dict[str, Any]:
+    """The payload the agent would merge for `param` (no merge): used by the equivalence tests."""
+    sections, chunks, size, sha, interfaces = _check_param(param)
+    document = inflate(chunks, size)
+    if hashlib.sha256(document).hexdigest() != sha:
+        raise _fault("sha256 mismatch")
+    return payload_from_document(document, sections, interfaces)
+
+
+
+
+# --- derived data of config.xml, valid while the file is unchanged -------------------------------
+
+RACY_WINDOW = 1.0  # seconds: a file modified this recently is also checked by content
+
+
+def file_key(path: Path) -> tuple[int, ...] | None:
+    """The identity of one version of a file: device, inode, size, mtime and ctime (ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ConfigCache:
+    """The agent's parsed config.xml and per-item digests, for read-only use between writes.
+
+    Why: every request authenticates against config.xml, and `hasync.digest`/`capabilities`
+    read it too. Parsing a 50 MB config costs ~0.6 s and digesting it seconds, which would make
+    every no-op sync as slow as a full one. An entry is valid while the file's identity (device,
+    inode, size, mtime, ctime) is unchanged; an entry taken while the file was younger than
+    `RACY_WINDOW` is also checked by content hash until the file is older (two writes in one
+    timestamp tick with the same size would look unchanged otherwise; git's "racily clean").
+    Callers must not modify the tree `root()` returns.
+    """
+
+    def __init__(self, store: ConfigStore, registry: SyncItemRegistry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._key: tuple[int, ...] | None = None
+        self._content: str | None = None  # sha256 of the bytes, while the entry is racy
+        self._root: etree._Element | None = None
+        self._digests: dict[str, str] = {}
+        self._capabilities: dict[str, Any] | None = None
+        self.loads = 0  # how often config.xml was parsed (tests use it)
+
+    def _valid(self) -> bool:
+        key = file_key(self.store.config_path)
+        if key is None or key != self._key:
+            return False
+        if self._content is not None:
+            if hashlib.sha256(self.store.read_bytes()).hexdigest() != self._content:
+                return False
+            if self.clock() - key[3] / 1e9 > RACY_WINDOW:
+                self._content = None  # any later write gets a later mtime
+        return True
+
+    def _refresh(self) -> None:
+        """Parse the current file into a new entry (the file is read once, under its lock)."""
+        self.drop()
+        before = file_key(self.store.config_path)
+        data = self.store.read_bytes()
+        try:
+            root = parse_config_bytes(data, str(self.store.config_path))
+        except ConfigError:
+            # broken: the store's own load restores from history; nothing is cached then
+            self._root = self.store.load()
+            self.loads += 1
+            return
+        self.loads += 1
+        after = file_key(self.store.config_path)
+        self._root = root
+        if before is not None and before == after:
+            self._key = before
+            young = self.clock() - before[3] / 1e9 <= RACY_WINDOW
+            self._content = hashlib.sha256(data).hexdigest() if young else None
+
+    def drop(self) -> None:
+        with self._lock:
+            self._key, self._content, self._root = None, None, None
+            self._digests, self._capabilities = {}, None
+
+    def root(self) -> etree._Element:
+        """The config tree as of now (for reading only)."""
+        with self._lock:
+            if self._root is None or not self._valid():
+                self._refresh()
+            assert self._root is not None
+            return self._root
+
+    def digests(self, item_ids: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+        """Per-item canonical digests (`digest.digest` of `digest.backup_item_values`) and unknown ids."""
+        from . import digest as digestmod
+
+        with self._lock:
+            root = self.root()
+            wanted = [i for i in item_ids if i in self.registry and i not in self._digests]
+            if wanted:
+                values, _ = digestmod.backup_item_values(root, self.registry, wanted)
+                fresh = digestmod.item_digests(values)
+                if self._key is not None:
+                    self._digests.update(fresh)
+            else:
+                fresh = {}
+            unknown = list(dict.fromkeys(i for i in item_ids if i not in self.registry))
+            known = {i: self._digests.get(i) or fresh[i] for i in dict.fromkeys(item_ids) if i in self.registry}
+            return known, unknown
+
+    def capabilities(self, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        with self._lock:
+            self.root()  # validates the entry
+            if self._capabilities is None or self._key is None:
+                reply = compute()
+                if self._key is None:
+                    return reply
+                self._capabilities = reply
+            return self._capabilities
+
+
+def _wrap_merge(handler: Handler, cache: ConfigCache) -> Handler:
+    """Free the cached tree before a merge (it is stale afterwards and would double the peak)."""
+
+    def merge(argument: Any, context: CallContext) -> Any:
+        cache.drop()
+        return handler(argument, context)
+
+    return merge
+
+
+def register(dispatcher: Dispatcher, features: set[str] | None = None,
+             cache: ConfigCache | None = None) -> FastPathAgent:
+    """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FEATURE`.
+
+    With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
+    same replies, no re-parse and no re-digest while config.xml is unchanged), and the merge
+    methods free it first.
+    """
+    agent = FastPathAgent(dispatcher)
+    agent.register()
+    if features is not None:
+        features.add(FEATURE)
+    if cache is not None:
+        from .extensions import _item_ids
+
+        if "hasync.digest" in dispatcher.methods:
+            def digest(argument: Any, _context: CallContext) -> dict[str, Any]:
+                from . import digest as digestmod
+
+                ids = _item_ids(argument, "hasync.digest") or cache.registry.ids()
+                known, unknown = cache.digests(ids)
+                return digestmod.digest_reply(known, unknown)
+
+            dispatcher.register("hasync.digest", digest)
+        original_caps = dispatcher.methods.get("hasync.capabilities")
+        if original_caps is not None:
+            def capabilities(argument: Any, context: CallContext) -> Any:
+                return cache.capabilities(lambda: original_caps(argument, context))
+
+            dispatcher.register("hasync.capabilities", capabilities)
+        for name in (RESTORE_METHOD, METHOD):
+            handler = dispatcher.methods.get(name)
+            if handler is not None and name != METHOD:
+                dispatcher.register(name, _wrap_merge(handler, cache))
+    return agent
+
+
+# --- the primary: what to send ------------------------------------------------------------------
+
+VIEW_CACHE = "sync-digests.json"
+VIEW_FORMAT = 1
+
+
+class ConfigView:
+    """The primary's config.xml for one sync, parsed only when something must be sent.
+
+    A no-op sync needs the sync settings and this node's per-item digests, both functions of the
+    file's bytes. Both are kept in `<conf-dir>/ha-state/sync-digests.json` under the SHA-256 of
+    the bytes (no secret is stored: the `hasync` section, which holds the sync password, is
+    re-read from its recorded byte range of the very same bytes). Hashing 50 MB takes ~30 ms;
+    parsing it ~600 ms and digesting it seconds.
+    """
+
+    def __init__(self, store: ConfigStore, state: Path) -> None:
+        self.store = store
+        self.path = state / VIEW_CACHE
+        self.data = store.read_bytes()
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self._root: etree._Element | None = None
+        self._cache = self._read_cache()
+        self.parsed = False
+
+    def _read_cache(self) -> dict[str, Any]:
+        try:
+            cached = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(cached, dict) or cached.get("format") != VIEW_FORMAT or cached.get("sha256") != self.sha256:
+            return {}
+        return cached
+
+    @property
+    def root(self) -> etree._Element:
+        if self._root is None:
+            self._root = parse_config_bytes(self.data, str(self.store.config_path))
+            self.parsed = True
+        return self._root
+
+    def light_root(self) -> etree._Element:
+        """A tree that answers `read_hasync` and the web GUI protocol/port like the real one."""
+        span = self._cache.get("hasync_span")
+        webgui = self._cache.get("webgui")
+        if isinstance(span, list) and len(span) == 2 and isinstance(webgui, list) and len(webgui) == 2:
+            try:
+                hasync = xmlsafe.parse_bytes(self.data[span[0] : span[1]], remove_blank_text=True)
+            except (etree.XMLSyntaxError, xmlsafe.UnsafeXmlError):
+                hasync = None
+            if hasync is not None and hasync.tag == "hasync":
+                light = etree.Element("opnsense")
+                gui = etree.SubElement(etree.SubElement(light, "system"), "webgui")
+                for tag, text in zip(("protocol", "port"), webgui, strict=True):
+                    if text is not None:
+                        etree.SubElement(gui, tag).text = text
+                light.append(hasync)
+                return light
+        return self.root
+
+    def _locate_hasync(self) -> list[int] | None:
+        """The byte range of the first top-level <hasync>, verified against the parsed tree."""
+        node = self.root.find("hasync")
+        if node is None:
+            return None
+        expected = etree.tostring(node, with_tail=False)
+        start = self.data.find(b"<hasync")
+        while start >= 0:
+            end = self.data.find(b"</hasync>", start)
+            if end < 0:
+                return None
+            end += len(b"</hasync>")
+            try:
+                fragment = xmlsafe.parse_bytes(self.data[start:end], remove_blank_text=True)
+            except (etree.XMLSyntaxError, xmlsafe.UnsafeXmlError):
+                fragment = None
+            if fragment is not None and etree.tostring(fragment) == expected:
+                return [start, end]
+            start = self.data.find(b"<hasync", start + 1)
+        return None
+
+    def digests(self, registry: SyncItemRegistry, item_ids: Sequence[str]) -> tuple[dict[str, str], bool]:
+        """This node's digest of what it would send, per item; and whether they came from the cache."""
+        from . import __version__
+        from . import digest as digestmod
+
+        signature = hashlib.sha256(json.dumps(
+            [__version__, digestmod.CANONICAL_FORM, [(i, registry.get(i).sections) for i in item_ids]],
+        ).encode()).hexdigest()
+        cached = self._cache.get("digests", {}).get(signature)
+        if isinstance(cached, dict) and set(cached) == set(item_ids):
+            return {str(k): str(v) for k, v in cached.items()}, True
+        values = digestmod.primary_item_values(self.root, registry, item_ids)
+        digests = digestmod.item_digests(values)
+        self._store(signature, digests)
+        return digests, False
+
+    def _store(self, signature: str, digests: dict[str, str]) -> None:
+        root = self.root
+        entry: dict[str, Any] = dict(self._cache) if self._cache else {"format": VIEW_FORMAT, "sha256": self.sha256}
+        entry.setdefault("digests", {})
+        entry["digests"] = {**entry["digests"], signature: digests}
+        entry["webgui"] = [root.findtext("system/webgui/protocol"), root.findtext("system/webgui/port")]
+        span = self._locate_hasync()
+        if span is not None:
+            entry["hasync_span"] = span
+        self._cache = entry
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            temp.write_text(json.dumps(entry))
+            os.chmod(temp, 0o600)
+            os.replace(temp, self.path)
+        except OSError as exc:  # a cache: never fail a sync over it
+            log.info("could not store %s: %s", self.path, exc)
+
+
+class SyncPlan:
+    """One sync's decisions: which items differ (digests first), and how to send them.
+
+    * `prepare` (the "build payload" step): this node's per-item digests, from `ConfigView`'s
+      cache when config.xml is unchanged; nothing with ``--full``.
+    * `probe` (the "firmware_version" step): one request for the backup's firmware version,
+      capabilities and digests; then `send_ids` are the items whose digests differ. An item also
+      counts as unchanged when neither side changed since our last push, which the snapshot
+      tells (the backup may keep node-local keys inside merged containers, so its digest of such
+      an item never equals ours even right after a sync).
+    * `send` (the "restore_config_section" step): the fast path when the backup offers it, else
+      the compatible call, with only the sections of `send_ids`.
+    """
+
+    def __init__(self, view: ConfigView, registry: SyncItemRegistry, item_ids: Sequence[str], *,
+                 full: bool = False, fast: bool = True) -> None:
+        self.view = view
+        self.registry = registry
+        self.item_ids = list(item_ids)
+        self.full = full
+        self.fast = fast
+        self.ours: dict[str, str] | None = None
+        self.peer_probe: PeerProbe | None = None
+        self.send_ids: list[str] = list(item_ids)
+        self.unchanged: list[str] = []
+        self.transfer = ""  # "fast path" or "XML-RPC" once sent
+        self.note = ""
+        self.theirs: dict[str, str] = {}
+        self.stale: list[str] = []
+        self._payload: dict[str, Any] | None = None
+        self._record_payload: dict[str, Any] | None = None
+        self.blob: SectionsBlob | None = None
+
+    def prepare(self) -> str:
+        if self.full:
+            return f"{len(self.item_ids)} items, all sent (--full)"
+        self.ours, cached = self.view.digests(self.registry, self.item_ids)
+        return f"{len(self.item_ids)} items, digests {'unchanged since the last run' if cached else 'computed'}"
+
+    def probe(self, peer: Any) -> Any:
+        """The backup's firmware_version reply; decides `send_ids` on the way."""
+        self.peer_probe = probe(peer, None if self.ours is None else self.item_ids)
+        self._decide(peer)
+        return self.peer_probe.firmware
+
+    def _decide(self, peer: Any) -> None:
+        from . import digest as digestmod
+        from . import snapshot
+
+        assert self.peer_probe is not None
+        if self.ours is None:
+            return
+        if self.peer_probe.digests is None:
+            self.note = "the backup offers no hasync.digest: every item is sent"
+            return
+        try:
+            theirs, _unknown = digestmod.parse_digest_reply(self.peer_probe.digests)
+        except HaError as exc:
+            self.note = f"every item is sent: {exc}"
+            return
+        try:
+            last = snapshot.load(self.view.store.conf_dir)
+        except HaError:
+            last = None
+        pushed = last.items if last is not None and last.target == peer.url else {}
+        send, same = [], []
+        self.theirs = theirs
+        for item_id in self.item_ids:
+            ours, current = self.ours.get(item_id), theirs.get(item_id)
+            record = pushed.get(item_id)
+            if ours is not None and (current == ours or (
+                    record is not None and record.digest == ours and record.backup_digest
+                    and record.backup_digest == current)):
+                same.append(item_id)
+            else:
+                send.append(item_id)
+        self.send_ids, self.unchanged = send, same
+        # unchanged items the snapshot does not describe yet (first sync, another target, older
+        # opnsense-ha): recorded along with this sync so diff/check have a basis for them too
+        self.stale = [i for i in same if i not in pushed or pushed[i].digest != self.ours.get(i)]
+
+    def probe_note(self) -> str:
+        parts = []
+        if self.peer_probe is not None:
+            parts.append("fast path offered" if self.peer_probe.fast_path else "no fast path (compatible XML-RPC)")
+        if self.ours is not None and self.peer_probe is not None and self.peer_probe.digests is not None:
+            parts.append(f"{len(self.send_ids)} of {len(self.item_ids)} items differ")
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
+
+    @property
+    def sections(self) -> list[str]:
+        return self.registry.sections_for(self.send_ids)
+
+    @property
+    def uses_fast_path(self) -> bool:
+        return self.fast and self.peer_probe is not None and self.peer_probe.fast_path
+
+    def payload(self) -> dict[str, Any]:
+        """The compatible payload of `send_ids` (sent on the compatible path; kept in the snapshot)."""
+        if self._payload is None:
+            self._payload = payload_for_items(self.view.root, self.registry, self.send_ids)
+        return self._payload
+
+    @property
+    def record_ids(self) -> list[str]:
+        """The items the snapshot records after this sync: those sent and the stale unchanged ones."""
+        return [i for i in self.item_ids if i in self.send_ids or i in self.stale]
+
+    def record_payload(self) -> dict[str, Any]:
+        if not self.stale:
+            return self.payload()
+        if self._record_payload is None:
+            self._record_payload = payload_for_items(self.view.root, self.registry, self.record_ids)
+        return self._record_payload
+
+    def record_unchanged(self, peer: Any, warnings: list[str]) -> None:
+        """Nothing was sent: still describe stale items in the snapshot (no request needed)."""
+        from . import snapshot
+
+        if not self.stale:
+            return
+        try:
+            snapshot.record(self.view.store.conf_dir, self.registry, self.stale, self.record_payload(), peer.url,
+                            {i: self.theirs[i] for i in self.stale if i in self.theirs})
+        except (HaError, OSError) as exc:
+            warnings.append(f"the snapshot of this sync was not recorded ({exc})")
+
+    def top_keys(self) -> list[str]:
+        if self._payload is not None:
+            return list(self._payload)
+        return list(dict.fromkeys(section.split(".")[0] for section in check_sections(self.sections)))
+
+    def dry_run(self) -> str:
+        if self.uses_fast_path:
+            blob = build_blob(self.view.root, self.sections)
+            return (f"would send {len(self.send_ids)} items by the fast path, {blob.compressed} bytes "
+                    f"({blob.size} inflated); nothing sent")
+        size = len(xmlrpc.dumps_request(RESTORE_METHOD, [self.payload()]))
+        return f"would send {size} bytes; nothing sent"
+
+    def send(self, peer: Any) -> str:
+        if self.uses_fast_path:
+            self.blob = build_blob(self.view.root, self.sections)
+            # the snapshot needs the payload form; build it while the backup merges
+            worker = threading.Thread(target=self.record_payload, name="payload-for-snapshot", daemon=True)
+            worker.start()
+            try:
+                reply = send_blob(peer, self.blob)
+            finally:
+                worker.join()
+            self.transfer = "fast path"
+            detail = describe(self.blob)
+        else:
+            reply = peer.call(RESTORE_METHOD, [self.payload()])
+            self.transfer = "XML-RPC"
+            detail = "merged"
+        if reply is not True:
+            raise HaError(f"backup did not confirm the merge (answered {str(reply)[:100]!r})")
+        return detail
+
+    def nothing(self) -> str:
+        return (f"all {len(self.item_ids)} items match the backup's digests: nothing sent, the backup's config "
+                "is not touched")
