@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -182,6 +183,13 @@ class AgentServer(ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A failed handshake or a vanished peer is one log line (already written), not a traceback:
+        a port scanner must not be able to flood the log. Anything else is a bug and gets the trace."""
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, OSError)):
+            return
+        log.exception("internal error serving %s", client_address[0])
+
     @property
     def url(self) -> str:
         host, port = str(self.server_address[0]), int(self.server_address[1])
@@ -196,12 +204,19 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     server_version = "opnsense-ha"
     sys_version = ""
 
+    _watchdog: threading.Timer | None = None
+
     def setup(self) -> None:
+        # The socket timeout bounds each read; the watchdog bounds the whole phase, so a client
+        # that trickles its handshake or request head one byte at a time cannot hold a thread.
+        self._guard = threading.Lock()
         self.request.settimeout(self.server.limits.read_timeout)
+        self._arm(self.server.limits.read_timeout, "TLS handshake and request head")
         if isinstance(self.request, ssl.SSLSocket):
             try:
                 self.request.do_handshake()
             except (ssl.SSLError, OSError) as exc:
+                self._disarm()  # finish() does not run when setup() fails
                 log.info("TLS handshake with %s failed: %s", self.client_address[0], exc)
                 raise
         super().setup()
@@ -211,6 +226,35 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             super().handle()
         except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
             log.info("connection from %s dropped: %s", self.client_address[0], exc)
+
+    def finish(self) -> None:
+        self._disarm()
+        super().finish()
+
+    def _arm(self, seconds: float, phase: str) -> None:
+        """Shut the socket down if `phase` is not over within `seconds` (blocked reads return)."""
+        self._disarm()
+        timer = threading.Timer(seconds, lambda: self._expired(timer, phase, seconds))
+        timer.daemon = True
+        with self._guard:
+            self._watchdog = timer
+        timer.start()
+
+    def _disarm(self) -> None:
+        with self._guard:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+
+    def _expired(self, timer: threading.Timer, phase: str, seconds: float) -> None:
+        with self._guard:  # never act on a socket whose phase already ended (or that was closed)
+            if self._watchdog is not timer:
+                return
+            self._watchdog = None
+            log.info("closing connection from %s: %s not received within %gs",
+                     self.client_address[0], phase, seconds)
+            with contextlib.suppress(OSError):  # the plain socket's shutdown: SSLSocket's is not thread-safe
+                socket.socket.shutdown(self.request, socket.SHUT_RDWR)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.client_address[0], format % args)
@@ -224,6 +268,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
+        self._disarm()
         self._send(405, b"XML-RPC server accepts POST requests only.", "text/plain")
 
     do_PUT = do_DELETE = do_HEAD = do_GET
@@ -241,6 +286,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         if length < 0 or length > self.server.limits.max_body:
             self._send(413, f"request body over {self.server.limits.max_body} bytes".encode(), "text/plain")
             return None
+        self._arm(self.server.limits.body_deadline, "request body")
         deadline = time.monotonic() + self.server.limits.body_deadline
         chunks: list[bytes] = []
         remaining = length
@@ -253,9 +299,11 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
                 return None  # client went away
             chunks.append(chunk)
             remaining -= len(chunk)
+        self._disarm()
         return b"".join(chunks)
 
     def do_POST(self) -> None:
+        self._disarm()  # the request head is in
         if self.path.split("?")[0] != XMLRPC_PATH:
             self._send(404, b"not found", "text/plain")
             return
@@ -288,8 +336,10 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         except ValueError:
             return
         if 0 < length <= DRAIN_LIMIT:
+            self._arm(self.server.limits.body_deadline, "refused request body")
             with contextlib.suppress(OSError):
                 self.rfile.read(length)
+            self._disarm()
 
     def _dispatch(self, body: bytes, context: CallContext) -> bytes:
         try:
