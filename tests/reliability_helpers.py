@@ -238,8 +238,11 @@ def raw_request(
     timeout: float = 30.0,
     tls: ssl.SSLContext | None = None,
     content_length: int | None = None,
+    source: str | None = None,
 ) -> RawResponse:
-    """Send one request and read the reply until EOF. `content_length` may lie on purpose."""
+    """Send one request and read the reply until EOF. `content_length` may lie on purpose (-1: no
+    header). `source` binds another loopback address (127.0.0.0/8), which the agent's per-address
+    login throttle counts separately."""
     started = time.monotonic()
     head = [f"{method} {path} HTTP/1.0", "Host: 127.0.0.1", "Content-Type: text/xml"]
     if content_length is None:
@@ -248,7 +251,8 @@ def raw_request(
         head.append(f"Content-Length: {content_length}")
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
     try:
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
