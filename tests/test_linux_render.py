@@ -421,16 +421,30 @@ def test_a_superseded_transition_is_skipped(tmp_path: Path) -> None:
 
 @needs_sh
 def test_instance_records_state_and_runs_carp_hooks(tmp_path: Path) -> None:
-    rig = NotifyRig(tmp_path)
+    rig = NotifyRig(tmp_path, commit_timeout=1)  # hooks wait at most ~4 s for the group
     rig.fire("INSTANCE", "VH2_wan0", "MASTER", "150")
     rig.fire("INSTANCE", "VH1_lan0", "FAULT", "250")
     assert parse_vrrp_state((rig.paths.state_dir / "VH2_wan0").read_text()) == "MASTER"
     assert parse_vrrp_state((rig.paths.state_dir / "VH1_lan0").read_text()) == "FAULT"
-    calls = rig.wait_calls(lambda calls: len([c for c in calls if c.startswith("hook")]) == 2)
+    calls = rig.wait_calls(lambda calls: len([c for c in calls if c.startswith("hook")]) == 2, timeout=10)
     hooks = sorted(c for c in calls if c.startswith("hook"))
     assert hooks == ["hook -m hasync --conf-dir /conf carp event 1@lan0 INIT --hook-dir /hooks",
                      "hook -m hasync --conf-dir /conf carp event 2@wan0 MASTER --hook-dir /hooks"]
     assert not any(c.startswith("conntrackd") for c in calls)  # grouped: the GROUP event does that
+
+
+@needs_sh
+def test_hooks_wait_for_the_node_wide_transition(tmp_path: Path) -> None:
+    """The CARP hook (a Python start-up) runs only once the GROUP handler finished: it must not
+    compete with the commit for the CPU, and a MASTER hook should find the gate open."""
+    rig = NotifyRig(tmp_path)
+    rig.fire("INSTANCE", "VH1_lan0", "MASTER", "250")
+    time.sleep(0.5)
+    assert not any(c.startswith("hook") for c in rig.calls())
+    rig.fire("GROUP", "hasync", "MASTER", "0")
+    calls = rig.wait_calls(lambda calls: any(c.startswith("hook") for c in calls))
+    assert calls.index("conntrackd -B") < next(i for i, c in enumerate(calls) if c.startswith("hook"))
+    assert "hook -m hasync --conf-dir /conf carp event 1@lan0 MASTER --hook-dir /hooks" in calls
 
 
 @needs_sh

@@ -563,6 +563,8 @@ def render_notify_script(
         hook_cmd += " " + " ".join(shlex.quote(part) for part in hook_tail)
     env = f"PYTHONPATH={shlex.quote(pythonpath)} " if pythonpath else ""
     q = shlex.quote
+    settle_polls = (int(options.commit_timeout) + 3) * 20
+    settle_max = settle_polls // 20
     return f"""#!/bin/sh
 # Rendered by opnsense-ha (hasync.failover.linux). Do not edit: rewritten on every change.
 #
@@ -664,8 +666,20 @@ instance() {{
         *) return 0 ;;
     esac
     if [ "$HOOKS" = 1 ] && [ -n "$carp" ]; then
-        {env}nice -n 10 {hook_cmd} >>{q(str(paths.hooks_log))} 2>&1 </dev/null &
+        # after the node-wide transition (commit, gate) is done: a Python start-up must not take
+        # the CPU from the commit, and a MASTER hook should find the node forwarding
+        ( settle "$state"; {env}exec nice -n 10 {hook_cmd} ) >>{q(str(paths.hooks_log))} 2>&1 </dev/null &
     fi
+}}
+
+settle() {{  # wait (at most ~{settle_max}s) until group.state is $1
+    i=0
+    while [ "$i" -lt {settle_polls} ]; do
+        read -r current < "$RUN_DIR/group.state" 2>/dev/null && [ "$current" = "$1" ] && return 0
+        sleep 0.05
+        i=$((i + 1))
+    done
+    return 0
 }}
 
 case "$1" in
