@@ -44,6 +44,14 @@ about 3 x advbase until it takes them back, where CARP keeps them. VRRP backups 
 master cannot know whether anyone listens (conntrackd's heartbeat would tell, but only after a
 second of sampling, too late for a sub-second handover).
 
+Runtime files live in ``<conf dir>/linux-ha/`` (so several nodes share a machine in the lab):
+the rendered configs, pid/lock/socket files, one state file per instance written by notify.sh,
+the counter (reset to 0 when /proc/sys/kernel/random/boot_id changes, like the sysctl at boot)
+and ``options.json`` (binaries, gate, log mode), which every process opening the node reads. A
+node with a single vhid runs without a sync group (keepalived drops a group of one); its INSTANCE
+event then does the GROUP work. CARP hooks start once the GROUP work is done, so their Python
+start-up never competes with the commit.
+
 All commands go through the `CommandRunner`; the renderers are pure functions.
 """
 
