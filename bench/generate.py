@@ -478,9 +478,9 @@ def derive_backup(primary: etree._Element, seed: int) -> etree._Element:
         for record in list(root.iterfind(path)):
             roll = g.rng.random()
             if roll < 0.01:
-                node = record.find(field)
-                if node is not None:
-                    node.text = (node.text or "") + " (old)"
+                found = record.find(field)
+                if found is not None:
+                    found.text = (found.text or "") + " (old)"
             elif roll < 0.015:
                 parent = record.getparent()
                 assert parent is not None

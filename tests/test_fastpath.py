@@ -533,3 +533,24 @@ def test_config_cache_checks_content_while_the_file_is_young(tmp_path: Path, mon
     cache.root()
     store.config_path.write_bytes(data)
     assert cache.root().findtext("system/hostname") == "fw-c"  # control: without the check it is not seen
+
+
+def test_logins_remember_verified_passwords_never_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bcrypt
+
+    from hasync import auth
+
+    calls: list[str] = []
+    original = auth._verify_hash
+    monkeypatch.setattr(auth, "_verify_hash", lambda password, stored: calls.append(password) or
+                        original(password, stored))
+    monkeypatch.setattr(auth, "_VERIFIED", {})
+    stored = bcrypt.hashpw(b"right", bcrypt.gensalt(4)).decode()
+    assert auth.verify_hash("right", stored) and auth.verify_hash("right", stored)
+    assert calls == ["right"]  # the second login did not pay for bcrypt
+    assert not auth.verify_hash("wrong", stored) and not auth.verify_hash("wrong", stored)
+    assert calls == ["right", "wrong", "wrong"]  # a guess always pays the full cost
+    changed = bcrypt.hashpw(b"right", bcrypt.gensalt(4)).decode()  # the password was set again
+    assert auth.verify_hash("right", changed) and calls[-1] == "right" and len(calls) == 4
+    monkeypatch.setattr(auth, "VERIFIED_TTL", 0.0)
+    assert auth.verify_hash("right", stored) and len(calls) == 5  # expired

@@ -38,6 +38,7 @@ import ipaddress
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -133,12 +134,40 @@ def parse_basic_auth(header: str | None) -> Credentials | None:
 # --------------------------------------------------------------------------------------------
 
 
+# Successful verifications, keyed by the stored hash and a keyed digest of the password (the key
+# is random per process; the password itself is never kept). bcrypt costs ~70 ms by design, and
+# a sync is several requests, each authenticated: a no-op sync would spend most of its time here.
+# Only successes are remembered, so a guess always pays the full cost; a changed password (a new
+# stored hash) misses. Entries live VERIFIED_TTL seconds.
+VERIFIED_TTL = 600.0
+VERIFIED_MAX = 64
+_VERIFIED: dict[tuple[str, bytes], float] = {}
+_VERIFIED_KEY = secrets.token_bytes(32)
+_VERIFIED_LOCK = threading.Lock()
+
+
 def verify_hash(password: str, stored: str) -> bool:
     """Verify a password against a crypt(3)-style hash as PHP's `crypt`/`password_verify` would.
 
     bcrypt (`$2y$`, `$2a$`, `$2b$`) and SHA-512/SHA-256 crypt (`$6$`, `$5$`); anything else (empty,
     plain text, unknown scheme) is refused. The libraries compare in constant time.
     """
+    key = (stored, hmac.new(_VERIFIED_KEY, password.encode("utf-8", "surrogatepass"), hashlib.sha256).digest())
+    now = time.monotonic()
+    with _VERIFIED_LOCK:
+        seen = _VERIFIED.get(key)
+    if seen is not None and now - seen < VERIFIED_TTL:
+        return True
+    ok = _verify_hash(password, stored)
+    if ok:
+        with _VERIFIED_LOCK:
+            if len(_VERIFIED) >= VERIFIED_MAX:
+                _VERIFIED.pop(min(_VERIFIED, key=_VERIFIED.__getitem__))
+            _VERIFIED[key] = now
+    return ok
+
+
+def _verify_hash(password: str, stored: str) -> bool:
     try:
         if stored.startswith(("$2y$", "$2a$", "$2b$")):
             # `$2y$` is PHP's name for the fixed bcrypt that everyone else calls `$2b$`.

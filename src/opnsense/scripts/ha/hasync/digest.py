@@ -137,11 +137,14 @@ def tree_item_value(root: etree._Element, sections: Iterable[str]) -> dict[str, 
     return out
 
 
-def value_item_value(value: Mapping[str, Any], sections: Iterable[str]) -> dict[str, Any]:
-    """The part of a payload-form value (a whole payload, a snapshot) that `sections` cover."""
+def value_item_value(value: Mapping[str, Any], sections: Iterable[str], copy_values: bool = True) -> dict[str, Any]:
+    """The part of a payload-form value (a whole payload, a snapshot) that `sections` cover.
+
+    `copy_values=False` shares the subtrees with `value` (for read-only use: digests, JSON).
+    """
     out: dict[str, Any] = {}
     for dotted in sections:
-        _copy_section(dict(value), out, dotted)
+        _copy_section(dict(value), out, dotted, copy_value=copy_values)
     return out
 
 
@@ -155,7 +158,7 @@ def primary_item_values(
         for section in item.sections:
             sections.setdefault(section, None)
     payload = build_payload(root, list(sections))
-    return {item.id: value_item_value(payload, item.sections) for item in items}
+    return {item.id: value_item_value(payload, item.sections, copy_values=False) for item in items}
 
 
 def backup_item_values(
@@ -247,12 +250,55 @@ def strip_nosync(value: Any, path: str = "") -> None:
 
 
 def canonical(value: Mapping[str, Any]) -> Any:
-    """The canonical form of one item's payload-form value (see the module docstring)."""
-    work = copy.deepcopy(dict(value))
-    strip_nosync(work)
-    if VIRTUALIP in work:
-        work[VIRTUALIP] = _vip_canonical(work[VIRTUALIP])
-    return normalize(work)
+    """The canonical form of one item's payload-form value (see the module docstring).
+
+    Equal to ``normalize`` of a deep copy after `strip_nosync` and the VIP rule, computed in one
+    pass that builds the result directly: the input is neither copied nor modified (a deep copy
+    of a large config's values takes seconds).
+    """
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in RULE_LISTS:
+            _canonical_member(out, key, item, None)
+        elif _is_nosync(item):
+            continue
+        elif key == VIRTUALIP:
+            section = copy.deepcopy(item)  # small; the VIP rule works on the stripped copy
+            strip_nosync(section, key)
+            _canonical_member(out, key, _vip_canonical(section), None)
+        else:
+            _canonical_member(out, key, item, key)
+    return out if out else ""
+
+
+def _canonical_member(out: dict[str, Any], key: Any, item: Any, path: str | None) -> None:
+    """One member of `normalize`'s dict loop; `path` None: `strip_nosync` leaves `item` alone."""
+    if item is False:
+        return
+    if key == ATTRIBUTES or key.endswith(ATTRIBUTES):
+        if isinstance(item, dict) and item:
+            out[key] = {str(k): scalar_text(v) for k, v in item.items()}
+        return
+    out[str(key)] = normalize(item) if path is None else _canonical_value(item, path)
+
+
+def _canonical_value(value: Any, path: str) -> Any:
+    """``normalize`` of `value` after ``strip_nosync(value, path)``, without modifying `value`."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if where in RULE_LISTS:
+                _canonical_member(out, key, item, None)
+            elif not _is_nosync(item):
+                _canonical_member(out, key, item, where)
+        return out if out else ""
+    if isinstance(value, list):
+        items = [_canonical_value(item, path) for item in value if item is not False and not _is_nosync(item)]
+        return items if items else ""
+    if isinstance(value, tuple):
+        return normalize(value)  # strip_nosync does not look inside tuples
+    return scalar_text(value)
 
 
 def canonical_bytes(value: Mapping[str, Any]) -> bytes:

@@ -366,9 +366,10 @@ class PeerProbe:
     """What one round trip told us about the backup."""
 
     firmware: Any
-    capabilities: dict[str, Any] | None = None  # None: no hasync.capabilities (stock OPNsense)
+    capabilities: dict[str, Any] | None = None  # None: not asked, or no hasync.capabilities (stock)
     digests: Any = None  # the raw hasync.digest reply, when asked for and offered
     note: str = ""
+    extensions: bool = False  # the peer answered a hasync.* call: one of our agents
 
     @property
     def fast_path(self) -> bool:
@@ -382,17 +383,16 @@ def _multicall_value(entry: Any) -> tuple[bool, Any]:
     return False, entry
 
 
-def probe(peer: Any, digest_items: Sequence[str] | None = None) -> PeerProbe:
-    """firmware_version, hasync.capabilities and (optionally) hasync.digest in one request.
+def probe(peer: Any, digest_items: Sequence[str] | None = None, capabilities: bool = True) -> PeerProbe:
+    """firmware_version plus hasync.capabilities and/or hasync.digest, in one request.
 
-    One `system.multicall` saves two TLS handshakes and two logins (a bcrypt verify each) per
-    sync. A peer without multicall gets the calls one by one; a peer without `hasync.*`
-    answers those with faults, which simply mean "stock backup".
+    One `system.multicall` saves TLS handshakes and logins (a bcrypt verify each) per sync. A
+    peer without multicall gets the calls one by one; a peer without `hasync.*` answers those
+    with faults, which simply mean "stock backup". A digest-first sync leaves the capabilities
+    out (a no-op sync never needs them: fewer bytes) and asks for them only when it sends.
     """
-    calls: list[dict[str, Any]] = [
-        {"methodName": "opnsense.firmware_version", "params": []},
-        {"methodName": "hasync.capabilities", "params": []},
-    ]
+    names = ["opnsense.firmware_version"] + (["hasync.capabilities"] if capabilities else [])
+    calls: list[dict[str, Any]] = [{"methodName": name, "params": []} for name in names]
     if digest_items is not None:
         calls.append({"methodName": "hasync.digest", "params": [list(digest_items)]})
     try:
@@ -400,34 +400,33 @@ def probe(peer: Any, digest_items: Sequence[str] | None = None) -> PeerProbe:
     except RemoteFault:
         replies = None
     if not isinstance(replies, list) or len(replies) != len(calls):
-        return _probe_one_by_one(peer, digest_items)
+        return _probe_one_by_one(peer, digest_items, capabilities)
     ok, firmware = _multicall_value(replies[0])
     if not ok:
-        # the real error text, from the real call
-        firmware = peer.call("opnsense.firmware_version")
+        firmware = peer.call("opnsense.firmware_version")  # the real error, from the real call
     result = PeerProbe(firmware)
-    ok, caps = _multicall_value(replies[1])
-    if ok and isinstance(caps, dict):
-        result.capabilities = caps
-        if digest_items is not None:
-            ok, digests = _multicall_value(replies[2])
-            result.digests = digests if ok else None
+    if capabilities:
+        ok, caps = _multicall_value(replies[1])
+        result.capabilities = caps if ok and isinstance(caps, dict) else None
+        result.extensions = result.capabilities is not None
+    if digest_items is not None:
+        ok, digests = _multicall_value(replies[-1])
+        result.digests = digests if ok else None
+        result.extensions = result.extensions or result.digests is not None
     return result
 
 
-def _probe_one_by_one(peer: Any, digest_items: Sequence[str] | None) -> PeerProbe:
+def _probe_one_by_one(peer: Any, digest_items: Sequence[str] | None, capabilities: bool) -> PeerProbe:
     result = PeerProbe(peer.call("opnsense.firmware_version"), note="the backup has no system.multicall")
     try:
-        caps = peer.call("hasync.capabilities")
+        if capabilities:
+            caps = peer.call("hasync.capabilities")
+            result.capabilities = caps if isinstance(caps, dict) else None
+        if digest_items is not None:
+            result.digests = peer.call("hasync.digest", [list(digest_items)])
     except RemoteFault:
         return result
-    if isinstance(caps, dict):
-        result.capabilities = caps
-        if digest_items is not None:
-            try:
-                result.digests = peer.call("hasync.digest", [list(digest_items)])
-            except RemoteFault:
-                result.digests = None
+    result.extensions = result.capabilities is not None or result.digests is not None
     return result
 
 
@@ -771,9 +770,21 @@ class SyncPlan:
 
     def probe(self, peer: Any) -> Any:
         """The backup's firmware_version reply; decides `send_ids` on the way."""
-        self.peer_probe = probe(peer, None if self.ours is None else self.item_ids)
+        digest_first = self.ours is not None
+        self.peer_probe = probe(peer, self.item_ids if digest_first else None, capabilities=not digest_first)
         self._decide(peer)
         return self.peer_probe.firmware
+
+    def _learn_capabilities(self, peer: Any) -> None:
+        """Digest-first left them out of the probe; ask now that something is to be sent."""
+        found = self.peer_probe
+        if found is None or found.capabilities is not None or not found.extensions or not self.fast:
+            return
+        try:
+            caps = peer.call("hasync.capabilities")
+        except RemoteFault:
+            return
+        found.capabilities = caps if isinstance(caps, dict) else None
 
     def _decide(self, peer: Any) -> None:
         from . import digest as digestmod
@@ -813,8 +824,10 @@ class SyncPlan:
 
     def probe_note(self) -> str:
         parts = []
-        if self.peer_probe is not None:
+        if self.peer_probe is not None and self.peer_probe.capabilities is not None:
             parts.append("fast path offered" if self.peer_probe.fast_path else "no fast path (compatible XML-RPC)")
+        elif self.peer_probe is not None and not self.peer_probe.extensions:
+            parts.append("stock backup (no hasync.* methods): compatible XML-RPC")
         if self.ours is not None and self.peer_probe is not None and self.peer_probe.digests is not None:
             parts.append(f"{len(self.send_ids)} of {len(self.item_ids)} items differ")
         if self.note:
@@ -855,7 +868,7 @@ class SyncPlan:
             return
         try:
             snapshot.record(self.view.store.conf_dir, self.registry, self.stale, self.record_payload(), peer.url,
-                            {i: self.theirs[i] for i in self.stale if i in self.theirs})
+                            {i: self.theirs[i] for i in self.stale if i in self.theirs}, digests=self.ours)
         except (HaError, OSError) as exc:
             warnings.append(f"the snapshot of this sync was not recorded ({exc})")
 
@@ -864,7 +877,8 @@ class SyncPlan:
             return list(self._payload)
         return list(dict.fromkeys(section.split(".")[0] for section in check_sections(self.sections)))
 
-    def dry_run(self) -> str:
+    def dry_run(self, peer: Any) -> str:
+        self._learn_capabilities(peer)
         if self.uses_fast_path:
             blob = build_blob(self.view.root, self.sections)
             return (f"would send {len(self.send_ids)} items by the fast path, {blob.compressed} bytes "
@@ -873,6 +887,7 @@ class SyncPlan:
         return f"would send {size} bytes; nothing sent"
 
     def send(self, peer: Any) -> str:
+        self._learn_capabilities(peer)
         if self.uses_fast_path:
             self.blob = build_blob(self.view.root, self.sections)
             # the snapshot needs the payload form; build it while the backup merges

@@ -156,8 +156,13 @@ def record(
     target: str,
     backup_digests: dict[str, str] | None = None,
     now: float | None = None,
+    digests: dict[str, str] | None = None,
 ) -> Snapshot:
-    """Store what was pushed for `item_ids` (keeping other items' records for the same target)."""
+    """Store what was pushed for `item_ids` (keeping other items' records for the same target).
+
+    `digests`: this node's digests of those items when the caller already has them (a sync
+    compares them with the backup's first), so they are not computed twice.
+    """
     now = time.time() if now is None else now
     directory = state_dir(Path(conf_dir))
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -169,11 +174,14 @@ def record(
     records = dict(previous.items) if previous is not None and previous.target == target else {}
     values = {k: v for k, v in values.items() if k in records}
     for item in registry.resolve(item_ids):
-        value = digestmod.value_item_value(payload, item.sections)
+        value = digestmod.value_item_value(payload, item.sections, copy_values=False)  # only read below
         values[item.id] = value
-        records[item.id] = ItemRecord(item.id, list(item.sections), round(now, 3), digestmod.digest(value),
-                                      (backup_digests or {}).get(item.id, ""))
-    blob = gzip.compress(json.dumps(values, sort_keys=True, separators=(",", ":")).encode("utf-8"), mtime=0)
+        known = (digests or {}).get(item.id)
+        records[item.id] = ItemRecord(item.id, list(item.sections), round(now, 3),
+                                      known or digestmod.digest(value), (backup_digests or {}).get(item.id, ""))
+    # level 1: this is local state read back by this program, and level 9 costs seconds on a large config
+    blob = gzip.compress(json.dumps(values, sort_keys=True, separators=(",", ":")).encode("utf-8"),
+                         compresslevel=1, mtime=0)
     _write_atomic(directory / VALUES_FILE, blob)  # values first: the metadata names their digest
     meta = {
         "format": FORMAT,
@@ -194,6 +202,7 @@ def record_after_sync(
     payload: dict[str, Any],
     peer: PeerClient,
     item_ids: list[str] | None = None,
+    digests: dict[str, str] | None = None,
 ) -> None:
     """Called by `SyncRun` right after the backup confirmed the merge. Never raises.
 
@@ -210,7 +219,7 @@ def record_after_sync(
     except HaError as exc:
         log.info("no digests from the backup after the sync: %s", exc)
     try:
-        record(conf_dir, registry, ids, payload, peer.url, backup_digests)
+        record(conf_dir, registry, ids, payload, peer.url, backup_digests, digests=digests)
     except (HaError, OSError) as exc:
         note = f"the snapshot of this sync was not recorded ({exc}); diff/check against a stock backup will be stale"
         result.warnings.append(note)

@@ -231,7 +231,7 @@ class SyncRun:
                 restart_all(peer, self, result)
             return
         if self.options.dry_run:
-            self._step("dry run", plan.dry_run)
+            self._step("dry run", lambda: plan.dry_run(peer))
             return
 
         self._step("restore_config_section", lambda: plan.send(peer))
@@ -240,7 +240,7 @@ class SyncRun:
         from . import snapshot  # late import: snapshot builds on this module
 
         snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
-                                   item_ids=plan.record_ids)
+                                   item_ids=plan.record_ids, digests=plan.ours)
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
         self._step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
         if self.options.restart_services:

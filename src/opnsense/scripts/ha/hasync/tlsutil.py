@@ -89,6 +89,9 @@ def webgui_certificate(root: etree._Element, state_dir: Path) -> tuple[Path, Pat
 def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_TLS
+    # No TLS 1.3 session tickets: our client never resumes (one connection per call) and the
+    # two tickets OpenSSL sends by default are ~500 bytes of every reply.
+    context.num_tickets = 0
     try:
         context.load_cert_chain(str(cert_path), str(key_path))
     except (OSError, ssl.SSLError) as exc:
