@@ -212,9 +212,23 @@ class PeerClient:
         fp = None
         if isinstance(sock, ssl.SSLSocket):
             fp = self._check_pin(sock)
-        watchdog = threading.Timer(max(0.0, deadline - self.clock.monotonic()), _abort_socket, args=(sock,))
+        if sock is not None:
+            # The connect timeout bounded connecting; from here on only the total deadline counts,
+            # or a backup that takes longer than the connect timeout to merge or reload its filter
+            # would fail with "timed out" long before the deadline.
+            sock.settimeout(max(0.1, deadline - self.clock.monotonic()))
+        fired = threading.Event()  # the deadline cut the exchange: whatever was read is not a reply
+
+        def abort() -> None:
+            fired.set()
+            _abort_socket(sock)
+
+        watchdog = threading.Timer(max(0.0, deadline - self.clock.monotonic()), abort)
         watchdog.daemon = True
         watchdog.start()
+        stalled = TransportError(
+            f"{self.peer_key} did not answer {method} within {self.options.total_timeout:g}s (peer stalled or too slow)"
+        )
         try:
             conn.putrequest("POST", self.path, skip_accept_encoding=True)
             conn.putheader("User-Agent", "XML_RPC")
@@ -228,14 +242,13 @@ class PeerClient:
             data = _read_all(response)
             self.bytes_received += len(data)
         except (OSError, http.client.HTTPException) as exc:
-            if self.clock.monotonic() >= deadline - 0.05:
-                raise TransportError(
-                    f"{self.peer_key} did not answer {method} within {self.options.total_timeout:g}s "
-                    "(peer stalled or too slow)"
-                ) from None
+            if fired.is_set() or self.clock.monotonic() >= deadline - 0.05:
+                raise stalled from None
             raise TransportError(f"connection to {self.peer_key} broke during {method}: {_describe(exc)}") from None
         finally:
             watchdog.cancel()
+        if fired.is_set():  # cut in the headers: http.client takes a cut-off head for a complete one
+            raise stalled
         if response.status != 200:
             raise TransportError(f"{self.url} answered HTTP {response.status} {response.reason} to {method}")
         try:
@@ -263,6 +276,8 @@ def _read_all(response: http.client.HTTPResponse, limit: int = 512 * 1024 * 1024
     while True:
         chunk = response.read1(1 << 20)
         if not chunk:
+            if response.length:  # read1 reports a cut-off reply as a plain end: say what it is
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
             return b"".join(chunks)
         size += len(chunk)
         if size > limit:
@@ -287,5 +302,7 @@ def _describe(exc: BaseException) -> str:
         return "connection reset by peer"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host ({exc.strerror})"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"reply cut short after {len(exc.partial)} bytes, {exc.expected} missing"
     text = str(exc) or type(exc).__name__
     return text
