@@ -443,7 +443,8 @@ def test_hooks_wait_for_the_node_wide_transition(tmp_path: Path) -> None:
     assert not any(c.startswith("hook") for c in rig.calls())
     rig.fire("GROUP", "hasync", "MASTER", "0")
     calls = rig.wait_calls(lambda calls: any(c.startswith("hook") for c in calls))
-    assert calls.index("conntrackd -B") < next(i for i, c in enumerate(calls) if c.startswith("hook"))
+    gate_opened = next(i for i, c in enumerate(calls) if c.startswith("nft add element"))
+    assert calls.index("conntrackd -c") < gate_opened < next(i for i, c in enumerate(calls) if c.startswith("hook"))
     assert "hook -m hasync --conf-dir /conf carp event 1@lan0 MASTER --hook-dir /hooks" in calls
 
 
