@@ -41,7 +41,7 @@ from typing import Any
 from lxml import etree
 
 from .errors import FailoverError
-from .failover.base import FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
+from .failover.base import FailoverBackend, PfsyncConfig, PfsyncState, VipState
 from .failover.model import MAINTENANCE_TAG, carp_vips, maintenance_mode, pfsync_config, preempt_wanted
 from .osiface import CommandRunner
 from .store import ConfigStore
@@ -68,11 +68,9 @@ class _Unchanged(Exception):
 
 def default_boot_id(backend: FailoverBackend) -> str:
     """The current kernel boot's id: the backend's if it has one, else Linux's, else ""."""
-    provider = getattr(backend, "boot_id", None)
-    if callable(provider):
-        value = provider()
-        if isinstance(value, str) and value:
-            return value
+    value = backend.boot_id()
+    if value:
+        return value
     try:
         return LINUX_BOOT_ID.read_text().strip()
     except OSError:
@@ -241,6 +239,7 @@ class CarpOps:
         a `leave` that was interrupted after clearing the flag.
         """
         reply: dict[str, Any] = {"status": "ok", "action": "boot"}
+        self.backend.start()  # Linux: keepalived/conntrackd; FreeBSD: the kernel is already there
         with self._locked():
             root = self.store.load()
             flag = maintenance_mode(root)
@@ -268,7 +267,7 @@ class CarpOps:
         """Temporarily disable CARP: allow=0 and every vhid VIP address removed (not persisted)."""
         root = self.store.load()
         self.backend.set_allow(False)
-        self.backend.configure_vips([], _with_modes(root, carp_vips(root)))
+        self.backend.configure_vips([], carp_vips(root))
         return {"status": "ok", "action": "disable"}
 
     def enable(self) -> dict[str, Any]:
@@ -279,7 +278,7 @@ class CarpOps:
         """
         root = self.store.load()
         assigned = {node.tag for node in root.iterfind("interfaces/*") if isinstance(node.tag, str)}
-        vips = _with_modes(root, carp_vips(root))
+        vips = carp_vips(root)
         usable = [spec for spec in vips if spec.interface in assigned]
         self.backend.apply_pfsync(pfsync_config(root))
         self.backend.set_allow(True)
@@ -517,19 +516,6 @@ def pfsync_differences(desired: PfsyncConfig, state: PfsyncState) -> list[str]:
     if state.defer is not None and state.defer != desired.defer:
         diffs.append(f"defer {'on' if state.defer else 'off'} != {'on' if desired.defer else 'off'}")
     return diffs
-
-
-def _with_modes(root: etree._Element, specs: list[VipSpec]) -> list[VipSpec]:
-    """Tag each spec with its VIP mode so backends configure vhid parameters only from the CARP
-    record (an IP alias on a vhid carries none). Until VipSpec has a `mode` field, set it here."""
-    modes = {vip.get("uuid", ""): _text(vip, "mode") or "carp" for vip in root.iterfind("virtualip/vip")}
-    by_position = [_text(vip, "mode") or "carp" for vip in root.iterfind("virtualip/vip") if _text(vip, "vhid")]
-    for index, spec in enumerate(specs):
-        mode = modes.get(spec.uuid) if spec.uuid else None
-        if mode is None and index < len(by_position):
-            mode = by_position[index]
-        setattr(spec, "mode", mode or "carp")  # noqa: B010 - VipSpec has no mode field yet
-    return specs
 
 
 def open_ops(conf_dir: str | os.PathLike[str], runner: CommandRunner | None = None) -> CarpOps:

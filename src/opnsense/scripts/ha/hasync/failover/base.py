@@ -11,8 +11,11 @@ nobody ever "sets" the counter.
 
 from __future__ import annotations
 
+import ipaddress
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+
+from ..errors import FailoverError
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,36 @@ class VipSpec:
     password: str = field(default="", repr=False)
     peer: str = ""
     uuid: str = ""
+    mode: str = "carp"  # "carp" owns the vhid's parameters; an "ipalias" on a vhid carries none
+    peer6: str = ""
+
+
+def check_vip_spec(spec: VipSpec) -> str:
+    """Refuse a malformed CARP VIP before any command runs, so nothing is configured half.
+
+    Shared by every backend; returns the "where" text for backend-specific follow-up errors.
+    """
+    where = f"VIP {spec.uuid or spec.subnet} (vhid {spec.vhid} on {spec.interface or spec.device})"
+    if not 1 <= spec.vhid <= 255:
+        raise FailoverError(f"{where}: vhid must be 1..255")
+    if not 1 <= spec.advbase <= 254:
+        raise FailoverError(f"{where}: advbase must be 1..254")
+    if not 0 <= spec.advskew <= 254:
+        raise FailoverError(f"{where}: advskew must be 0..254")
+    try:
+        address = ipaddress.ip_address(spec.subnet)
+    except ValueError:
+        raise FailoverError(f"{where}: {spec.subnet!r} is not an IP address") from None
+    if not 0 <= spec.subnet_bits <= address.max_prefixlen:
+        raise FailoverError(f"{where}: subnet_bits {spec.subnet_bits} out of range")
+    return where
+
+
+def vhid_owner(specs: list[VipSpec]) -> VipSpec:
+    """The record that owns a vhid's parameters: the CARP one (IP aliases on a vhid carry none);
+    among several CARP records, one with a password."""
+    carp = [spec for spec in specs if spec.mode == "carp"]
+    return next((spec for spec in carp if spec.password), carp[0] if carp else specs[0])
 
 
 class FailoverBackend(ABC):
@@ -111,3 +144,11 @@ class FailoverBackend(ABC):
     @abstractmethod
     def configure_vips(self, vips: list[VipSpec], removed: list[VipSpec]) -> None:
         """(Re)configure changed CARP VIPs and bring removed ones down."""
+
+    def boot_id(self) -> str:
+        """An id of the running kernel boot ("" if unknown): demotion counters reset at reboot."""
+        return ""
+
+    def start(self) -> None:
+        """Bring the failover machinery up at boot; a kernel implementation needs nothing here."""
+        return None

@@ -29,7 +29,16 @@ from lxml import etree
 
 from ..errors import FailoverError
 from ..osiface import CommandResult, CommandRunner
-from .base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
+from .base import (
+    CarpGlobals,
+    FailoverBackend,
+    PfsyncConfig,
+    PfsyncState,
+    VipSpec,
+    VipState,
+    check_vip_spec,
+    vhid_owner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +517,7 @@ class FreeBsdBackend(FailoverBackend):
                 continue
             groups.setdefault((spec.device, spec.vhid), []).append(spec)
         for (device, vhid), specs in groups.items():
-            carp = _carp_spec(specs)
+            carp = vhid_owner(specs)
             argv = ["ifconfig", device, "vhid", str(vhid), "advskew", str(carp.advskew),
                     "advbase", str(carp.advbase)]
             if carp.password:
@@ -568,33 +577,10 @@ def _has_address(info: IfInfo | None, address: str, vhid: int | None) -> bool:
     )
 
 
-def _carp_spec(specs: list[VipSpec]) -> VipSpec:
-    """The record that owns a vhid's parameters: the CARP one (IP aliases on a vhid carry none)."""
-    for spec in specs:
-        if getattr(spec, "mode", "carp") == "carp" and spec.password:
-            return spec
-    for spec in specs:
-        if getattr(spec, "mode", "carp") == "carp":
-            return spec
-    return specs[0]
-
-
 def _validate_spec(spec: VipSpec) -> None:
     """Refuse anything that is not a well-formed CARP VIP before any ifconfig runs (never half)."""
-    where = f"VIP {spec.uuid or spec.subnet} (vhid {spec.vhid} on {spec.interface or spec.device})"
     _checked_device(spec.device)
-    if not 1 <= spec.vhid <= 255:
-        raise FailoverError(f"{where}: vhid must be 1..255")
-    if not 1 <= spec.advbase <= 254:
-        raise FailoverError(f"{where}: advbase must be 1..254")
-    if not 0 <= spec.advskew <= 254:
-        raise FailoverError(f"{where}: advskew must be 0..254")
-    try:
-        address = ipaddress.ip_address(spec.subnet)
-    except ValueError:
-        raise FailoverError(f"{where}: {spec.subnet!r} is not an IP address") from None
-    if not 0 <= spec.subnet_bits <= address.max_prefixlen:
-        raise FailoverError(f"{where}: subnet_bits {spec.subnet_bits} out of range")
+    where = check_vip_spec(spec)
     if spec.peer:
         try:
             ipaddress.IPv4Address(spec.peer)

@@ -78,7 +78,16 @@ from lxml import etree
 
 from ..errors import ConfigError, FailoverError
 from ..osiface import Clock, CommandResult, CommandRunner, SystemClock
-from .base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
+from .base import (
+    CarpGlobals,
+    FailoverBackend,
+    PfsyncConfig,
+    PfsyncState,
+    VipSpec,
+    VipState,
+    check_vip_spec,
+    vhid_owner,
+)
 from .model import carp_vips, pfsync_config, preempt_wanted
 
 log = logging.getLogger(__name__)
@@ -253,29 +262,14 @@ def _checked_device(device: str, what: str = "interface") -> str:
     return device
 
 
-def _where(spec: VipSpec) -> str:
-    return f"VIP {spec.uuid or spec.subnet} (vhid {spec.vhid} on {spec.interface or spec.device})"
-
-
 def validate_vip(spec: VipSpec) -> None:
     """Refuse what keepalived cannot express before anything is written."""
-    where = _where(spec)
     _checked_device(spec.device)
-    if not 1 <= spec.vhid <= 255:
-        raise FailoverError(f"{where}: vhid must be 1..255")
-    if not 1 <= spec.advbase <= 254:
-        raise FailoverError(f"{where}: advbase must be 1..254")
+    where = check_vip_spec(spec)
     if spec.advbase > MAX_V3_ADVBASE:
         raise FailoverError(f"{where}: advbase {spec.advbase} s cannot be expressed in VRRPv3 "
                             f"(at most {MAX_V3_ADVBASE} s); lower it for a Linux node")
-    if not 0 <= spec.advskew <= 254:
-        raise FailoverError(f"{where}: advskew must be 0..254")
-    try:
-        address = ipaddress.ip_address(spec.subnet)
-    except ValueError:
-        raise FailoverError(f"{where}: {spec.subnet!r} is not an IP address") from None
-    if not 0 <= spec.subnet_bits <= address.max_prefixlen:
-        raise FailoverError(f"{where}: subnet_bits {spec.subnet_bits} out of range")
+    address = ipaddress.ip_address(spec.subnet)
     if spec.peer:
         try:
             peer = ipaddress.ip_address(spec.peer)
@@ -283,14 +277,6 @@ def validate_vip(spec: VipSpec) -> None:
             raise FailoverError(f"{where}: peer {spec.peer!r} is not an IP address") from None
         if peer.version != address.version:
             raise FailoverError(f"{where}: peer {spec.peer} is not of the VIP's address family")
-
-
-def _owner(specs: Sequence[VipSpec]) -> VipSpec:
-    """The record that owns a vhid's parameters: the CARP one (IP aliases on a vhid carry none)."""
-    for spec in specs:
-        if getattr(spec, "mode", "carp") == "carp":
-            return spec
-    return specs[0]
 
 
 def build_instances(vips: Sequence[VipSpec]) -> list[VrrpInstance]:
@@ -303,7 +289,7 @@ def build_instances(vips: Sequence[VipSpec]) -> list[VrrpInstance]:
     instances: list[VrrpInstance] = []
     seen_vhids: set[tuple[str, int]] = set()
     for (device, vhid, family), specs in groups.items():
-        owner = _owner(specs)
+        owner = vhid_owner(specs)
         addresses: list[str] = []
         for spec in specs:
             text = f"{ipaddress.ip_address(spec.subnet)}/{spec.subnet_bits}"

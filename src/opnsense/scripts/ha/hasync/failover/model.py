@@ -48,6 +48,8 @@ def carp_vips(root: etree._Element) -> list[VipSpec]:
                 password=_text(vip, "password"),
                 peer=_text(vip, "peer"),
                 uuid=vip.get("uuid", ""),
+                mode=_text(vip, "mode", "carp") or "carp",
+                peer6=_text(vip, "peer6"),
             )
         )
     return vips
