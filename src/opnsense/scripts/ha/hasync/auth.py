@@ -332,27 +332,32 @@ def verify_credentials(root: etree._Element, username: str, password: str, *, no
     via_apikey = False
     if user is not None:
         name = username
-        password_ok = verify_hash(password, _text(user, "password"))
+        stored = _text(user, "password")
     else:
         hit = find_api_key(root, username)
         if hit is None:
             _dummy_verify(password)
             return AuthResult(False, _loggable_unverified(username), REASON_UNKNOWN_USER)
-        user, secret_hash = hit
+        user, stored = hit
         via_apikey = True
         name = _apikey_label(username, _text(user, "name"))
-        password_ok = verify_hash(password, secret_hash)
 
+    refusal = ""
+    if is_disabled(user):
+        refusal = REASON_DISABLED
+    elif is_expired(user, now):
+        refusal = REASON_EXPIRED
+    elif not has_xmlrpc_privilege(root, user):
+        refusal = REASON_MISSING_PRIVILEGE
+    # Only a login that is going to succeed may be answered from the cache of earlier successes.
+    # Any other attempt pays the full hash cost, so timing cannot confirm the password of a
+    # disabled, expired or unprivileged account (which may still open the GUI).
+    password_ok = (_verify_hash if refusal else verify_hash)(password, stored)
     if not password_ok:
         return AuthResult(False, name, REASON_BAD_PASSWORD, via_apikey)
-    owner = _text(user, "name")
-    if is_disabled(user):
-        return AuthResult(False, name, REASON_DISABLED, via_apikey)
-    if is_expired(user, now):
-        return AuthResult(False, name, REASON_EXPIRED, via_apikey)
-    if not has_xmlrpc_privilege(root, user):
-        return AuthResult(False, name, REASON_MISSING_PRIVILEGE, via_apikey)
-    return AuthResult(True, owner, "", via_apikey)
+    if refusal:
+        return AuthResult(False, name, refusal, via_apikey)
+    return AuthResult(True, _text(user, "name"), "", via_apikey)
 
 
 # --------------------------------------------------------------------------------------------
