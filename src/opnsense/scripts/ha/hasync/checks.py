@@ -51,7 +51,7 @@ from . import digest as digestmod
 from . import schemas, versions
 from . import snapshot as snapshotmod
 from .carp import CarpOps
-from .client import ClientOptions, PeerClient
+from .client import ClientOptions, PeerClient, shown_user
 from .errors import HaError
 from .extensions import PeerFeatures, as_struct, carp_facts, discover
 from .failover.base import FailoverBackend
@@ -271,7 +271,8 @@ def check_peer(ctx: CheckContext, facts: _Facts) -> CheckResult:
         return CheckResult("peer", CRITICAL, facts.peer_error, {"url": url})
     assert facts.peer is not None and facts.features is not None
     extensions = "with hasync.* extensions" if facts.features.extensions else "stock: no hasync.* methods"
-    return CheckResult("peer", OK, f"{url} answers, authenticated as {facts.peer.username!r} ({extensions})",
+    user = shown_user(facts.peer.username)
+    return CheckResult("peer", OK, f"{url} answers, authenticated as {user!r} ({extensions})",
                        {"url": url, "extensions": facts.features.extensions})
 
 

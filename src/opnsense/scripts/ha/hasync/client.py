@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -35,6 +36,21 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_TOTAL_TIMEOUT = 240.0
 DEFAULT_RETRIES = 2
 XMLRPC_PRIVILEGE = "page-xmlrpclibrary"
+
+
+_PLAIN_USER = re.compile(r"[A-Za-z0-9._@-]{1,32}")
+
+
+def shown_user(name: str) -> str:
+    """How a configured sync user name appears in messages, logs and JSON.
+
+    An OPNsense user name is short and plain. Anything else is an API key (half a credential; the
+    agent logs only its start too) or a secret pasted into the user field, which must not end up
+    in syslog or on a status page: it shows as its first 4 characters and its length.
+    """
+    if _PLAIN_USER.fullmatch(name):
+        return name
+    return f"{name[:4]}... ({len(name)} characters)"
 
 
 def target_url(synchronizetoip: str, gui_protocol: str = "https", gui_port: str = "") -> str:
@@ -136,7 +152,7 @@ class PeerClient:
         self.bytes_received = 0
 
     def __repr__(self) -> str:
-        return f"PeerClient({self.url!r}, user={self.username!r})"
+        return f"PeerClient({self.url!r}, user={shown_user(self.username)!r})"
 
     # --- TLS ----------------------------------------------------------------------------------
 
@@ -259,9 +275,9 @@ class PeerClient:
             raise TransportError(f"parse error. not well formed reply from {self.peer_key}: {exc}") from None
         if value == xmlrpc.AUTH_FAILED_TEXT:
             raise AuthError(
-                f"Authentication failed on {self.peer_key} for user {self.username!r}: check hasync.username/"
-                f"password, and that the user has the privilege '{XMLRPC_PRIVILEGE}' (XMLRPC Library) or "
-                "'page-all' on the backup"
+                f"Authentication failed on {self.peer_key} for user {shown_user(self.username)!r}: check "
+                f"hasync.username/password, and that the user has the privilege '{XMLRPC_PRIVILEGE}' "
+                "(XMLRPC Library) or 'page-all' on the backup"
             )
         if fp is not None and self.trust is not None and not self.options.verify_peer and \
                 self.trust.get(self.peer_key) is None:

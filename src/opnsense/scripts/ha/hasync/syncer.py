@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fastpath, versions
-from .client import ClientOptions, PeerClient, TrustStore, target_url
+from .client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
 from .errors import HaError
 from .failover.base import FailoverBackend
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
@@ -157,7 +157,7 @@ class SyncRun:
             result.message = str(exc)
             # OPNsense's own wording, so existing log filters and alerts keep matching
             log.error("An error occurred while attempting XMLRPC sync with username %s and %s: %s",
-                      self.username or "(unknown)", result.target or "(no target)", exc)
+                      shown_user(self.username) if self.username else "(unknown)", result.target or "(no target)", exc)
         return result
 
     def _run(self) -> None:
