@@ -113,13 +113,14 @@ class AgentProcess:
     tls: tuple[Path, Path] | None = None
     extra: list[str] = field(default_factory=list)
     verbose: bool = False
+    prefix: list[str] = field(default_factory=list)  # e.g. a namespace wrapper that execs the agent
     process: subprocess.Popen[bytes] | None = None
     scheme: str = ""
     port: int = 0
     starts: int = 0
 
     def argv(self) -> list[str]:
-        argv = [PYTHON, "-m", "hasync", "--conf-dir", str(self.conf_dir)]
+        argv = [*self.prefix, PYTHON, "-m", "hasync", "--conf-dir", str(self.conf_dir)]
         if self.verbose:
             argv.append("-v")
         argv += ["serve", "--listen", "127.0.0.1:0", "--allow-loopback",
