@@ -207,7 +207,7 @@ def give_hasync_user(conf_dir: Path, password: str, api_key: str, api_secret: st
         keys = user.find("apikeys")
         if keys is None:
             keys = etree.SubElement(user, "apikeys")
-        keys.text = f"{api_key}|{sha512_crypt.hash(api_secret, rounds=5000)}"
+        keys.text = f"{api_key}|{sha512_crypt.using(rounds=5000).hash(api_secret)}"
 
 
 @pytest.fixture
@@ -352,6 +352,7 @@ def _handshake(port: int, context: ssl.SSLContext) -> str:
         return str(tls.version())
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_agent_refuses_tls_below_1_2(known: Secrets) -> None:
     assert server_context(known.pair.cert_file, known.pair.key_file).minimum_version == ssl.TLSVersion.TLSv1_2
     assert ssl.TLSVersion.TLSv1_2 == MIN_TLS
