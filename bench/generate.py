@@ -52,7 +52,7 @@ SHARES: dict[str, float] = {
     "filter": 0.15,
     "mvc_rules": 0.09,
     "nat": 0.07,
-    "aliases": 0.15,
+    "aliases": 0.18,
     "users": 0.06,
     "certs": 0.09,
     "captiveportal": 0.08,
@@ -236,11 +236,11 @@ def outbound_rule(g: Gen, parent: etree._Element) -> etree._Element:
     return rule
 
 
-def alias(g: Gen, parent: etree._Element) -> etree._Element:
+def alias(g: Gen, parent: etree._Element, scale: int = 10) -> etree._Element:
     r = g.rng
     kind = r.choices(["host", "network", "port", "urltable"], weights=[50, 35, 14, 1])[0]
     if kind == "network" and r.random() < 0.01:
-        entries = [f"{g.ip()}/{r.randrange(16, 32)}" for _ in range(r.randrange(2000, 6000))]  # a block list
+        entries = [f"{g.ip()}/{r.randrange(16, 32)}" for _ in range(r.randrange(200, 600) * scale)]  # a block list
     elif kind == "port":
         entries = [str(r.randrange(1, 65535)) for _ in range(r.randrange(1, 12))]
     elif kind == "urltable":
@@ -279,9 +279,9 @@ def cert(g: Gen, parent: etree._Element) -> etree._Element:
     return node
 
 
-def cp_template(g: Gen, parent: etree._Element) -> etree._Element:
+def cp_template(g: Gen, parent: etree._Element, largest: int = 240_000) -> etree._Element:
     node = sub(parent, "template", uuid=g.uuid())
-    zipped = base64.b64encode(g.blob(g.rng.randrange(60_000, 240_000))).decode()
+    zipped = base64.b64encode(g.blob(g.rng.randrange(largest // 4, largest))).decode()
     leaves(node, [("fileid", g.hexid(40)), ("name", f"portal {g.word()}"), ("content", zipped)])
     return node
 
@@ -336,7 +336,7 @@ def build_primary(size: int, seed: int) -> etree._Element:
     leaves(sync_user, [("name", SYNC_USER), ("descr", "XMLRPC sync user"), ("scope", "user"),
                        ("password", SYNC_HASH), ("uid", "2000")])
     fill(system, 2, budget["users"] * 9 // 10, lambda p: user(g, p))
-    for index in range(40):
+    for index in range(max(3, min(40, size // 250_000))):
         grp = sub(system, "group")
         leaves(grp, [("name", f"team_{index}"), ("description", f"{g.word()} team"), ("scope", "local"),
                      ("gid", str(3000 + index))])
@@ -401,7 +401,8 @@ def build_primary(size: int, seed: int) -> etree._Element:
                       ("authservers", "Local Database"), ("idletimeout", "60"), ("hardtimeout", "240"),
                       ("template", ""), ("description", f"guest zone {index}")])
     templates = sub(cp, "templates")
-    fill(templates, 4, budget["captiveportal"], lambda p: cp_template(g, p))
+    largest = max(4_000, min(240_000, budget["captiveportal"] // 3))  # several templates even in small configs
+    fill(templates, 4, budget["captiveportal"], lambda p: cp_template(g, p, largest))
 
     ids = sub(opn, "IDS", version="1.0.9")
     ids_rules = sub(ids, "rules")
@@ -423,7 +424,8 @@ def build_primary(size: int, seed: int) -> etree._Element:
     geoip = sub(alias_root, "geoip")
     sub(geoip, "url")
     aliases = sub(alias_root, "aliases")
-    fill(aliases, 5, budget["aliases"], lambda p: alias(g, p))
+    scale = max(1, min(10, budget["aliases"] // 500_000))  # block lists of 2000-6000 entries in big configs
+    fill(aliases, 5, budget["aliases"], lambda p: alias(g, p, scale))
     category = sub(firewall, "Category", version="1.0.0")
     cats = sub(category, "categories")
     for index in range(12):

@@ -1,0 +1,448 @@
+"""`make bench`: sync costs against the machine's own limits, at 1, 10 and 50 MB.
+
+For every size this driver generates a primary/backup pair (`bench/generate.py`, seeded), then
+runs each operation in its own process (`bench/worker.py`), against a real agent process
+(`opnsense-ha serve`, HTTPS on 127.0.0.1), and measures:
+
+* the limits, on the same machine in the same run: (a) lxml parse + serialize of the primary's
+  config, (b) one HTTPS POST of its bytes to a sink on loopback, (c) an fsync'd write of it;
+* a full sync on the compatible path (XML-RPC structs, what a stock OPNsense peer gets) and on
+  the fast path (when the code has one), each into a fresh copy of the backup: payload build,
+  encode, transfer, decode, merge and the crash-safe write (history file + in-place rewrite,
+  both fsync'd);
+* a no-op sync right after (nothing changed), `diff` (when the command exists) and `status`.
+
+Reported per row: wall time (median of the repeats), bytes on the wire (TCP payload both ways,
+TLS included, from the kernel's TCP_INFO), peak RSS of the client process and of the agent
+process (`VmHWM`, reset with /proc/PID/clear_refs before each row the agent serves). The
+verdicts against issue 6's targets are computed, never typed in. Results go to stdout and, as
+markdown, to `bench/results.md` (or `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PACKAGE_ROOT = REPO / "src" / "opnsense" / "scripts" / "ha"
+sys.path.insert(0, str(PACKAGE_ROOT))
+
+PYTHON = sys.executable
+MB = 1024 * 1024
+DEFAULT_SIZES = (1.0, 10.0, 50.0)
+AGENT_START_TIMEOUT = 120.0
+
+# Issue 6's targets.
+FAST_FACTOR = 1.5
+COMPAT_FACTOR = 3.0
+NOOP_MAX_BYTES = 4096
+NOOP_MAX_SECONDS = 0.150
+RSS_FACTOR = 4.0
+SCALING_FACTOR = 11.0 / 10.0  # 10x the size may cost at most 11x the time
+SEED = [6]
+BASELINE_KB = [0]
+
+
+@dataclass
+class Row:
+    size_mb: float
+    name: str
+    seconds: float
+    wire: int | None = None
+    client_rss_kb: int | None = None
+    agent_rss_kb: int | None = None
+    note: str = ""
+    runs: list[float] = field(default_factory=list)
+    status: str = "ok"
+
+
+@dataclass
+class SizeResult:
+    size_mb: float
+    config_bytes: int
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    @property
+    def limit(self) -> float:
+        return sum(self.rows[k].seconds for k in ("limit a", "limit b", "limit c"))
+
+
+def env() -> dict[str, str]:
+    out = dict(os.environ)
+    out["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
+    out["OPNSENSE_HA_FAILOVER"] = "none"  # never touch this machine's interfaces
+    out.pop("OPNSENSE_HA_DEBUG", None)
+    return out
+
+
+def worker(*args: str, timeout: float = 1800) -> dict[str, Any]:
+    """Run one operation in a fresh process; its last stdout line is the JSON result."""
+    proc = subprocess.run([PYTHON, str(HERE / "worker.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if line:
+                return line
+        if proc.poll() is not None:
+            break
+    stderr = proc.stderr.read() if proc.stderr else ""
+    raise RuntimeError(f"process did not announce itself: {stderr[-2000:]}")
+
+
+def vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_hwm(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+@contextlib.contextmanager
+def agent(conf_dir: Path, tls: tuple[Path, Path], state: Path, max_body_mb: int) -> Iterator[tuple[int, int]]:
+    """A real agent process (`opnsense-ha serve`) on 127.0.0.1; yields (pid, port)."""
+    port = free_port()
+    services = conf_dir / "services.d"
+    services.mkdir(exist_ok=True)
+    cmd = [PYTHON, "-m", "hasync", "--conf-dir", str(conf_dir), "serve", "--listen", f"127.0.0.1:{port}",
+           "--tls-cert", str(tls[0]), "--tls-key", str(tls[1]), "--allow-loopback",
+           "--services-dir", str(services), "--state-dir", str(state), "--max-body-mb", str(max_body_mb)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        read_line(proc, AGENT_START_TIMEOUT)
+        yield proc.pid, port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def sink(tls: tuple[Path, Path]) -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, str(HERE / "worker.py"), "sink", "--port", str(port), "--cert", str(tls[0]),
+                             "--key", str(tls[1])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        read_line(proc, 30)
+        yield port
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def point_at(primary_dir: Path, port: int) -> None:
+    """Aim the primary's hasync.synchronizetoip at the agent (a byte edit: no re-serialisation)."""
+    path = primary_dir / "config.xml"
+    data = path.read_bytes()
+    start = data.index(b"<synchronizetoip>") + len(b"<synchronizetoip>")
+    end = data.index(b"</synchronizetoip>", start)
+    path.write_bytes(data[:start] + f"https://127.0.0.1:{port}/".encode() + data[end:])
+
+
+def has_fast_path() -> bool:
+    return (PACKAGE_ROOT / "hasync" / "fastpath.py").is_file()
+
+
+def has_command(name: str) -> bool:
+    return (PACKAGE_ROOT / "hasync" / "commands" / f"{name}.py").is_file()
+
+
+def generated(work: Path, size_mb: float, seed: int) -> tuple[Path, Path]:
+    """The pair for (size, seed), regenerated only when generate.py changed."""
+    stamp = hashlib.sha256((HERE / "generate.py").read_bytes()).hexdigest()[:16]
+    out = work / f"gen-{size_mb:g}mb-seed{seed}-{stamp}"
+    primary, backup = out / "primary.xml", out / "backup.xml"
+    if not (primary.is_file() and backup.is_file()):
+        # in a child process: the driver stays small (its RSS is not what is measured, but it
+        # shares the machine with what is)
+        subprocess.run([PYTHON, str(HERE / "generate.py"), "--size-mb", f"{size_mb:g}", "--seed", str(seed),
+                        "--out", str(out)], check=True, capture_output=True, env=env())
+    return primary, backup
+
+
+def fresh_node(base: Path, name: str, source: Path) -> Path:
+    node = base / name
+    if node.exists():
+        shutil.rmtree(node)
+    node.mkdir(parents=True)
+    shutil.copy(source, node / "config.xml")
+    return node
+
+
+def median_row(size_mb: float, name: str, results: list[dict[str, Any]], agent_rss: int | None = None,
+               note: str = "") -> Row:
+    times = [r["seconds"] for r in results]
+    mid = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]
+    bad = [r for r in results if r.get("status", "ok") != "ok"]
+    return Row(size_mb, name, statistics.median(times), mid.get("wire"), max(r["rss_kb"] for r in results),
+               agent_rss, note, times, "ok" if not bad else f"error: {bad[0].get('message', '')[:200]}")
+
+
+def bench_size(size_mb: float, work: Path, tls: tuple[Path, Path], seed: int, repeat: int,
+               log: Any) -> SizeResult:
+    primary_xml, backup_xml = generated(work, size_mb, seed)
+    config_bytes = primary_xml.stat().st_size
+    result = SizeResult(size_mb, config_bytes)
+    base = work / f"run-{size_mb:g}mb"
+    log(f"== {size_mb:g} MB: primary {config_bytes} bytes, backup {backup_xml.stat().st_size} bytes")
+
+    heavy_repeat = max(1, repeat if size_mb < 50 else 1)
+    result.rows["limit a"] = median_row(size_mb, "limit a", [worker("parse", str(primary_xml))
+                                                               for _ in range(repeat)],
+                                        note="lxml parse + serialize")
+    with sink(tls) as port:
+        result.rows["limit b"] = median_row(size_mb, "limit b", [worker("post", str(primary_xml), "--port", str(port))
+                                                                   for _ in range(repeat)],
+                                            note="HTTPS POST to a loopback sink")
+    result.rows["limit c"] = median_row(size_mb, "limit c", [worker("fsync", str(primary_xml),
+                                                                      str(base.parent / "fsync-probe.xml"))
+                                                               for _ in range(repeat)],
+                                        note="write + fsync")
+    for key in ("limit a", "limit b", "limit c"):
+        log(f"   {key}: {result.rows[key].seconds:.3f}s")
+
+    # The compatible XML-RPC body is about twice the config; the agent's default limit is 128 MiB.
+    max_body_mb = max(128, int(config_bytes * 2.3 / MB) + 1)
+    body_note = f"; agent --max-body-mb {max_body_mb}" if max_body_mb > 128 else ""
+    paths = [("full sync, compatible", ["--full", "--compat"])]
+    if has_fast_path():
+        paths.append(("full sync, fast path", ["--full"]))
+    for name, flags in paths:
+        runs: list[dict[str, Any]] = []
+        agent_peak = 0
+        for index in range(heavy_repeat):
+            backup = fresh_node(base, f"backup-{index}", backup_xml)
+            primary = fresh_node(base, "primary", primary_xml)
+            with agent(backup, tls, base / "agent-state", max_body_mb) as (pid, port):
+                point_at(primary, port)
+                reset_hwm(pid)
+                runs.append(worker("sync", "--conf-dir", str(primary), *flags))
+                agent_peak = max(agent_peak, vm_hwm_kb(pid))
+        row = median_row(size_mb, name, runs, agent_peak, note=("" if "fast" in name else body_note.lstrip("; ")))
+        result.rows[name] = row
+        log(f"   {name}: {row.seconds:.3f}s {row.status}")
+
+    # no-op sync, diff and status against one long-running agent on the synced backup
+    backup = fresh_node(base, "backup-synced", backup_xml)
+    primary = fresh_node(base, "primary", primary_xml)
+    with agent(backup, tls, base / "agent-state", max_body_mb) as (pid, port):
+        point_at(primary, port)
+        # bring the backup in line first: a digest-first sync, which also leaves this config
+        # version's digests in the primary's cache, as any sync does
+        worker("sync", "--conf-dir", str(primary))
+        digest_cache = primary / "ha-state" / "sync-digests.json"
+        for name, args in (("no-op sync", ["sync", "--conf-dir", str(primary)]),
+                           ("no-op sync, cold", ["sync", "--conf-dir", str(primary)]),
+                           ("diff", ["cli", "--conf-dir", str(primary), "diff", "--json"]),
+                           ("status", ["status", "--conf-dir", str(primary)])):
+            if name == "diff" and not has_command("diff"):
+                continue
+            reset_hwm(pid)
+            count = max(repeat, 5) if name == "no-op sync" else max(1, min(repeat, 3))
+            runs = []
+            for _ in range(count):
+                if name == "no-op sync, cold":
+                    digest_cache.unlink(missing_ok=True)  # as after an edit of an unsynced part of config.xml
+                runs.append(worker(*args))
+            row = median_row(size_mb, name, runs, vm_hwm_kb(pid))
+            if name.startswith("no-op"):
+                row.note = f"median of {len(row.runs)}, max {max(row.runs):.3f}s; sent: {runs[0].get('transfer')}"
+            if name == "no-op sync, cold":
+                row.note += "; primary's digests recomputed"
+            result.rows[name] = row
+            log(f"   {name}: {row.seconds:.3f}s {row.status}")
+    shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    from lxml import etree
+
+    lxml_version = ".".join(map(str, etree.LXML_VERSION[:3]))
+    libxml = ".".join(map(str, etree.LIBXML_VERSION))
+    return (f"{os.cpu_count()} CPUs (`nproc`), {cpu}, {mem} RAM, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, lxml {lxml_version} (libxml2 {libxml})")
+
+
+def fmt_mb(kb: int | None) -> str:
+    return "" if kb is None else f"{kb / 1024:.0f}"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def report(results: list[SizeResult], seconds: float) -> str:
+    lines = [f"Machine: {machine()}.", f"Run took {seconds:.0f} s; sizes are MiB of config.xml (generator seed "
+             f"{SEED[0]}); times are medians (50 MB syncs run once). Client RSS includes the interpreter and "
+             f"imports (~{BASELINE_KB[0] / 1024:.0f} MB measured for a worker that only imports).", ""]
+    lines += ["| size | operation | wall s | x (a+b+c) | wire bytes | client RSS MB (x size) | agent RSS MB (x size) "
+              "| note |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for res in results:
+        size_mb = res.config_bytes / MB
+        for row in res.rows.values():
+            ratio = "" if row.name.startswith("limit") else f"{row.seconds / res.limit:.2f}"
+            client = "" if row.client_rss_kb is None else \
+                f"{fmt_mb(row.client_rss_kb)} ({row.client_rss_kb / 1024 / size_mb:.1f})"
+            agent_rss = "" if row.agent_rss_kb is None else \
+                f"{fmt_mb(row.agent_rss_kb)} ({row.agent_rss_kb / 1024 / size_mb:.1f})"
+            note = row.note if row.status == "ok" else f"{row.note} {row.status}".strip()
+            lines.append(f"| {res.size_mb:g} MB | {row.name} | {row.seconds:.3f} | {ratio} | "
+                         f"{'' if row.wire is None else row.wire} | {client} | {agent_rss} | {note} |")
+        lines.append(f"| {res.size_mb:g} MB | limits a+b+c | {res.limit:.3f} | 1.00 | | | | |")
+    lines += ["", "Targets (issue 6):", ""]
+    lines += targets(results)
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: list[SizeResult]) -> list[str]:
+    out: list[str] = []
+    biggest = max(results, key=lambda r: r.config_bytes)
+    size_label = f"{biggest.config_bytes / MB:.1f} MB"
+    for name, factor in (("full sync, fast path", FAST_FACTOR), ("full sync, compatible", COMPAT_FACTOR)):
+        row = biggest.rows.get(name)
+        if row is None:
+            out.append(f"- {name} ≤ {factor}x(a+b+c) at {size_label}: not measured (no such path yet)")
+            continue
+        ratio = row.seconds / biggest.limit
+        out.append(f"- {name} ≤ {factor}x(a+b+c) at {size_label}: {row.seconds:.3f}s = {ratio:.2f}x "
+                   f"(limit {biggest.limit:.3f}s) → {verdict(ratio <= factor and row.status == 'ok')}"
+                   + ("" if ratio <= factor else f", over by {ratio / factor:.2f}x"))
+    for res in results:
+        row = res.rows.get("no-op sync")
+        if row is None:
+            continue
+        wire_ok = row.wire is not None and row.wire <= NOOP_MAX_BYTES
+        time_ok = row.seconds <= NOOP_MAX_SECONDS
+        out.append(f"- no-op sync at {res.config_bytes / MB:.1f} MB: {row.wire} bytes (≤ {NOOP_MAX_BYTES}) → "
+                   f"{verdict(wire_ok)}; {row.seconds * 1000:.0f} ms median, {max(row.runs) * 1000:.0f} ms max "
+                   f"(≤ {NOOP_MAX_SECONDS * 1000:.0f}) → {verdict(time_ok)}")
+    for res in results:
+        size_mb = res.config_bytes / MB
+        for name in ("full sync, fast path", "full sync, compatible"):
+            row = res.rows.get(name)
+            if row is None:
+                continue
+            worst = max(row.client_rss_kb or 0, row.agent_rss_kb or 0) / 1024 / size_mb
+            out.append(f"- peak RSS ≤ {RSS_FACTOR:g}x size, {name} at {size_mb:.1f} MB: client "
+                       f"{(row.client_rss_kb or 0) / 1024 / size_mb:.1f}x, agent "
+                       f"{(row.agent_rss_kb or 0) / 1024 / size_mb:.1f}x → {verdict(worst <= RSS_FACTOR)}")
+    ordered = sorted(results, key=lambda r: r.config_bytes)
+    for small, large in itertools.pairwise(ordered):
+        size_ratio = large.config_bytes / small.config_bytes
+        for name in ("full sync, fast path", "full sync, compatible"):
+            a, b = small.rows.get(name), large.rows.get(name)
+            if a is None or b is None:
+                continue
+            time_ratio = b.seconds / a.seconds
+            allowed = size_ratio * SCALING_FACTOR
+            out.append(f"- near-linear, {name}: {size_ratio:.1f}x size ({small.config_bytes / MB:.1f} → "
+                       f"{large.config_bytes / MB:.1f} MB) cost {time_ratio:.2f}x time (≤ {allowed:.1f}x) → "
+                       f"{verdict(time_ratio <= allowed)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="benchmark sync against the machine's limits")
+    parser.add_argument("--sizes", default=",".join(f"{s:g}" for s in DEFAULT_SIZES),
+                        help="comma-separated config sizes in MiB (default 1,10,50)")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats per measurement (median; 50 MB syncs once)")
+    parser.add_argument("--seed", type=int, default=6)
+    parser.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=HERE / "results.md", help="markdown report")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw rows as JSON")
+    args = parser.parse_args(argv)
+    sizes = [float(part) for part in args.sizes.split(",") if part.strip()]
+    SEED[0] = args.seed
+    BASELINE_KB[0] = worker("baseline")["rss_kb"]
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hasync-bench-")))
+        work.mkdir(parents=True, exist_ok=True)
+        from hasync.tlsutil import generate_self_signed
+
+        tls = work / "agent.crt", work / "agent.key"
+        if not tls[0].exists():
+            generate_self_signed(tls[0], tls[1], "localhost")
+
+        def log(text: str) -> None:
+            print(text, file=sys.stderr, flush=True)
+
+        results = [bench_size(size, work, tls, args.seed, args.repeat, log) for size in sizes]
+    text = report(results, time.monotonic() - started)
+    print(text)
+    args.out.write_text("# opnsense-ha sync benchmark\n\n" + text)
+    if args.json:
+        args.json.write_text(json.dumps([{"size_mb": r.size_mb, "config_bytes": r.config_bytes,
+                                          "rows": {k: vars(v) for k, v in r.rows.items()}} for r in results],
+                                        indent=2))
+    failed = [row for res in results for row in res.rows.values() if row.status != "ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
