@@ -214,3 +214,28 @@ def test_canonical_form_examples() -> None:
         "nat": {"x": [{"y": "1"}]},
         "virtualip": {"vip": [{"vhid": "1", "advskew": "100"}]},
     }
+
+
+def test_the_compact_probe_carries_the_same_digests_and_a_stock_backup_is_remembered(pair: Pair) -> None:
+    from hasync.client import PeerClient
+
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        ids = ["users", "aliases", "nope"]
+        client = PeerClient(server.url, "hasync", "demo-sync-password")
+        compact = fastpath.compact_probe(client, ids, pair.primary)
+        assert compact is not None and compact.fast_path
+        assert compact.digests["items"] == client.call("hasync.digest", [ids])["items"]
+        assert compact.digests["unknown"] == ["nope"]
+        assert compact.firmware == client.call("opnsense.firmware_version")
+        quiet = sync(pair)
+    assert quiet.transfer == "none" and quiet.bytes_sent + quiet.bytes_received < 2500  # bodies, both ways
+    peers = pair.primary / "ha-state" / fastpath.PEERS_FILE
+    assert not peers.exists() or server.url not in peers.read_text()
+    with running_agent(pair, extensions=False) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        assert '"stock"' in peers.read_text()  # remembered: the next sync asks the compatible way at once
+        client = PeerClient(server.url, "hasync", "demo-sync-password")
+        assert fastpath.compact_probe(client, ["users"], pair.primary) is None

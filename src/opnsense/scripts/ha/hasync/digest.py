@@ -276,6 +276,9 @@ def _canonical_member(out: dict[str, Any], key: Any, item: Any, path: str | None
     if item is False:
         return
     if key == ATTRIBUTES or key.endswith(ATTRIBUTES):
+        if path is not None and isinstance(item, dict) and any(isinstance(v, (dict, list)) for v in item.values()):
+            item = copy.deepcopy(item)  # never from XML (attributes are text); strip as the definition does
+            strip_nosync(item, path)
         if isinstance(item, dict) and item:
             out[key] = {str(k): scalar_text(v) for k, v in item.items()}
         return

@@ -430,6 +430,69 @@ def _probe_one_by_one(peer: Any, digest_items: Sequence[str] | None, capabilitie
     return result
 
 
+PEERS_FILE = "sync-peers.json"
+
+
+def _peers(conf_dir: Path) -> tuple[Path, dict[str, str]]:
+    from .syncer import state_dir
+
+    path = state_dir(conf_dir) / PEERS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    return path, {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def remember_peer(conf_dir: Path, url: str, stock: bool) -> None:
+    """Which probe a backup answers, so a stock one is not asked for `PROBE_METHOD` every sync."""
+    path, peers = _peers(conf_dir)
+    if (peers.get(url) == "stock") == stock:
+        return
+    if stock:
+        peers[url] = "stock"
+    else:
+        peers.pop(url, None)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(json.dumps(peers, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        log.info("could not store %s: %s", path, exc)
+
+
+def compact_probe(peer: Any, item_ids: Sequence[str], conf_dir: Path) -> PeerProbe | None:
+    """firmware_version, digests and features in one small request and reply (`PROBE_METHOD`).
+
+    The same digests as `hasync.digest`, in zlib-compressed JSON: a no-op sync then fits in a few
+    KB on the wire, TLS handshake included. None when the peer does not offer it.
+    """
+    from . import digest as digestmod
+
+    if _peers(conf_dir)[1].get(peer.url) == "stock":
+        return None
+    try:
+        reply = peer.call(PROBE_METHOD, [",".join(item_ids)])
+    except RemoteFault:
+        return None
+    try:
+        if not isinstance(reply, bytes):
+            raise ValueError("not base64")
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(reply, PROBE_REPLY_LIMIT)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("too large or truncated")
+        document = json.loads(text)
+        if not isinstance(document, dict):
+            raise ValueError("not a struct")
+    except (ValueError, zlib.error) as exc:
+        raise HaError(f"{PROBE_METHOD}: malformed reply from {peer.peer_key} ({exc})") from None
+    features = document.get("features")
+    digests = digestmod.digest_reply(document.get("items") or {}, document.get("unknown") or [])
+    digests["canonical"], digests["algorithm"] = document.get("canonical"), document.get("algorithm")
+    return PeerProbe(document.get("firmware"), {"features": features if isinstance(features, list) else []},
+                     digests, extensions=True)
+
+
 def send_blob(peer: Any, blob: SectionsBlob) -> Any:
     return peer.call(METHOD, [blob.param])
 
@@ -565,6 +628,20 @@ class ConfigCache:
             return self._capabilities
 
 
+PROBE_METHOD = "hasync.sync_probe"
+PROBE_REPLY_LIMIT = 1024 * 1024
+
+
+def _probe_ids(argument: Any) -> list[str]:
+    """The item ids of a probe: one comma-separated string (the shortest form on the wire)."""
+    if not isinstance(argument, str) or len(argument) > 64 * 1024:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD} expects the item ids as one comma-separated string")
+    ids = [part.strip() for part in argument.split(",") if part.strip()]
+    if not ids:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD}: no item ids")
+    return list(dict.fromkeys(ids))
+
+
 def _wrap_merge(handler: Handler, cache: ConfigCache) -> Handler:
     """Free the cached tree before a merge (it is stale afterwards and would double the peak)."""
 
@@ -599,6 +676,18 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
                 return digestmod.digest_reply(known, unknown)
 
             dispatcher.register("hasync.digest", digest)
+            def sync_probe(argument: Any, context: CallContext) -> bytes:
+                from . import digest as digestmod
+
+                ids = _probe_ids(argument)
+                firmware = dispatcher.methods["opnsense.firmware_version"]([], context)
+                known, unknown = cache.digests(ids)
+                document = {"firmware": firmware, "canonical": digestmod.CANONICAL_FORM,
+                            "algorithm": digestmod.ALGORITHM, "items": known, "unknown": unknown,
+                            "features": sorted(features or ())}
+                return zlib.compress(json.dumps(document, separators=(",", ":")).encode(), 9)
+
+            dispatcher.register(PROBE_METHOD, sync_probe)
         original_caps = dispatcher.methods.get("hasync.capabilities")
         if original_caps is not None:
             def capabilities(argument: Any, context: CallContext) -> Any:
@@ -622,28 +711,55 @@ class ConfigView:
     """The primary's config.xml for one sync, parsed only when something must be sent.
 
     A no-op sync needs the sync settings and this node's per-item digests, both functions of the
-    file's bytes. Both are kept in `<conf-dir>/ha-state/sync-digests.json` under the SHA-256 of
-    the bytes (no secret is stored: the `hasync` section, which holds the sync password, is
-    re-read from its recorded byte range of the very same bytes). Hashing 50 MB takes ~30 ms;
-    parsing it ~600 ms and digesting it seconds.
+    file's content. Both are kept in `<conf-dir>/ha-state/sync-digests.json` for one version of
+    the file, named by its SHA-256 and its identity (device, inode, size, mtime, ctime): when the
+    identity is unchanged and the entry was verified after the racy window, the file is not
+    even read; otherwise it is hashed (~30 ms for 50 MB) and compared. No secret is stored: the
+    `hasync` section, which holds the sync password, is re-read from its recorded byte range of
+    that very version. Parsing 50 MB takes ~600 ms and digesting it seconds.
     """
 
-    def __init__(self, store: ConfigStore, state: Path) -> None:
+    def __init__(self, store: ConfigStore, state: Path, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.path = state / VIEW_CACHE
-        self.data = store.read_bytes()
-        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self.clock = clock
+        self.key = file_key(store.config_path)
+        self._data: bytes | None = None
         self._root: etree._Element | None = None
-        self._cache = self._read_cache()
         self.parsed = False
+        self._cache = self._read_cache()
+        if not self._cache.get("trusted"):
+            self._cache = self._verified(self._cache)
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = self.store.read_bytes()
+        return self._data
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
 
     def _read_cache(self) -> dict[str, Any]:
         try:
             cached = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(cached, dict) or cached.get("format") != VIEW_FORMAT or cached.get("sha256") != self.sha256:
+        if not isinstance(cached, dict) or cached.get("format") != VIEW_FORMAT:
             return {}
+        key, verified = cached.get("file_key"), cached.get("verified_at")
+        cached["trusted"] = (self.key is not None and isinstance(key, list) and tuple(key) == self.key
+                             and isinstance(verified, (int, float)) and verified - self.key[3] / 1e9 > RACY_WINDOW)
+        return cached
+
+    def _verified(self, cached: dict[str, Any]) -> dict[str, Any]:
+        """The entry if it describes the file's current bytes (checked by hash), else nothing."""
+        if not cached or cached.get("sha256") != self.sha256:
+            return {}
+        if self.key is not None and self.clock() - self.key[3] / 1e9 > RACY_WINDOW:
+            cached["file_key"], cached["verified_at"] = list(self.key), self.clock()
+            self._write(cached)  # the next run can trust the file's identity
         return cached
 
     @property
@@ -653,13 +769,24 @@ class ConfigView:
             self.parsed = True
         return self._root
 
+    def _span(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of config.xml, read under its shared lock."""
+        if self._data is not None:
+            return self._data[start:end]
+        import fcntl
+
+        with open(self.store.config_path, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            handle.seek(start)
+            return handle.read(end - start)
+
     def light_root(self) -> etree._Element:
         """A tree that answers `read_hasync` and the web GUI protocol/port like the real one."""
         span = self._cache.get("hasync_span")
         webgui = self._cache.get("webgui")
         if isinstance(span, list) and len(span) == 2 and isinstance(webgui, list) and len(webgui) == 2:
             try:
-                hasync = xmlsafe.parse_bytes(self.data[span[0] : span[1]], remove_blank_text=True)
+                hasync = xmlsafe.parse_bytes(self._span(int(span[0]), int(span[1])), remove_blank_text=True)
             except (etree.XMLSyntaxError, xmlsafe.UnsafeXmlError):
                 hasync = None
             if hasync is not None and hasync.tag == "hasync":
@@ -718,7 +845,15 @@ class ConfigView:
         span = self._locate_hasync()
         if span is not None:
             entry["hasync_span"] = span
+        # the identity is recorded only for the bytes just read and hashed, and only once the
+        # file is older than the racy window (a same-size rewrite in the same tick looks alike)
+        if self.key is not None and file_key(self.store.config_path) == self.key:
+            entry["file_key"], entry["verified_at"] = list(self.key), self.clock()
         self._cache = entry
+        self._write(entry)
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        entry = {k: v for k, v in entry.items() if k != "trusted"}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -771,7 +906,10 @@ class SyncPlan:
     def probe(self, peer: Any) -> Any:
         """The backup's firmware_version reply; decides `send_ids` on the way."""
         digest_first = self.ours is not None
-        self.peer_probe = probe(peer, self.item_ids if digest_first else None, capabilities=not digest_first)
+        found = compact_probe(peer, self.item_ids, self.view.store.conf_dir) if digest_first else None
+        self.peer_probe = found or probe(peer, self.item_ids if digest_first else None, capabilities=not digest_first)
+        if digest_first and found is None:
+            remember_peer(self.view.store.conf_dir, peer.url, stock=not self.peer_probe.extensions)
         self._decide(peer)
         return self.peer_probe.firmware
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import versions
+from . import fastpath, versions
 from .client import ClientOptions, PeerClient
 from .errors import HaError
 from .items import SyncItemRegistry, read_hasync
 from .store import ConfigStore
-from .syncer import Progress, SyncOptions, SyncRun, peer_from_settings, restart_all
+from .syncer import Progress, SyncOptions, SyncRun, peer_from_settings, restart_all, state_dir
 
 SERVICE_ACTIONS = ("start", "stop", "restart")
 
@@ -36,7 +36,8 @@ class Remote:
         self.progress = progress
 
     def peer(self) -> PeerClient:
-        root = self.store.load()
+        # the sync settings without parsing all of config.xml when a sync already cached them
+        root = fastpath.ConfigView(self.store, state_dir(self.store.conf_dir)).light_root()
         return peer_from_settings(self.store.conf_dir, root, read_hasync(root), self.client_options)
 
     def version(self) -> dict[str, Any]:
