@@ -554,3 +554,116 @@ def test_logins_remember_verified_passwords_never_failures(monkeypatch: pytest.M
     assert auth.verify_hash("right", changed) and calls[-1] == "right" and len(calls) == 4
     monkeypatch.setattr(auth, "VERIFIED_TTL", 0.0)
     assert auth.verify_hash("right", stored) and len(calls) == 5  # expired
+
+
+# --- the IXR codec speedups -----------------------------------------------------------------------
+
+
+def ref_escape(text: str) -> str:
+    if _XML_INVALID.search(text):
+        raise ValueError("string contains characters that XML 1.0 cannot carry")
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+            .replace("'", "&#039;"))
+
+
+def ref_encode(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"<boolean>{1 if value else 0}</boolean>"
+    if isinstance(value, int):
+        return f"<int>{value}</int>"
+    if isinstance(value, float):
+        return f"<double>{value!r}</double>"
+    if isinstance(value, str):
+        return f"<string>{ref_escape(value)}</string>"
+    if isinstance(value, bytes):
+        import base64
+
+        return f"<base64>{base64.b64encode(value).decode('ascii')}</base64>"
+    if isinstance(value, dict) and value:
+        return "<struct>\n" + "".join(f"  <member><name>{ref_escape(str(k))}</name><value>{ref_encode(v)}"
+                                      "</value></member>\n" for k, v in value.items()) + "</struct>"
+    if isinstance(value, (list, tuple, dict)):
+        return "<array><data>\n" + "".join(f"  <value>{ref_encode(v)}</value>\n" for v in value) + "</data></array>"
+    return "<string></string>"
+
+
+wire_values = st.recursive(
+    st.one_of(st.text(max_size=8), st.integers(-(2**63), 2**63 - 1), st.booleans(), st.none(),
+              st.floats(allow_nan=False, allow_infinity=False), st.binary(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.tuples(inner),
+                            st.dictionaries(st.one_of(st.text(max_size=5), st.integers(0, 3)), inner, max_size=3)),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(wire_values)
+def test_encoder_output_is_byte_identical_to_the_straightforward_one(value: Any) -> None:
+    try:
+        expected: Any = ref_encode(value)
+    except ValueError as exc:
+        expected = exc
+    try:
+        got: Any = xmlrpc.encode_value(value)
+    except ValueError as exc:
+        got = exc
+    if isinstance(expected, ValueError):
+        assert isinstance(got, ValueError) and str(got) == str(expected)
+    else:
+        assert got == expected
+
+
+def ref_decode(body: bytes) -> Any:
+    """The general decoder alone (the fast shapes switched off)."""
+    root = xmlrpc._parse(body)
+    node = root.find("params/param/value")
+    assert node is not None
+    return xmlrpc._decode_value_general(node)
+
+
+MESSY = [
+    b"<struct><member><value><string>v</string></value><name>reversed</name></member></struct>",
+    b"<struct><!--c--><member><name>a</name><!--c--><value>x</value></member></struct>",
+    b"<struct><member><name>a</name><value><string>1</string></value><name>b</name></member></struct>",
+    b"<struct><bogus/></struct>",
+    b"<array><!--c--><data><value><string>a</string></value><!--c--><value/></data></array>",
+    b"<array><data/><data/></array>",
+    b"<array><data><nope/></data></array>",
+    b"<string>a<!--c-->b</string>",
+    b"<string><b/></string>",
+    b"<!--c--><string>x</string>",
+    b"<string>x</string><string>y</string>",
+    b"  text  ",
+    b"<struct><member><name>n</name><value>   </value></member></struct>",
+    b"<array><data><value><int>7</int></value><value><boolean>1</boolean></value></data></array>",
+]
+
+
+@pytest.mark.parametrize("inner", MESSY)
+def test_decoder_fast_shapes_agree_with_the_general_decoder(inner: bytes) -> None:
+    body = b"<?xml version=\"1.0\"?><methodResponse><params><param><value>" + inner + \
+        b"</value></param></params></methodResponse>"
+    try:
+        expected: Any = ref_decode(body)
+    except xmlrpc.XmlRpcDecodeError as exc:
+        expected = exc
+    node = xmlrpc._parse(body).find("params/param/value")
+    assert node is not None
+    try:
+        got: Any = xmlrpc._decode_value(node)
+    except xmlrpc.XmlRpcDecodeError as exc:
+        got = exc
+    if isinstance(expected, Exception):
+        assert isinstance(got, xmlrpc.XmlRpcDecodeError) and str(got) == str(expected)
+    else:
+        assert got == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire_values)
+def test_decoder_round_trip_agrees_with_the_general_decoder(value: Any) -> None:
+    try:
+        body = xmlrpc.dumps_response(value)
+    except ValueError:
+        return
+    assert xmlrpc.loads_response(body) == ref_decode(body)

@@ -63,10 +63,16 @@ class Fault(Exception):
         return f"fault {self.code}: {self.message}"
 
 
+_NEEDS_ESCAPE = re.compile("[&<>\"']")
+
+
 def _escape(text: str) -> str:
     """PHP htmlspecialchars() with ENT_QUOTES, as IXR applies it to strings."""
-    if _XML_INVALID_CHARS.search(text):
+    # printable text holds no XML-invalid character; most config text needs no escaping at all
+    if not text.isprintable() and _XML_INVALID_CHARS.search(text):
         raise ValueError("string contains characters that XML 1.0 cannot carry")
+    if _NEEDS_ESCAPE.search(text) is None:
+        return text
     return (
         text.replace("&", "&amp;")
         .replace("<", "&lt;")
@@ -78,6 +84,41 @@ def _escape(text: str) -> str:
 
 def encode_value(value: Any) -> str:
     """The XML of one value, laid out exactly as IXR_Value::getXml() does."""
+    out: list[str] = []
+    _encode_into(value, out)
+    return "".join(out)
+
+
+def _encode_into(value: Any, out: list[str]) -> None:
+    """`encode_value` appending to one list: no per-level join of a 100 MB payload."""
+    kind = type(value)
+    if kind is str:
+        out.append("<string>")
+        out.append(_escape(value))
+        out.append("</string>")
+    elif kind is dict and value:
+        append = out.append
+        append("<struct>\n")
+        for name, item in value.items():
+            append("  <member><name>")
+            append(_escape(name if type(name) is str else str(name)))
+            append("</name><value>")
+            _encode_into(item, out)
+            append("</value></member>\n")
+        append("</struct>")
+    elif kind is list:
+        append = out.append
+        append("<array><data>\n")
+        for item in value:
+            append("  <value>")
+            _encode_into(item, out)
+            append("</value>\n")
+        append("</data></array>")
+    else:
+        out.append(_encode_other(value))
+
+
+def _encode_other(value: Any) -> str:
     if isinstance(value, bool):
         return f"<boolean>{1 if value else 0}</boolean>"
     if isinstance(value, int):
@@ -118,7 +159,7 @@ def dumps_request(method: str, params: list[Any] | tuple[Any, ...]) -> bytes:
     out = [f'<?xml version="1.0"?>\n<methodCall>\n<methodName>{_escape(method)}</methodName>\n<params>\n']
     for param in params:
         out.append("<param><value>")
-        out.append(encode_value(param))
+        _encode_into(param, out)
         out.append("</value></param>\n")
     out.append("</params></methodCall>")
     return "".join(out).encode("utf-8")
@@ -165,7 +206,76 @@ def _children(node: etree._Element) -> list[etree._Element]:
 
 
 def _decode_value(node: etree._Element) -> Any:
-    """Decode a <value> element; returns _NO_VALUE for IXR's 'carries no value' case."""
+    """Decode a <value> element; returns _NO_VALUE for IXR's 'carries no value' case.
+
+    The shapes that make up nearly every body (a lone <string>, <struct> or <array>, members of
+    exactly <name><value>) are read directly; anything else, including every malformed body,
+    goes through `_decode_value_general`, which defines the behaviour.
+    """
+    count = len(node)
+    if count == 1:
+        typed = node[0]
+        kind = typed.tag
+        if kind == "string":
+            if len(typed) == 0:
+                return typed.text or ""
+        elif kind == "struct":
+            return _decode_struct(typed)
+        elif kind == "array":
+            return _decode_array(typed)
+    elif count == 0:
+        text = node.text or ""
+        return text if text.strip() != "" else _NO_VALUE
+    return _decode_value_general(node)
+
+
+def _decode_struct(typed: etree._Element) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for member in typed:
+        tag = member.tag
+        if tag != "member":
+            if isinstance(tag, str):
+                raise XmlRpcDecodeError(f"unexpected <{tag}> in <struct>")
+            continue  # a comment or processing instruction
+        if len(member) == 2:
+            name, value = member[0], member[1]
+            if name.tag == "name" and value.tag == "value":
+                item = _decode_value(value)
+                if item is not _NO_VALUE:
+                    result[name.text or ""] = item
+                continue
+        parts = _children(member)
+        names = [p for p in parts if p.tag == "name"]
+        values = [p for p in parts if p.tag == "value"]
+        if len(names) != 1 or len(values) != 1 or len(parts) != 2:
+            raise XmlRpcDecodeError("<member> must hold one <name> and one <value>")
+        item = _decode_value(values[0])
+        if item is not _NO_VALUE:
+            result[names[0].text or ""] = item
+    return result
+
+
+def _decode_array(typed: etree._Element) -> list[Any]:
+    if len(typed) == 1 and typed[0].tag == "data":
+        data = typed[0]
+    else:
+        found = _children(typed)
+        if len(found) != 1 or found[0].tag != "data":
+            raise XmlRpcDecodeError("<array> must hold exactly one <data>")
+        data = found[0]
+    items = []
+    for child in data:
+        tag = child.tag
+        if tag == "value":
+            item = _decode_value(child)
+            if item is not _NO_VALUE:
+                items.append(item)
+        elif isinstance(tag, str):
+            raise XmlRpcDecodeError(f"unexpected <{tag}> in <data>")
+    return items
+
+
+def _decode_value_general(node: etree._Element) -> Any:
     kids = _children(node)
     if not kids:
         text = node.text or ""
