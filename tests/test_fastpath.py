@@ -513,7 +513,7 @@ def test_config_cache_parses_once_per_version_of_the_file(tmp_path: Path) -> Non
     assert cache.root() is first and cache.loads == 1
     digests, unknown = cache.digests(["users", "nope"])
     assert unknown == ["nope"] and cache.digests(["users"])[0] == digests and cache.loads == 1
-    with store.transaction("test: change") as root:
+    with ConfigStore(pair.backup).transaction("test: change") as root:  # another writer
         root.find("system/hostname").text = "renamed"  # type: ignore[union-attr]
     assert cache.root().findtext("system/hostname") == "renamed" and cache.loads == 2
 
@@ -667,3 +667,19 @@ def test_decoder_round_trip_agrees_with_the_general_decoder(value: Any) -> None:
     except ValueError:
         return
     assert xmlrpc.loads_response(body) == ref_decode(body)
+
+
+def test_config_cache_adopts_what_the_store_writes(tmp_path: Path) -> None:
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 4e9)
+    cache.root()
+    with store.transaction("test: change") as root:
+        root.find("system/hostname").text = "written"  # type: ignore[union-attr]
+    assert cache.root() is root and cache.loads == 1  # the written tree, not a re-parse
+    assert cache.root().findtext("system/hostname") == "written"
+    # control: a write that does not go through this store is seen by its file identity
+    other = ConfigStore(pair.backup)
+    with other.transaction("test: elsewhere") as root2:
+        root2.find("system/hostname").text = "elsewhere"  # type: ignore[union-attr]
+    assert cache.root().findtext("system/hostname") == "elsewhere" and cache.loads == 2

@@ -554,6 +554,7 @@ class ConfigCache:
         self._digests: dict[str, str] = {}
         self._capabilities: dict[str, Any] | None = None
         self.loads = 0  # how often config.xml was parsed (tests use it)
+        store.written = self.adopt
 
     def _valid(self) -> bool:
         key = file_key(self.store.config_path)
@@ -585,6 +586,27 @@ class ConfigCache:
             self._key = before
             young = self.clock() - before[3] / 1e9 <= RACY_WINDOW
             self._content = hashlib.sha256(data).hexdigest() if young else None
+
+    def adopt(self, root: etree._Element, data: bytes) -> None:
+        """The store just wrote `root` as `data` (its lock is held): keep that tree, no re-parse.
+
+        Never waits for the cache: a reader holding it may be waiting for the file lock the
+        writer holds, and both would wait forever. A busy cache simply stays stale (its key no
+        longer matches) and re-reads later.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._key, self._content, self._root = None, None, None
+            self._digests, self._capabilities = {}, None
+            key = file_key(self.store.config_path)
+            if key is None:
+                return
+            self._root, self._key = root, key
+            young = self.clock() - key[3] / 1e9 <= RACY_WINDOW
+            self._content = hashlib.sha256(data).hexdigest() if young else None
+        finally:
+            self._lock.release()
 
     def drop(self) -> None:
         with self._lock:
@@ -895,6 +917,7 @@ class SyncPlan:
         self.stale: list[str] = []
         self._payload: dict[str, Any] | None = None
         self._record_payload: dict[str, Any] | None = None
+        self.record_digests: dict[str, str] | None = None
         self.blob: SectionsBlob | None = None
 
     def prepare(self) -> str:
@@ -1024,23 +1047,37 @@ class SyncPlan:
         size = len(xmlrpc.dumps_request(RESTORE_METHOD, [self.payload()]))
         return f"would send {size} bytes; nothing sent"
 
+    def _prepare_record(self) -> None:
+        """What the snapshot records: payload form and digests (run while the backup merges)."""
+        from . import digest as digestmod
+
+        payload = self.record_payload()
+        if self.ours is None or any(i not in self.ours for i in self.record_ids):
+            self.record_digests = {
+                item.id: digestmod.digest(digestmod.value_item_value(payload, item.sections, copy_values=False))
+                for item in self.registry.resolve(self.record_ids)
+            }
+        else:
+            self.record_digests = {i: self.ours[i] for i in self.record_ids}
+
     def send(self, peer: Any) -> str:
         self._learn_capabilities(peer)
         if self.uses_fast_path:
-            self.blob = build_blob(self.view.root, self.sections)
-            # the snapshot needs the payload form; build it while the backup merges
-            worker = threading.Thread(target=self.record_payload, name="payload-for-snapshot", daemon=True)
-            worker.start()
-            try:
-                reply = send_blob(peer, self.blob)
-            finally:
-                worker.join()
+            blob = self.blob = build_blob(self.view.root, self.sections)
+            request: Callable[[], Any] = lambda: send_blob(peer, blob)  # noqa: E731
             self.transfer = "fast path"
-            detail = describe(self.blob)
         else:
-            reply = peer.call(RESTORE_METHOD, [self.payload()])
+            payload = self.payload()
+            request = lambda: peer.call(RESTORE_METHOD, [payload])  # noqa: E731
             self.transfer = "XML-RPC"
-            detail = "merged"
+        # the snapshot's share of the work runs on this node's other core while the backup merges
+        worker = threading.Thread(target=self._prepare_record, name="snapshot-prepare", daemon=True)
+        worker.start()
+        try:
+            reply = request()
+        finally:
+            worker.join()
+        detail = describe(self.blob) if self.blob is not None else "merged"
         if reply is not True:
             raise HaError(f"backup did not confirm the merge (answered {str(reply)[:100]!r})")
         return detail

@@ -21,7 +21,7 @@ import fcntl
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -87,6 +87,9 @@ class ConfigStore:
         self.backup_dir = self.conf_dir / BACKUP_DIR_NAME
         self.clock: Clock = clock or SystemClock()
         self.restored_from: Path | None = None  # set when a load had to fall back to history
+        # called with (tree, bytes) after every write through the store, under its lock (the
+        # agent's read cache adopts the tree it just wrote instead of parsing it again)
+        self.written: Callable[[etree._Element, bytes], None] | None = None
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -173,6 +176,8 @@ class ConfigStore:
         self._write_history(data, now)
         self._rewrite_in_place(handle, data)
         self._prune(backup_count(root))
+        if self.written is not None:  # still under the lock: the file is exactly `data`
+            self.written(root, data)
 
     @contextlib.contextmanager
     def locked_bytes(self) -> Iterator[LockedConfig]:
