@@ -7,6 +7,7 @@ stream. Everything here talks to that process over real loopback sockets.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import ctypes
@@ -29,6 +30,16 @@ import bcrypt
 from hasync.store import ConfigStore
 
 PYTHON = sys.executable
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _reap_leftovers() -> None:
+    """Safety net: an agent a failed test did not stop must not outlive the test run."""
+    for process in _STARTED:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 _LISTEN_RE = re.compile(rb"listening on (https?)://127\.0\.0\.1:(\d+)/xmlrpc\.php")
 HISTORY_RE = re.compile(r"^config-\d+\.\d{4}\.xml$")
 
@@ -135,6 +146,7 @@ class AgentProcess:
         env = dict(os.environ, OPNSENSE_HA_FAILOVER="none", PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=log, env=env)
+        _STARTED.append(self.process)
         self.starts += 1
         assert self.process.stdout is not None
         line = _readline(self.process.stdout, timeout)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ def regressions(rows: list[tuple[str, tuple[int, int, int]]]) -> list[str]:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Pair, Path, AgentProcess]:
+def setup(tmp_path: Path) -> Iterator[tuple[Pair, Path, AgentProcess]]:
     pair = make_pair(tmp_path)
     for node in (pair.primary, pair.backup):
         set_user_password(node, SYNC_USER, SYNC_PASSWORD)
@@ -160,12 +161,15 @@ def setup(tmp_path: Path) -> tuple[Pair, Path, AgentProcess]:
     services.mkdir()
     agent = AgentProcess(pair.backup, tmp_path / "agent-state", services, tmp_path / "agent.log",
                          tls=(pair.cert_file, pair.key_file)).start()
-    for primary in (pair.primary, second):
-        with ConfigStore(primary).transaction("test: target") as root:
-            target = root.find("hasync/synchronizetoip")
-            assert target is not None
-            target.text = agent.url
-    return pair, second, agent
+    try:
+        for primary in (pair.primary, second):
+            with ConfigStore(primary).transaction("test: target") as root:
+                target = root.find("hasync/synchronizetoip")
+                assert target is not None
+                target.text = agent.url
+        yield pair, second, agent
+    finally:
+        agent.stop()
 
 
 @pytest.mark.slow

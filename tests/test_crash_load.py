@@ -158,7 +158,6 @@ def test_sigkill_at_random_moments_never_loses_or_tears_config(tmp_path: Path) -
     agent = AgentProcess(pair.backup, tmp_path / "agent-state", services, tmp_path / "agent.log",
                          tls=(pair.cert_file, pair.key_file))
     agent.start()
-    pair.point_primary_at(agent.url)
     rng = random.Random(SEED)
     committed: dict[str, str] = {}  # history file -> hash, for every write that took effect
     outcomes: collections.Counter[str] = collections.Counter()
@@ -166,6 +165,7 @@ def test_sigkill_at_random_moments_never_loses_or_tears_config(tmp_path: Path) -
     durations: list[float] = []
     watch = DirWatch(pair.backup / "backup", IN_CREATE | IN_MOVED_TO)
     try:
+        pair.point_primary_at(agent.url)
         for iteration in range(SYNCS):
             change_primary(pair.primary, iteration, rng)
             config = pair.backup / "config.xml"

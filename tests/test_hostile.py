@@ -136,16 +136,21 @@ def make_target(tmp: Path, tls: bool = False) -> Target:
     services.mkdir()
     agent = AgentProcess(pair.backup, tmp / "agent-state", services, tmp / "agent.log",
                          tls=(pair.cert_file, pair.key_file) if tls else None).start()
-    # nothing for hasync.rollback to undo: no sync in this node's history
-    merged = [p for p in (pair.backup / "backup").iterdir() if b"from XMLRPC client." in p.read_bytes()]
-    assert not merged
-    # every method the agent offers is fuzzed; a new one must be added here (and to would_merge
-    # if it writes), or this fails
-    listed = raw_request(agent.port, xmlrpc.dumps_request("system.listMethods", []),
-                         headers={"Authorization": basic(SYNC_USER, SYNC_PASSWORD)},
-                         tls=client_tls_context() if tls else None)
-    offered = set(xmlrpc.loads_response(listed.body))
-    assert offered <= set(KNOWN_METHODS), f"methods not covered by the fuzz: {sorted(offered - set(KNOWN_METHODS))}"
+    try:
+        # nothing for hasync.rollback to undo: no sync in this node's history
+        merged = [p for p in (pair.backup / "backup").iterdir() if b"from XMLRPC client." in p.read_bytes()]
+        assert not merged
+        # every method the agent offers is fuzzed; a new one must be added here (and to would_merge
+        # if it writes), or this fails
+        listed = raw_request(agent.port, xmlrpc.dumps_request("system.listMethods", []),
+                             headers={"Authorization": basic(SYNC_USER, SYNC_PASSWORD)},
+                             tls=client_tls_context() if tls else None)
+        offered = set(xmlrpc.loads_response(listed.body))
+        assert offered <= set(KNOWN_METHODS), \
+            f"methods not covered by the fuzz: {sorted(offered - set(KNOWN_METHODS))}"
+    except BaseException:
+        agent.stop()  # no fixture teardown runs for a half-made target
+        raise
     return Target(agent, pair.backup, (pair.backup / "config.xml").read_bytes(), Canary(),
                   basic(SYNC_USER, SYNC_PASSWORD), tmp)
 
