@@ -31,6 +31,7 @@ from lxml import etree
 
 from conftest import REPO, SHARED
 from hasync import fastpath, merge, xmlrpc
+from hasync import store as store_module
 from hasync.agent import MethodFault
 from hasync.client import PeerClient
 from hasync.errors import HaError, MergeError, RemoteFault
@@ -683,3 +684,23 @@ def test_config_cache_adopts_what_the_store_writes(tmp_path: Path) -> None:
     with other.transaction("test: elsewhere") as root2:
         root2.find("system/hostname").text = "elsewhere"  # type: ignore[union-attr]
     assert cache.root().findtext("system/hostname") == "elsewhere" and cache.loads == 2
+
+
+def test_a_merge_takes_the_cached_tree_only_when_no_reader_may_hold_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 4e9)
+    cache.digests(["users"])  # loads the tree under the cache's own lock
+    parsed = []
+    original = store_module.parse_config_bytes
+    monkeypatch.setattr(store_module, "parse_config_bytes", lambda d, s: parsed.append(s) or original(d, s))
+    monkeypatch.setattr(fastpath, "HANDOVER_QUIET", 0.0)
+    cached = cache._root
+    with store.transaction("test: reuse") as root:
+        assert root is cached and parsed == []  # handed over, not parsed again
+        root.find("system/hostname").text = "merged"  # type: ignore[union-attr]
+    assert cache.root() is root  # and what was written is the cache again
+    monkeypatch.setattr(fastpath, "HANDOVER_QUIET", 60.0)  # a login just read the tree: keep hands off
+    with store.transaction("test: no reuse") as again:
+        assert again is not root and len(parsed) == 1

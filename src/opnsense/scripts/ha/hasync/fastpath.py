@@ -52,7 +52,7 @@ from xml.sax.saxutils import quoteattr
 from lxml import etree
 
 from . import xmlrpc, xmlsafe
-from .agent import CallContext, Dispatcher, Handler, MethodFault
+from .agent import CallContext, Dispatcher, MethodFault
 from .errors import ConfigError, HaError, RemoteFault
 from .items import SyncItemRegistry
 from .payload import (
@@ -519,6 +519,7 @@ def decode_param_for_tests(param: dict[str, Any]) -> dict[str, Any]:
 # --- derived data of config.xml, valid while the file is unchanged -------------------------------
 
 RACY_WINDOW = 1.0  # seconds: a file modified this recently is also checked by content
+HANDOVER_QUIET = 1.0  # seconds since a reader got the cached tree before a writer may take it
 
 
 def file_key(path: Path) -> tuple[int, ...] | None:
@@ -554,7 +555,9 @@ class ConfigCache:
         self._digests: dict[str, str] = {}
         self._capabilities: dict[str, Any] | None = None
         self.loads = 0  # how often config.xml was parsed (tests use it)
+        self._handed_out = 0.0  # when root() last gave the tree to a reader
         store.written = self.adopt
+        store.reuse = self.take
 
     def _valid(self) -> bool:
         key = file_key(self.store.config_path)
@@ -608,6 +611,26 @@ class ConfigCache:
         finally:
             self._lock.release()
 
+    def take(self, data: bytes) -> etree._Element | None:
+        """Hand the cached tree to a writer that read `data` under the exclusive lock (the
+        writer modifies it, so the cache lets go of it). Never waits, like `adopt`."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            root = self._root
+            if root is None or self._key is None or file_key(self.store.config_path) != self._key or \
+                    len(data) != self._key[2]:
+                return None
+            if time.monotonic() - self._handed_out < HANDOVER_QUIET:
+                return None  # a login may still be reading it (they read outside the cache's lock)
+            if self._content is not None and hashlib.sha256(data).hexdigest() != self._content:
+                return None
+            self._key, self._content, self._root = None, None, None
+            self._digests, self._capabilities = {}, None
+            return root
+        finally:
+            self._lock.release()
+
     def drop(self) -> None:
         with self._lock:
             self._key, self._content, self._root = None, None, None
@@ -619,6 +642,7 @@ class ConfigCache:
             if self._root is None or not self._valid():
                 self._refresh()
             assert self._root is not None
+            self._handed_out = time.monotonic()
             return self._root
 
     def digests(self, item_ids: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -664,23 +688,13 @@ def _probe_ids(argument: Any) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _wrap_merge(handler: Handler, cache: ConfigCache) -> Handler:
-    """Free the cached tree before a merge (it is stale afterwards and would double the peak)."""
-
-    def merge(argument: Any, context: CallContext) -> Any:
-        cache.drop()
-        return handler(argument, context)
-
-    return merge
-
-
 def register(dispatcher: Dispatcher, features: set[str] | None = None,
              cache: ConfigCache | None = None) -> FastPathAgent:
     """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FEATURE`.
 
     With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
-    same replies, no re-parse and no re-digest while config.xml is unchanged), and the merge
-    methods free it first.
+    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge takes the
+    cached tree instead of parsing the file again, and the tree it writes becomes the cache.
     """
     agent = FastPathAgent(dispatcher)
     agent.register()
@@ -716,10 +730,6 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
                 return cache.capabilities(lambda: original_caps(argument, context))
 
             dispatcher.register("hasync.capabilities", capabilities)
-        for name in (RESTORE_METHOD, METHOD):
-            handler = dispatcher.methods.get(name)
-            if handler is not None and name != METHOD:
-                dispatcher.register(name, _wrap_merge(handler, cache))
     return agent
 
 
@@ -918,6 +928,7 @@ class SyncPlan:
         self._payload: dict[str, Any] | None = None
         self._record_payload: dict[str, Any] | None = None
         self.record_digests: dict[str, str] | None = None
+        self.prepared: Any = None  # snapshot.PreparedRecord
         self.blob: SectionsBlob | None = None
 
     def prepare(self) -> str:
@@ -1047,9 +1058,11 @@ class SyncPlan:
         size = len(xmlrpc.dumps_request(RESTORE_METHOD, [self.payload()]))
         return f"would send {size} bytes; nothing sent"
 
-    def _prepare_record(self) -> None:
-        """What the snapshot records: payload form and digests (run while the backup merges)."""
+    def _prepare_record(self, target: str) -> None:
+        """What the snapshot records: payload form, digests and the compressed values, all
+        computed while the backup merges; written once the merge is confirmed."""
         from . import digest as digestmod
+        from . import snapshot
 
         payload = self.record_payload()
         if self.ours is None or any(i not in self.ours for i in self.record_ids):
@@ -1059,6 +1072,11 @@ class SyncPlan:
             }
         else:
             self.record_digests = {i: self.ours[i] for i in self.record_ids}
+        try:
+            self.prepared = snapshot.prepare(self.view.store.conf_dir, self.registry, self.record_ids, payload,
+                                             target, digests=self.record_digests)
+        except (HaError, OSError) as exc:  # recorded the plain way afterwards, which reports it
+            log.info("snapshot not prepared during the merge: %s", exc)
 
     def send(self, peer: Any) -> str:
         self._learn_capabilities(peer)
@@ -1071,7 +1089,8 @@ class SyncPlan:
             request = lambda: peer.call(RESTORE_METHOD, [payload])  # noqa: E731
             self.transfer = "XML-RPC"
         # the snapshot's share of the work runs on this node's other core while the backup merges
-        worker = threading.Thread(target=self._prepare_record, name="snapshot-prepare", daemon=True)
+        worker = threading.Thread(target=self._prepare_record, args=(peer.url,), name="snapshot-prepare",
+                                  daemon=True)
         worker.start()
         try:
             reply = request()

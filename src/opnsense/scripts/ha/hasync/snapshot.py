@@ -163,36 +163,75 @@ def record(
     `digests`: this node's digests of those items when the caller already has them (a sync
     compares them with the backup's first), so they are not computed twice.
     """
+    return prepare(conf_dir, registry, item_ids, payload, target, now, digests).commit(backup_digests)
+
+
+@dataclass
+class PreparedRecord:
+    """A snapshot record with everything computed but the backup's digests, nothing written yet.
+
+    A sync prepares it while the backup merges (the JSON and gzip of a large config take
+    seconds) and commits it once the backup has told its digests.
+    """
+
+    directory: Path
+    target: str
+    item_ids: list[str]
+    records: dict[str, ItemRecord]
+    values: dict[str, Any]
+    blob: bytes
+
+    def commit(self, backup_digests: dict[str, str] | None = None) -> Snapshot:
+        for item_id in self.item_ids:
+            if item_id in self.records:
+                self.records[item_id].backup_digest = (backup_digests or {}).get(item_id, "")
+        _write_atomic(self.directory / VALUES_FILE, self.blob)  # values first: the metadata names their digest
+        meta = {
+            "format": FORMAT,
+            "canonical": digestmod.CANONICAL_FORM,
+            "algorithm": digestmod.ALGORITHM,
+            "target": self.target,
+            "values_sha256": hashlib.sha256(self.blob).hexdigest(),
+            "items": {item_id: rec.as_json() for item_id, rec in sorted(self.records.items())},
+        }
+        _write_atomic(self.directory / META_FILE, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        return Snapshot(self.directory, self.target, self.records, hashlib.sha256(self.blob).hexdigest(),
+                        self.values)
+
+
+def prepare(
+    conf_dir: str | os.PathLike[str],
+    registry: SyncItemRegistry,
+    item_ids: list[str],
+    payload: dict[str, Any],
+    target: str,
+    now: float | None = None,
+    digests: dict[str, str] | None = None,
+) -> PreparedRecord:
+    """The record `record` writes, computed (the directory is created; nothing else is written)."""
     now = time.time() if now is None else now
     directory = state_dir(Path(conf_dir))
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    items = registry.resolve(item_ids)
     try:
         previous = load(conf_dir)
-        values = previous.values() if previous is not None and previous.target == target else {}
+        records = dict(previous.items) if previous is not None and previous.target == target else {}
+        # earlier values are read only when some of them are kept (a full sync replaces them all)
+        keep = set(records) - {item.id for item in items}
+        values = previous.values() if previous is not None and keep else {}
     except HaError:
-        previous, values = None, {}
-    records = dict(previous.items) if previous is not None and previous.target == target else {}
+        records, values = {}, {}
     values = {k: v for k, v in values.items() if k in records}
-    for item in registry.resolve(item_ids):
+    for item in items:
         value = digestmod.value_item_value(payload, item.sections, copy_values=False)  # only read below
         values[item.id] = value
         known = (digests or {}).get(item.id)
         records[item.id] = ItemRecord(item.id, list(item.sections), round(now, 3),
-                                      known or digestmod.digest(value), (backup_digests or {}).get(item.id, ""))
+                                      known or digestmod.digest(value), "")
     # level 1: this is local state read back by this program, and level 9 costs seconds on a large config
     blob = gzip.compress(json.dumps(values, sort_keys=True, separators=(",", ":")).encode("utf-8"),
                          compresslevel=1, mtime=0)
-    _write_atomic(directory / VALUES_FILE, blob)  # values first: the metadata names their digest
-    meta = {
-        "format": FORMAT,
-        "canonical": digestmod.CANONICAL_FORM,
-        "algorithm": digestmod.ALGORITHM,
-        "target": target,
-        "values_sha256": hashlib.sha256(blob).hexdigest(),
-        "items": {item_id: rec.as_json() for item_id, rec in sorted(records.items())},
-    }
-    _write_atomic(directory / META_FILE, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
-    return Snapshot(directory, target, records, hashlib.sha256(blob).hexdigest(), values)
+    return PreparedRecord(directory, target, [item.id for item in items], records, values, blob)
 
 
 def record_after_sync(
@@ -203,6 +242,7 @@ def record_after_sync(
     peer: PeerClient,
     item_ids: list[str] | None = None,
     digests: dict[str, str] | None = None,
+    prepared: PreparedRecord | None = None,
 ) -> None:
     """Called by `SyncRun` right after the backup confirmed the merge. Never raises.
 
@@ -219,7 +259,10 @@ def record_after_sync(
     except HaError as exc:
         log.info("no digests from the backup after the sync: %s", exc)
     try:
-        record(conf_dir, registry, ids, payload, peer.url, backup_digests, digests=digests)
+        if prepared is not None and prepared.target == peer.url and prepared.item_ids == ids:
+            prepared.commit(backup_digests)
+        else:
+            record(conf_dir, registry, ids, payload, peer.url, backup_digests, digests=digests)
     except (HaError, OSError) as exc:
         note = f"the snapshot of this sync was not recorded ({exc}); diff/check against a stock backup will be stale"
         result.warnings.append(note)

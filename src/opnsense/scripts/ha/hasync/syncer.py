@@ -240,7 +240,8 @@ class SyncRun:
         from . import snapshot  # late import: snapshot builds on this module
 
         snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
-                                   item_ids=plan.record_ids, digests=plan.record_digests or plan.ours)
+                                   item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
+                                   prepared=plan.prepared)
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
         self._step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
         if self.options.restart_services:
