@@ -390,20 +390,19 @@ def merge_payload(
     # top-level sections; otherwise their before-state is parsed back and compared exactly, and a
     # point can only have changed below a top-level section that did.
     changed_top: list[str] = []
-    before_tops: dict[str, list[etree._Element]] = {}
+    changed: set[str] = set()
     for key in data:
         after = _children(root, key)
-        snapshot = top_before[key]
+        snapshot = top_before.pop(key)
         if len(snapshot) == len(after) and all(old == _serial(node) for old, node in zip(snapshot, after, strict=True)):
             continue
-        before_tops[key] = [_reparse(old) for old in snapshot]
-        if not _same_nodes(before_tops[key], after):
+        before = [_reparse(old) for old in snapshot]  # one section's before-state at a time
+        del snapshot
+        if not _same_nodes(before, after):
             changed_top.append(key)
-    changed_points = [
-        p for p in points
-        if p.split(".")[0] in before_tops
-        and not _same_nodes(_find_below(before_tops[p.split(".")[0]], p), find_path(root, p))
-    ]
+        changed.update(p for p in points if p.split(".")[0] == key
+                       and not _same_nodes(_find_below(before, p), find_path(root, p)))
+    changed_points = [p for p in points if p in changed]
     vips_touched = ctx.vips_added or ctx.vips_changed or ctx.vips_removed
     if "virtualip" in data and vips_touched and "virtualip" not in changed_points:
         changed_points.append("virtualip")
