@@ -61,6 +61,7 @@ RSS_FACTOR = 4.0
 SCALING_FACTOR = 11.0 / 10.0  # 10x the size may cost at most 11x the time
 SEED = [6]
 BASELINE_KB = [0]
+LOADAVG: list[float] = []
 
 
 @dataclass
@@ -210,12 +211,14 @@ def generated(work: Path, size_mb: float, seed: int) -> tuple[Path, Path]:
     return primary, backup
 
 
-def fresh_node(base: Path, name: str, source: Path) -> Path:
+def fresh_node(base: Path, name: str, source: Path, settle: bool = False) -> Path:
     node = base / name
     if node.exists():
         shutil.rmtree(node)
     node.mkdir(parents=True)
     shutil.copy(source, node / "config.xml")
+    if settle:  # a backup in steady state: its config.xml is in its history, as every writer leaves it
+        worker("settle", "--conf-dir", str(node))
     return node
 
 
@@ -261,7 +264,7 @@ def bench_size(size_mb: float, work: Path, tls: tuple[Path, Path], seed: int, re
         runs: list[dict[str, Any]] = []
         agent_peak = 0
         for index in range(heavy_repeat):
-            backup = fresh_node(base, f"backup-{index}", backup_xml)
+            backup = fresh_node(base, f"backup-{index}", backup_xml, settle=True)
             primary = fresh_node(base, "primary", primary_xml)
             with agent(backup, tls, base / "agent-state", max_body_mb) as (pid, port):
                 point_at(primary, port)
@@ -273,7 +276,7 @@ def bench_size(size_mb: float, work: Path, tls: tuple[Path, Path], seed: int, re
         log(f"   {name}: {row.seconds:.3f}s {row.status}")
 
     # no-op sync, diff and status against one long-running agent on the synced backup
-    backup = fresh_node(base, "backup-synced", backup_xml)
+    backup = fresh_node(base, "backup-synced", backup_xml, settle=True)
     primary = fresh_node(base, "primary", primary_xml)
     with agent(backup, tls, base / "agent-state", max_body_mb) as (pid, port):
         point_at(primary, port)
@@ -337,7 +340,10 @@ def verdict(ok: bool) -> str:
 
 
 def report(results: list[SizeResult], seconds: float) -> str:
-    lines = [f"Machine: {machine()}.", f"Run took {seconds:.0f} s; sizes are MiB of config.xml (generator seed "
+    load = " / ".join(f"{a:.2f}" for a in LOADAVG)
+    lines = [f"Machine: {machine()}. Load average (1 min) at start / end of the run: {load} "
+             "(the machine is shared: other load slows every row, the limits included).",
+             f"Run took {seconds:.0f} s; sizes are MiB of config.xml (generator seed "
              f"{SEED[0]}); times are medians (50 MB syncs run once). Client RSS includes the interpreter and "
              f"imports (~{BASELINE_KB[0] / 1024:.0f} MB measured for a worker that only imports).", ""]
     lines += ["| size | operation | wall s | x (a+b+c) | wire bytes | client RSS MB (x size) | agent RSS MB (x size) "
@@ -419,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [float(part) for part in args.sizes.split(",") if part.strip()]
     SEED[0] = args.seed
     BASELINE_KB[0] = worker("baseline")["rss_kb"]
+    LOADAVG.append(os.getloadavg()[0])
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hasync-bench-")))
@@ -433,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text, file=sys.stderr, flush=True)
 
         results = [bench_size(size, work, tls, args.seed, args.repeat, log) for size in sizes]
+    LOADAVG.append(os.getloadavg()[0])
     text = report(results, time.monotonic() - started)
     print(text)
     args.out.write_text("# opnsense-ha sync benchmark\n\n" + text)

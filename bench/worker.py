@@ -223,6 +223,16 @@ def op_sink(args: argparse.Namespace) -> None:
     server.shutdown()
 
 
+def op_settle(args: argparse.Namespace) -> None:
+    """Write the backup's config once through the store, as OPNsense's own writes do, so it is the
+    newest history file (a first merge into a config copied in by hand also preserves a copy)."""
+    from hasync.store import ConfigStore
+
+    store = ConfigStore(args.conf_dir)
+    store.write(store.load(), "bench: settled")
+    emit(op="settle", seconds=0.0)
+
+
 def op_baseline(_args: argparse.Namespace) -> None:
     """The interpreter plus every module a sync imports: the floor under every client RSS."""
     from hasync import fastpath, snapshot, syncer  # noqa: F401
@@ -256,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     post.add_argument("file")
     post.add_argument("--port", type=int, required=True)
     post.set_defaults(func=op_post)
+    settle = sub.add_parser("settle")
+    settle.add_argument("--conf-dir", required=True)
+    settle.set_defaults(func=op_settle)
     baseline = sub.add_parser("baseline")
     baseline.set_defaults(func=op_baseline)
     sink = sub.add_parser("sink")
