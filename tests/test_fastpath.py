@@ -189,6 +189,7 @@ def test_change_detection_agrees_with_fingerprints(node: etree._Element, choice:
     reparsed = merge._reparse(merge._serial(before))  # what merge_payload compares: the re-parsed snapshot
     assert merge._same_nodes([reparsed], [after]) is expected
     assert merge._same_nodes([before], [after]) is expected
+    assert merge._same_nodes([reparsed], [after], known_different=True) is expected
 
 
 values = st.recursive(

@@ -398,7 +398,7 @@ def merge_payload(
             continue
         before = [_reparse(old) for old in snapshot]  # one section's before-state at a time
         del snapshot
-        if not _same_nodes(before, after):
+        if not _same_nodes(before, after, known_different=True):
             changed_top.append(key)
         changed.update(p for p in points if p.split(".")[0] == key
                        and not _same_nodes(_find_below(before, p), find_path(root, p)))
@@ -459,7 +459,7 @@ def _find_below(tops: list[etree._Element], dotted: str) -> list[etree._Element]
     return nodes
 
 
-def _same_nodes(before: list[etree._Element], after: list[etree._Element]) -> bool:
+def _same_nodes(before: list[etree._Element], after: list[etree._Element], known_different: bool = False) -> bool:
     """``_fingerprint_all(before) == _fingerprint_all(after)``, stopping at the first difference.
 
     Equal serialisations imply equal fingerprints; only where the bytes differ (a real change, or
@@ -468,8 +468,8 @@ def _same_nodes(before: list[etree._Element], after: list[etree._Element]) -> bo
     if len(before) != len(after):
         return False
     for old, new in zip(before, after, strict=True):
-        if _serial(old) == _serial(new):
-            continue
+        if not known_different and _serial(old) == _serial(new):
+            continue  # (the caller already compared these bytes when `known_different`)
         if old.tag != new.tag or sorted(old.attrib.items()) != sorted(new.attrib.items()):
             return False
         old_kids = [child for child in old if isinstance(child.tag, str)]
