@@ -103,9 +103,25 @@ class Dispatcher:
                 if not isinstance(params, list):
                     params = [params]
                 results.append([self.call(call["methodName"], params, context)])
-            except MethodFault as fault:
+            except Exception as exc:  # IXR answers each call of a multicall on its own
+                fault = as_fault(exc, str(call.get("methodName")) if isinstance(call, dict) else "?", context)
                 results.append({"faultCode": fault.code, "faultString": fault.message})
         return results
+
+
+def as_fault(exc: Exception, method: str, context: CallContext) -> MethodFault:
+    """The fault a failed handler answers with, logged once: what the caller can fix is a
+    parameter fault with our message; anything unexpected stays internal (no traceback leaks)."""
+    if isinstance(exc, MethodFault):
+        return exc
+    if isinstance(exc, MergeError | ServiceError):
+        log.warning("%s from %s@%s failed: %s", method, context.username, context.remote_addr, exc)
+        return MethodFault(xmlrpc.INVALID_PARAMS, str(exc))
+    if isinstance(exc, HaError):
+        log.error("%s from %s@%s failed: %s", method, context.username, context.remote_addr, exc)
+        return MethodFault(xmlrpc.INTERNAL_ERROR, str(exc))
+    log.exception("internal error in %s", method)
+    return MethodFault(xmlrpc.INTERNAL_ERROR, f"server error. internal error in {method}")
 
 
 class AuthOutcome(Protocol):
@@ -349,17 +365,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         try:
             result = self.server.dispatcher.call(method, params, context)
             return xmlrpc.dumps_response(result)
-        except MethodFault as fault:
+        except Exception as exc:
+            fault = as_fault(exc, method, context)
             return xmlrpc.dumps_fault(fault.code, fault.message)
-        except (MergeError, ServiceError) as exc:
-            log.warning("%s from %s@%s failed: %s", method, context.username, context.remote_addr, exc)
-            return xmlrpc.dumps_fault(xmlrpc.INVALID_PARAMS, str(exc))
-        except HaError as exc:
-            log.error("%s from %s@%s failed: %s", method, context.username, context.remote_addr, exc)
-            return xmlrpc.dumps_fault(xmlrpc.INTERNAL_ERROR, str(exc))
-        except Exception:
-            log.exception("internal error in %s", method)
-            return xmlrpc.dumps_fault(xmlrpc.INTERNAL_ERROR, f"server error. internal error in {method}")
 
 
 def run_until_signalled(server: AgentServer, on_ready: Callable[[], None] | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,9 @@ AUTH_FAILED_RESPONSE = (
 )
 
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
+# the spec's double: optional sign, ASCII digits, one optional point (float() would also take
+# "nan", "inf", "1_0" and non-ASCII digits); an exponent is accepted as PHP's parser does
+_DOUBLE_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _XML_INVALID_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
@@ -304,10 +308,12 @@ def _decode_value_general(node: etree._Element) -> Any:
             raise XmlRpcDecodeError(f"<boolean> must be 0 or 1, got {text[:20]!r}")
         return text.strip() == "1"
     if kind == "double":
-        try:
-            return float(text.strip())
-        except ValueError:
-            raise XmlRpcDecodeError(f"<double> holds no number: {text[:40]!r}") from None
+        if not _DOUBLE_TEXT.fullmatch(text.strip()):
+            raise XmlRpcDecodeError(f"<double> holds no number: {text[:40]!r}")
+        number_f = float(text.strip())
+        if not math.isfinite(number_f):
+            raise XmlRpcDecodeError(f"<double> {text[:40]!r} is out of range")
+        return number_f
     if kind == "base64":
         try:
             return base64.b64decode(text.encode("ascii"), validate=False)
