@@ -346,8 +346,8 @@ def report(results: list[SizeResult], seconds: float) -> str:
              f"Run took {seconds:.0f} s; sizes are MiB of config.xml (generator seed "
              f"{SEED[0]}); times are medians (50 MB syncs run once). Client RSS includes the interpreter and "
              f"imports (~{BASELINE_KB[0] / 1024:.0f} MB measured for a worker that only imports).", ""]
-    lines += ["| size | operation | wall s | x (a+b+c) | wire bytes | client RSS MB (x size) | agent RSS MB (x size) "
-              "| note |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["| size | operation | wall s | x (a+b+c) | issue-6 target | wire bytes | client RSS MB (x size) "
+              "| agent RSS MB (x size) | note |", "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for res in results:
         size_mb = res.config_bytes / MB
         for row in res.rows.values():
@@ -357,12 +357,26 @@ def report(results: list[SizeResult], seconds: float) -> str:
             agent_rss = "" if row.agent_rss_kb is None else \
                 f"{fmt_mb(row.agent_rss_kb)} ({row.agent_rss_kb / 1024 / size_mb:.1f})"
             note = row.note if row.status == "ok" else f"{row.note} {row.status}".strip()
-            lines.append(f"| {res.size_mb:g} MB | {row.name} | {row.seconds:.3f} | {ratio} | "
+            lines.append(f"| {res.size_mb:g} MB | {row.name} | {row.seconds:.3f} | {ratio} | {row_target(row, res)} | "
                          f"{'' if row.wire is None else row.wire} | {client} | {agent_rss} | {note} |")
-        lines.append(f"| {res.size_mb:g} MB | limits a+b+c | {res.limit:.3f} | 1.00 | | | | |")
+        lines.append(f"| {res.size_mb:g} MB | limits a+b+c | {res.limit:.3f} | 1.00 | | | | | |")
     lines += ["", "Targets (issue 6):", ""]
     lines += targets(results)
     return "\n".join(lines) + "\n"
+
+
+def row_target(row: Row, res: SizeResult) -> str:
+    """The row's own issue-6 target and verdict (the list below the table has them all)."""
+    factors = {"full sync, fast path": FAST_FACTOR, "full sync, compatible": COMPAT_FACTOR}
+    if row.name in factors:
+        ratio = row.seconds / res.limit
+        factor = factors[row.name]
+        over = "" if ratio <= factor else f" ({ratio / factor:.1f}x over)"
+        return f"≤ {factor:g}x: {verdict(ratio <= factor)}{over}"
+    if row.name == "no-op sync":
+        ok = row.wire is not None and row.wire <= NOOP_MAX_BYTES and max(row.runs) <= NOOP_MAX_SECONDS
+        return f"≤ 4 KB, ≤ 150 ms: {verdict(ok)}"
+    return ""
 
 
 def targets(results: list[SizeResult]) -> list[str]:
