@@ -259,3 +259,19 @@ def test_reader_waits_for_writer_lock(conf: Path) -> None:
     out, _ = probe.communicate(timeout=30)
     assert out.strip() == b"7"
     assert etree.iselement(store.load())
+
+
+def test_a_hung_lock_holder_gives_a_clear_error_in_bounded_time(conf: Path) -> None:
+    store = ConfigStore(conf)
+    store.lock_timeout = 0.5
+    before = (conf / "config.xml").read_bytes()
+    with open(conf / "config.xml", "r+b") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match=r"locked by another process for more than 0\.5s"):
+            store.load()
+        with pytest.raises(ConfigError, match="locked by another process"), store.transaction("never"):
+            pytest.fail("the transaction body must not run without the lock")
+    assert (conf / "config.xml").read_bytes() == before
+    assert not (conf / "backup").exists()
+    bump(store)  # the lock is free again: works
+    assert store.load().findtext("counter") == "1"

@@ -805,12 +805,7 @@ class ConfigView:
         """Bytes [start, end) of config.xml, read under its shared lock."""
         if self._data is not None:
             return self._data[start:end]
-        import fcntl
-
-        with open(self.store.config_path, "rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)
-            handle.seek(start)
-            return handle.read(end - start)
+        return self.store.read_span(start, end)
 
     def light_root(self) -> etree._Element:
         """A tree that answers `read_hasync` and the web GUI protocol/port like the real one."""

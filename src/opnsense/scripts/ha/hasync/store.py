@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.xml"
 BACKUP_DIR_NAME = "backup"
 DEFAULT_BACKUP_COUNT = 100
+DEFAULT_LOCK_TIMEOUT = 120.0
 SYSTEM_USERNAME = "(system)"
 _HISTORY_RE = re.compile(r"^config-(\d+(?:\.\d+)?)\.xml$")
 _TMP_PREFIX = ".tmp-config-"
@@ -87,6 +89,7 @@ class ConfigStore:
         self.backup_dir = self.conf_dir / BACKUP_DIR_NAME
         self.clock: Clock = clock or SystemClock()
         self.restored_from: Path | None = None  # set when a load had to fall back to history
+        self.lock_timeout = DEFAULT_LOCK_TIMEOUT
         # called with (tree, bytes) after every write through the store, under its lock (the
         # agent's read cache adopts the tree it just wrote instead of parsing it again)
         self.written: Callable[[etree._Element, bytes], None] | None = None
@@ -104,18 +107,43 @@ class ConfigStore:
         except PermissionError:
             raise ConfigError(f"{self.config_path}: permission denied (run as root?)") from None
 
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[IO[bytes]]:
+        """config.xml open and flock'ed (shared for reading, exclusive for writing).
+
+        The wait is bounded: a process that hangs while holding the lock (a stuck PHP writer)
+        gives a clear error after `lock_timeout` seconds instead of piling up agent threads.
+        """
+        with self._open("r+b" if exclusive else "rb") as handle:
+            self._flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield handle
+
+    def _flock(self, handle: IO[bytes], mode: int) -> None:
+        # Real time, not self.clock: the injected clock dates revisions, this bounds a wait.
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"{self.config_path}: locked by another process for more than {self.lock_timeout:g}s "
+                        "(a hung configd or PHP writer?); nothing was read or written"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.01)
+
     def load(self) -> etree._Element:
         """Parse config.xml under a shared lock; restore from history if it is broken."""
-        with self._open("rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)
+        with self._locked(exclusive=False) as handle:
             data = handle.read()
             try:
                 return parse_config_bytes(data, str(self.config_path))
             except ConfigError as broken:
-                fcntl.flock(handle, fcntl.LOCK_UN)
                 error = broken
-        with self._open("r+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._locked(exclusive=True) as handle:
             return self._read_locked(handle, first_error=error)
 
     def recover(self) -> etree._Element:
@@ -125,14 +153,18 @@ class ConfigStore:
         next write. Holding the exclusive lock proves no live writer owns them; this sweeps them
         and restores config.xml from history when it does not parse.
         """
-        with self._open("r+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._locked(exclusive=True) as handle:
             return self._read_locked(handle)
 
     def read_bytes(self) -> bytes:
-        with self._open("rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)
+        with self._locked(exclusive=False) as handle:
             return handle.read()
+
+    def read_span(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of config.xml, read under the shared lock."""
+        with self._locked(exclusive=False) as handle:
+            handle.seek(start)
+            return handle.read(max(0, end - start))
 
     def _read_locked(self, handle: IO[bytes], first_error: ConfigError | None = None) -> etree._Element:
         """Parse while holding the exclusive lock; on failure restore the newest valid history file."""
@@ -164,16 +196,14 @@ class ConfigStore:
     @contextlib.contextmanager
     def transaction(self, description: str, username: str = SYSTEM_USERNAME) -> Iterator[etree._Element]:
         """Exclusive lock across read-modify-write. Nothing is written if the block raises."""
-        with self._open("r+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._locked(exclusive=True) as handle:
             root = self._read_locked(handle)
             yield root
             self._write_locked(handle, root, description, username)
 
     def write(self, root: etree._Element, description: str, username: str = SYSTEM_USERNAME) -> None:
         """Replace the config with `root` (a tree obtained from `load`) under an exclusive lock."""
-        with self._open("r+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._locked(exclusive=True) as handle:
             self._write_locked(handle, root, description, username)
 
     def _write_locked(self, handle: IO[bytes], root: etree._Element, description: str, username: str) -> None:
@@ -193,8 +223,7 @@ class ConfigStore:
         Unlike `transaction`, nothing is parsed or re-serialised, and nothing is written unless
         the caller asks with `LockedConfig.replace`.
         """
-        with self._open("r+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._locked(exclusive=True) as handle:
             self._sweep_temp_files()
             yield LockedConfig(self, handle, handle.read())
 
