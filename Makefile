@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 
-.PHONY: all setup test test-fast test-lab lint demo bench bench-failover clean
+.PHONY: all setup test test-fast test-lab test-reliability lint demo bench bench-failover clean
 
 all: test
 
@@ -27,6 +27,10 @@ test-fast: $(STAMP)
 
 test-lab: $(STAMP)
 	$(BIN)/pytest -q -m lab tests
+
+test-reliability: $(STAMP)
+	$(BIN)/pytest -q tests/test_crash_load.py tests/test_concurrency.py tests/test_hostile.py \
+		tests/test_secrets.py tests/test_network_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
