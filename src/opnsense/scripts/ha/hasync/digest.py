@@ -46,7 +46,7 @@ from lxml import etree
 
 from .items import SyncItemRegistry
 from .merge import RULE_LISTS
-from .payload import VIRTUALIP, _copy_section, build_payload, php_empty
+from .payload import VIRTUALIP, _copy_section, build_payload, php_empty, place_at
 from .tree import ATTRIBUTES, LIST_TAGS, element_to_value
 
 CANONICAL_FORM = "hasync-canonical-1"
@@ -101,21 +101,6 @@ def _single_container(node: etree._Element, tag: str) -> etree._Element | None:
     return None
 
 
-def _place(out: dict[str, Any], parts: Sequence[str], value: Any) -> None:
-    """Put `value` at `parts` in `out` the way payload._copy_section builds intermediate levels."""
-    target = out
-    for part in parts[:-1]:
-        existing = target.get(part)
-        if isinstance(existing, dict):
-            target = existing
-        elif existing is None or php_empty(existing):
-            target[part] = {}
-            target = target[part]
-        else:
-            return  # an earlier, broader section already holds this whole subtree
-    target[parts[-1]] = value
-
-
 def tree_item_value(root: etree._Element, sections: Iterable[str]) -> dict[str, Any]:
     """The raw payload-form value of `sections` of a config tree (nosync records included).
 
@@ -133,7 +118,7 @@ def tree_item_value(root: etree._Element, sections: Iterable[str]) -> dict[str, 
             found, found_value = _tag_value(node, parts[-1])
             if found:
                 value = found_value
-        _place(out, parts, value)
+        place_at(out, parts, value)
     return out
 
 

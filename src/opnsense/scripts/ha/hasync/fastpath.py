@@ -61,7 +61,7 @@ from .payload import (
     _vip_section,
     check_sections,
     payload_for_items,
-    php_empty,
+    place_at,
     remove_nosync,
 )
 from .store import ConfigStore, parse_config_bytes
@@ -230,22 +230,6 @@ def _ixr_roundtrip_fix(value: Any) -> Any:
     return value
 
 
-def _place(payload: dict[str, Any], dotted: str, value: Any, missing: bool) -> None:
-    """`payload._copy_section`'s placement, given whether the primary had the path."""
-    parts = dotted.split(".")
-    target = payload
-    for part in parts[:-1]:
-        existing = target.get(part)
-        if isinstance(existing, dict):
-            target = existing
-        elif existing is None or php_empty(existing):
-            target[part] = {}
-            target = target[part]
-        else:
-            return  # an earlier, broader section already copied this whole subtree
-    target[parts[-1]] = [] if missing else value
-
-
 def _fault(text: str) -> MethodFault:
     return MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: {text}")
 
@@ -315,7 +299,7 @@ def payload_from_document(
         if dotted == VIRTUALIP:
             payload[VIRTUALIP] = _vip_section({} if missing else {VIRTUALIP: value})
         else:
-            _place(payload, dotted, value, missing)
+            place_at(payload, dotted.split("."), [] if missing else value)
         holder.clear()  # free the subtree as soon as it is converted
     remove_nosync(payload)
     if DHCPD in payload:

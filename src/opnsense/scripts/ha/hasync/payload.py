@@ -133,17 +133,25 @@ def _copy_section(config: dict[str, Any], payload: dict[str, Any], dotted: str, 
     """
     parts = dotted.split(".")
     source: Any = config
-    target: dict[str, Any] = payload
     missing = False
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if not missing and isinstance(source, dict) and part in source:
+    for part in parts:
+        if isinstance(source, dict) and part in source:
             source = source[part]
         else:
             missing = True
-        if last:
-            target[part] = [] if missing else (copy.deepcopy(source) if copy_value else source)
-            return
+            break
+    value = [] if missing else (copy.deepcopy(source) if copy_value else source)
+    place_at(payload, parts, value)
+
+
+def place_at(payload: dict[str, Any], parts: Sequence[str], value: Any) -> None:
+    """Put `value` at `parts` of `payload`, building the intermediate levels as copy_conf_section does.
+
+    An intermediate level that an earlier, broader section already filled with a whole subtree
+    wins: the narrower section is inside it already.
+    """
+    target = payload
+    for part in parts[:-1]:
         existing = target.get(part)
         if isinstance(existing, dict):
             target = existing
@@ -151,8 +159,8 @@ def _copy_section(config: dict[str, Any], payload: dict[str, Any], dotted: str, 
             target[part] = {}
             target = target[part]
         else:
-            # An earlier, broader section already copied this whole subtree.
             return
+    target[parts[-1]] = value
 
 
 def remove_nosync(value: Any) -> None:
