@@ -327,31 +327,9 @@ def _decode_value_general(node: etree._Element) -> Any:
     if kind == "nil":
         return None
     if kind == "array":
-        data = _children(typed)
-        if len(data) != 1 or data[0].tag != "data":
-            raise XmlRpcDecodeError("<array> must hold exactly one <data>")
-        items = []
-        for child in _children(data[0]):
-            if child.tag != "value":
-                raise XmlRpcDecodeError(f"unexpected <{child.tag}> in <data>")
-            item = _decode_value(child)
-            if item is not _NO_VALUE:
-                items.append(item)
-        return items
+        return _decode_array(typed)
     if kind == "struct":
-        result: dict[str, Any] = {}
-        for member in _children(typed):
-            if member.tag != "member":
-                raise XmlRpcDecodeError(f"unexpected <{member.tag}> in <struct>")
-            parts = _children(member)
-            names = [p for p in parts if p.tag == "name"]
-            values = [p for p in parts if p.tag == "value"]
-            if len(names) != 1 or len(values) != 1 or len(parts) != 2:
-                raise XmlRpcDecodeError("<member> must hold one <name> and one <value>")
-            item = _decode_value(values[0])
-            if item is not _NO_VALUE:
-                result[names[0].text or ""] = item
-        return result
+        return _decode_struct(typed)
     raise XmlRpcDecodeError(f"unknown XML-RPC type <{kind}>")
 
 
