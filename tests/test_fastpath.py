@@ -31,7 +31,6 @@ from lxml import etree
 
 from conftest import REPO, SHARED
 from hasync import fastpath, merge, xmlrpc
-from hasync import store as store_module
 from hasync.agent import MethodFault
 from hasync.client import PeerClient
 from hasync.errors import HaError, MergeError, RemoteFault
@@ -687,21 +686,20 @@ def test_config_cache_adopts_what_the_store_writes(tmp_path: Path) -> None:
     assert cache.root().findtext("system/hostname") == "elsewhere" and cache.loads == 2
 
 
-def test_a_merge_takes_the_cached_tree_only_when_no_reader_may_hold_it(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_merge_never_works_on_the_tree_readers_hold(tmp_path: Path) -> None:
     pair = new_pair(tmp_path, "n")
     store = ConfigStore(pair.backup)
     cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 4e9)
-    cache.digests(["users"])  # loads the tree under the cache's own lock
-    parsed = []
-    original = store_module.parse_config_bytes
-    monkeypatch.setattr(store_module, "parse_config_bytes", lambda d, s: parsed.append(s) or original(d, s))
-    monkeypatch.setattr(fastpath, "HANDOVER_QUIET", 0.0)
-    cached = cache._root
-    with store.transaction("test: reuse") as root:
-        assert root is cached and parsed == []  # handed over, not parsed again
+    cached = cache.root()
+    hostname = cached.findtext("system/hostname")
+    with pytest.raises(RuntimeError), store.transaction("test: failing merge") as root:
+        assert root is not cached  # its own parse: a login may be reading the cached one
+        root.find("system/hostname").text = "half-merged"  # type: ignore[union-attr]
+        raise RuntimeError("merge failed half way")
+    assert cache.root() is cached and cached.findtext("system/hostname") == hostname
+    with store.transaction("test: merge") as root:
+        assert root is not cached
         root.find("system/hostname").text = "merged"  # type: ignore[union-attr]
-    assert cache.root() is root  # and what was written is the cache again
-    monkeypatch.setattr(fastpath, "HANDOVER_QUIET", 60.0)  # a login just read the tree: keep hands off
-    with store.transaction("test: no reuse") as again:
-        assert again is not root and len(parsed) == 1
+    assert cache.root() is root  # what was written becomes the cache (adopted, not re-parsed)
+    assert cached.findtext("system/hostname") == hostname  # a reader's tree was never touched
+

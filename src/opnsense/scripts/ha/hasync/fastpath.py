@@ -503,7 +503,6 @@ def decode_param_for_tests(param: dict[str, Any]) -> dict[str, Any]:
 # --- derived data of config.xml, valid while the file is unchanged -------------------------------
 
 RACY_WINDOW = 1.0  # seconds: a file modified this recently is also checked by content
-HANDOVER_QUIET = 1.0  # seconds since a reader got the cached tree before a writer may take it
 
 
 def file_key(path: Path) -> tuple[int, ...] | None:
@@ -524,7 +523,8 @@ class ConfigCache:
     inode, size, mtime, ctime) is unchanged; an entry taken while the file was younger than
     `RACY_WINDOW` is also checked by content hash until the file is older (two writes in one
     timestamp tick with the same size would look unchanged otherwise; git's "racily clean").
-    Callers must not modify the tree `root()` returns.
+    Callers must not modify the tree `root()` returns. It is never handed to a writer either:
+    logins read it outside the cache's lock, so a merge always works on its own parse.
     """
 
     def __init__(self, store: ConfigStore, registry: SyncItemRegistry,
@@ -539,9 +539,7 @@ class ConfigCache:
         self._digests: dict[str, str] = {}
         self._capabilities: dict[str, Any] | None = None
         self.loads = 0  # how often config.xml was parsed (tests use it)
-        self._handed_out = 0.0  # when root() last gave the tree to a reader
         store.written = self.adopt
-        store.reuse = self.take
 
     def _valid(self) -> bool:
         key = file_key(self.store.config_path)
@@ -595,26 +593,6 @@ class ConfigCache:
         finally:
             self._lock.release()
 
-    def take(self, data: bytes) -> etree._Element | None:
-        """Hand the cached tree to a writer that read `data` under the exclusive lock (the
-        writer modifies it, so the cache lets go of it). Never waits, like `adopt`."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            root = self._root
-            if root is None or self._key is None or file_key(self.store.config_path) != self._key or \
-                    len(data) != self._key[2]:
-                return None
-            if time.monotonic() - self._handed_out < HANDOVER_QUIET:
-                return None  # a login may still be reading it (they read outside the cache's lock)
-            if self._content is not None and hashlib.sha256(data).hexdigest() != self._content:
-                return None
-            self._key, self._content, self._root = None, None, None
-            self._digests, self._capabilities = {}, None
-            return root
-        finally:
-            self._lock.release()
-
     def drop(self) -> None:
         with self._lock:
             self._key, self._content, self._root = None, None, None
@@ -626,7 +604,6 @@ class ConfigCache:
             if self._root is None or not self._valid():
                 self._refresh()
             assert self._root is not None
-            self._handed_out = time.monotonic()
             return self._root
 
     def digests(self, item_ids: Sequence[str]) -> tuple[dict[str, str], list[str]]:

@@ -93,9 +93,6 @@ class ConfigStore:
         # called with (tree, bytes) after every write through the store, under its lock (the
         # agent's read cache adopts the tree it just wrote instead of parsing it again)
         self.written: Callable[[etree._Element, bytes], None] | None = None
-        # asked, under the exclusive lock, for a tree already parsed from exactly these bytes (the
-        # agent's read cache hands over the one it holds: a 50 MB config is not parsed twice)
-        self.reuse: Callable[[bytes], etree._Element | None] | None = None
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -171,10 +168,6 @@ class ConfigStore:
         self._sweep_temp_files()
         handle.seek(0)
         data = handle.read()
-        if self.reuse is not None:
-            reused = self.reuse(data)
-            if reused is not None:
-                return reused
         try:
             return parse_config_bytes(data, str(self.config_path))
         except ConfigError as exc:
