@@ -183,6 +183,26 @@ def test_auth_failures_get_opnsense_exact_reply(pair: Pair, agent: AgentServer) 
     assert isinstance(xmlrpc.loads_response(raw_post(agent, PROBE, basic("root", ROOT_PASSWORD))), dict)
 
 
+def test_api_key_over_the_wire(pair: Pair) -> None:
+    """An API key works as the user name and its secret as the password (newer `KEY|HASH` form)."""
+    from passlib.hash import sha512_crypt
+
+    key, secret = "k" * 80, "the-api-secret-for-e2e"
+    with ConfigStore(pair.backup).transaction("test: API key for the sync user") as root:
+        user = next(u for u in root.iterfind("system/user") if u.findtext("name") == SYNC_USER)
+        from lxml import etree
+
+        etree.SubElement(user, "apikeys").text = f"{key}|{sha512_crypt.using(rounds=5000).hash(secret)}"
+    with running_agent(pair) as server:
+        reply = raw_post(server, PROBE, basic(key, secret))
+        assert isinstance(xmlrpc.loads_response(reply), dict)
+        assert raw_post(server, PROBE, basic(key, "wrong-secret")) == xmlrpc.AUTH_FAILED_RESPONSE
+        # the revision of a merge done with the key names the key's owner
+        body = xmlrpc.dumps_request("opnsense.restore_config_section", [{"nat": {"outbound": {"mode": "hybrid"}}}])
+        assert xmlrpc.loads_response(raw_post(server, body, basic(key, secret))) is True
+    assert ConfigStore(pair.backup).load().findtext("revision/username") == f"{SYNC_USER}@127.0.0.1"
+
+
 def test_user_without_privilege_refused(pair: Pair) -> None:
     with ConfigStore(pair.backup).transaction("test: drop privilege") as root:
         group = next(g for g in root.iterfind("system/group") if g.findtext("name") == "hasync")
