@@ -37,6 +37,7 @@ DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_BODY_DEADLINE = 120.0
 DEFAULT_MAX_CONNECTIONS = 32
 DRAIN_LIMIT = 1024 * 1024
+DEFAULT_MAX_INFLIGHT = 256 * 1024 * 1024
 
 IXR_CAPABILITIES = {
     "xmlrpc": {"specUrl": "http://www.xmlrpc.com/spec", "specVersion": 1},
@@ -150,6 +151,30 @@ class AgentLimits:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     body_deadline: float = DEFAULT_BODY_DEADLINE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Request bodies being read or handled at once, in bytes. One request alone may always use up
+    # to max_body; beyond that, concurrent bodies share this budget, so a few authenticated peers
+    # cannot make the agent hold max_connections x max_body at the same time.
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+
+
+class BodyBudget:
+    """Bytes of request bodies in flight, shared by all worker threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> bool:
+        with self._lock:
+            if self.used and self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
 
 
 class AgentServer(ThreadingHTTPServer):
@@ -175,6 +200,7 @@ class AgentServer(ThreadingHTTPServer):
         self.allow_loopback = allow_loopback
         self.limits = limits or AgentLimits()
         self.slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self.body_budget = BodyBudget(self.limits.max_inflight)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, AgentRequestHandler)
@@ -336,10 +362,27 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             self._drain_small_body()
             self._send(200, xmlrpc.AUTH_FAILED_RESPONSE)
             return
-        body = self._read_body()
-        if body is None:
+        size = self._declared_length()
+        budget = self.server.body_budget
+        if not budget.reserve(size):
+            log.warning("refused a %d-byte request from %s: %d bytes of requests already in flight",
+                        size, remote, budget.used)
+            self._send(503, b"agent busy with other large requests; retry later", "text/plain")
             return
-        self._send(200, self._dispatch(body, CallContext(verdict.username, remote)))
+        try:
+            body = self._read_body()
+            if body is None:
+                return
+            self._send(200, self._dispatch(body, CallContext(verdict.username, remote)))
+        finally:
+            budget.release(size)
+
+    def _declared_length(self) -> int:
+        """Content-Length for budgeting (0 when absent or bad: `_read_body` refuses those)."""
+        try:
+            return max(0, min(int(self.headers.get("Content-Length") or "0"), self.server.limits.max_body))
+        except ValueError:
+            return 0
 
     def _drain_small_body(self) -> None:
         """Read (and drop) a small refused body so closing the socket does not reset the reply.
