@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from conftest import REPO, SHARED
-from hasync import fastpath, merge, xmlrpc
+from hasync import fastpath, merge, tree, xmlrpc
 from hasync.agent import MethodFault
 from hasync.client import PeerClient
 from hasync.errors import HaError, MergeError, RemoteFault
@@ -69,7 +69,7 @@ def ref_build_elements(tag: str, value: Any) -> list[etree._Element]:
         for key, item in value.items():
             if key == ATTRIBUTES:
                 for name, attr in item.items():
-                    element.set(name, merge._text(attr))
+                    element.set(name, tree.scalar_text(attr))
             elif not key.endswith(ATTRIBUTES):
                 element.extend(ref_build_elements(key, item))
         for key, item in value.items():
@@ -77,9 +77,9 @@ def ref_build_elements(tag: str, value: Any) -> list[etree._Element]:
                 targets = [child for child in element if child.tag == key[: -len(ATTRIBUTES)]]
                 if targets:
                     for name, attr in item.items():
-                        targets[0].set(name, merge._text(attr))
+                        targets[0].set(name, tree.scalar_text(attr))
     else:
-        element.text = merge._text(value) or None
+        element.text = tree.scalar_text(value) or None
     return [element]
 
 
@@ -213,7 +213,7 @@ values = st.recursive(
 @given(st.sampled_from(TAGS), values)
 def test_building_elements_in_place_gives_the_same_xml(tag: str, value: Any) -> None:
     expected = [etree.tostring(e) for e in ref_build_elements(tag, value)]
-    assert [etree.tostring(e) for e in merge.build_elements(tag, value)] == expected
+    assert [etree.tostring(e) for e in tree.value_to_elements(tag, value)] == expected
 
 
 odd_values = st.recursive(

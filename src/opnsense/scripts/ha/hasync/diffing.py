@@ -46,10 +46,10 @@ from . import snapshot as snapshotmod
 from .errors import HaError, TransportError
 from .extensions import PeerFeatures, as_struct, discover, stock_note
 from .items import SyncItemRegistry, read_hasync
-from .merge import build_elements, merge_payload, vip_key
+from .merge import merge_payload, vip_key
 from .payload import is_secret_key
 from .store import ConfigStore
-from .tree import ATTRIBUTES
+from .tree import ATTRIBUTES, value_to_elements
 
 if TYPE_CHECKING:
     from .client import ClientOptions, PeerClient
@@ -495,7 +495,7 @@ def simulate(before_raw: Mapping[str, Any], payload_part: Mapping[str, Any], reg
     """(before, after, merge warnings): the backup's sections before and after the real merge."""
     tree = etree.Element("opnsense")
     for key, value in before_raw.items():
-        tree.extend(build_elements(key, value))
+        tree.extend(value_to_elements(key, value))
     before = digestmod.normalize(digestmod.tree_item_value(tree, sections))
     report = merge_payload(tree, dict(payload_part), registry, accept_unknown=True)
     after = digestmod.normalize(digestmod.tree_item_value(tree, sections))

@@ -65,7 +65,7 @@ from .failover.base import VipSpec
 from .items import SyncItemRegistry
 from .payload import REDACTED, php_empty, php_intval
 from .store import ConfigStore
-from .tree import ATTRIBUTES, LIST_TAGS, find_path
+from .tree import ATTRIBUTES, LIST_TAGS, find_path, scalar_text, value_to_elements
 
 METHOD = "opnsense.restore_config_section"
 
@@ -487,7 +487,7 @@ def _merge_container(parent: etree._Element, incoming: Mapping[str, Any], path: 
     for key, value in incoming.items():
         if key == ATTRIBUTES:
             for name, attr in value.items():
-                parent.set(name, _text(attr))
+                parent.set(name, scalar_text(attr))
             continue
         if key.endswith(ATTRIBUTES):
             leaf_attributes.append((key[: -len(ATTRIBUTES)], value))
@@ -498,7 +498,7 @@ def _merge_container(parent: etree._Element, incoming: Mapping[str, Any], path: 
         targets = _children(parent, base)
         if targets:
             for name, attr in attributes.items():
-                targets[0].set(name, _text(attr))
+                targets[0].set(name, scalar_text(attr))
 
 
 def _dest_kind(existing: list[etree._Element], key: str) -> str:
@@ -574,7 +574,7 @@ def _replace(
                 "the incoming record with the same uuid was skipped"
             )
             continue
-        new_nodes.extend(build_elements(key, item))
+        new_nodes.extend(value_to_elements(key, item))
     if not kept and not new_nodes and isinstance(value, list):
         new_nodes = [etree.Element(key)]  # PHP's fromArray writes an empty array as <key/>
     _splice(parent, existing, kept + new_nodes)
@@ -599,22 +599,12 @@ def _splice(parent: etree._Element, old: list[etree._Element], new: list[etree._
     parent.remove(marker)
 
 
-def _text(value: Any) -> str:
-    if value is True:
-        return "1"
-    if value is None or value is False:
-        return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _set_scalar(parent: etree._Element, key: str, existing: list[etree._Element], value: Any) -> None:
     if value is False:  # PHP's fromArray skips false values: the element disappears
         for node in existing:
             parent.remove(node)
         return
-    text = _text(value) or None
+    text = scalar_text(value) or None
     if not existing:
         etree.SubElement(parent, key).text = text
         return
@@ -628,66 +618,6 @@ def _set_scalar(parent: etree._Element, key: str, existing: list[etree._Element]
         parent.remove(extra)
 
 
-def build_elements(tag: str, value: Any) -> list[etree._Element]:
-    """`Config::fromArray()` for one key: like `tree.value_to_elements`, but an empty array gives
-    an empty ``<tag/>`` element as PHP writes it (so a later toArray sees the same shape)."""
-    if value is False:
-        return []
-    if isinstance(value, list):
-        if not value:
-            return [etree.Element(tag)]
-        out: list[etree._Element] = []
-        for item in value:
-            out.extend(build_elements(tag, item))
-        return out
-    element = etree.Element(tag)
-    if isinstance(value, dict):
-        _fill(element, value)
-    else:
-        element.text = _text(value) or None
-    return [element]
-
-
-def _fill(element: etree._Element, value: Mapping[str, Any]) -> None:
-    leaf_attributes = False
-    for key, item in value.items():
-        if key == ATTRIBUTES:
-            for name, attr in item.items():
-                element.set(name, _text(attr))
-        elif key.endswith(ATTRIBUTES):
-            leaf_attributes = True
-        else:
-            _append(element, key, item)
-    if not leaf_attributes:
-        return
-    for key, item in value.items():
-        if key != ATTRIBUTES and key.endswith(ATTRIBUTES):
-            target = next(element.iterchildren(key[: -len(ATTRIBUTES)]), None)
-            if target is not None:
-                for name, attr in item.items():
-                    target.set(name, _text(attr))
-
-
-def _append(parent: etree._Element, tag: str, value: Any) -> None:
-    """``parent.extend(build_elements(tag, value))``, but built in place: a standalone element
-    is a document of its own in lxml, and moving it into the tree walks it again."""
-    if value is False:
-        return
-    if isinstance(value, list):
-        if not value:
-            etree.SubElement(parent, tag)
-        for item in value:
-            _append(parent, tag, item)
-        return
-    child = etree.SubElement(parent, tag)
-    if isinstance(value, dict):
-        _fill(child, value)
-    else:
-        text = _text(value)
-        if text:
-            child.text = text
-
-
 # --- virtual IPs --------------------------------------------------------------------------
 
 
@@ -696,7 +626,7 @@ def _record_text(node: etree._Element) -> dict[str, str]:
 
 
 def _value_text(vip: Mapping[str, Any]) -> dict[str, str]:
-    return {key: _text(item).strip() for key, item in vip.items() if not isinstance(item, (dict, list))}
+    return {key: scalar_text(item).strip() for key, item in vip.items() if not isinstance(item, (dict, list))}
 
 
 def vip_key(vip: Mapping[str, str]) -> str:
@@ -787,7 +717,7 @@ def _merge_vips(root: etree._Element, value: Any, ctx: _Context) -> None:
         elif key not in old:
             ctx.vips_added.append(_vip_change(root, record, uuid))
         seen.add(key)
-        new_nodes.extend(build_elements("vip", vip))
+        new_nodes.extend(value_to_elements("vip", vip))
     for key, (node, record) in old.items():
         if key not in seen:
             ctx.vips_removed.append(_vip_change(root, record, node.get("uuid", "")))

@@ -22,6 +22,7 @@ What a dict cannot keep (documented in the README as well):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 from lxml import etree
@@ -85,14 +86,14 @@ def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS
 
 
 def value_to_elements(tag: str, value: Any) -> list[etree._Element]:
-    """Build the element(s) that `value` stands for under the name `tag` (`Config::fromArray()`).
-
-    A list yields one element per item, each named `tag`; an empty list yields none. ``False``
-    yields nothing (PHP skips false booleans); ``True`` becomes ``"1"``.
-    """
-    if value is False or value is None:
+    """`Config::fromArray()` for one key: a list yields one element per item, each named `tag`;
+    an empty array gives an empty ``<tag/>`` as PHP writes it (so a later toArray sees the same
+    shape); ``False`` yields nothing (PHP skips false values); ``True`` becomes ``"1"``."""
+    if value is False:
         return []
     if isinstance(value, list):
+        if not value:
+            return [etree.Element(tag)]
         out: list[etree._Element] = []
         for item in value:
             out.extend(value_to_elements(tag, item))
@@ -101,35 +102,62 @@ def value_to_elements(tag: str, value: Any) -> list[etree._Element]:
     if isinstance(value, dict):
         fill_element(element, value)
     else:
-        element.text = _scalar_text(value)
+        element.text = scalar_text(value) or None
     return [element]
 
 
-def fill_element(element: etree._Element, value: dict[str, Any]) -> None:
+def fill_element(element: etree._Element, value: Mapping[str, Any]) -> None:
     """Append the children described by dict `value` to `element`, in the dict's order."""
+    leaf_attributes = False
     for key, item in value.items():
         if key == ATTRIBUTES:
-            for attr, attr_value in (item or {}).items():
-                element.set(attr, _scalar_text(attr_value))
-            continue
-        if key.endswith(ATTRIBUTES):
-            continue  # applied after the leaf exists, below
-        for child in value_to_elements(key, item):
-            element.append(child)
+            for name, attr in item.items():
+                element.set(name, scalar_text(attr))
+        elif key.endswith(ATTRIBUTES):
+            leaf_attributes = True
+        else:
+            _append(element, key, item)
+    if not leaf_attributes:
+        return
     for key, item in value.items():
-        if key != ATTRIBUTES and key.endswith(ATTRIBUTES) and isinstance(item, dict):
-            first = element.find(key[: -len(ATTRIBUTES)])
-            if first is not None:
-                for attr, attr_value in item.items():
-                    first.set(attr, _scalar_text(attr_value))
+        if key != ATTRIBUTES and key.endswith(ATTRIBUTES):
+            target = next(element.iterchildren(key[: -len(ATTRIBUTES)]), None)
+            if target is not None:
+                for name, attr in item.items():
+                    target.set(name, scalar_text(attr))
 
 
-def _scalar_text(value: object) -> str:
+def _append(parent: etree._Element, tag: str, value: Any) -> None:
+    """``parent.extend(value_to_elements(tag, value))``, but built in place: a standalone element
+    is a document of its own in lxml, and moving it into the tree walks it again."""
+    if value is False:
+        return
+    if isinstance(value, list):
+        if not value:
+            etree.SubElement(parent, tag)
+        for item in value:
+            _append(parent, tag, item)
+        return
+    child = etree.SubElement(parent, tag)
+    if isinstance(value, dict):
+        fill_element(child, value)
+    else:
+        text = scalar_text(value)
+        if text:
+            child.text = text
+
+
+def scalar_text(value: Any) -> str:
+    """A config value as element text, the way PHP casts it when writing XML."""
     if value is True:
         return "1"
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
+    if value is None or value is False:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
+
+
 
 
 def get_path(root_value: dict[str, Any], dotted: str) -> Any:
