@@ -915,6 +915,16 @@ class KeepalivedBackend(FailoverBackend):
         text = _read(self.paths.preempt)
         return None if text is None else text.strip() == "1"
 
+    def _effective_preempt(self) -> tuple[bool, bool]:
+        """(preempt, whether it came from config.xml because `set_preempt` never ran)."""
+        preempt = self._preempt()
+        if preempt is not None:
+            return preempt, False
+        try:
+            return preempt_wanted(self._load_root()), True
+        except ConfigError:
+            return True, True
+
     def demotion(self) -> int:
         text = (_read(self.paths.demotion) or "0").strip()
         try:
@@ -924,12 +934,7 @@ class KeepalivedBackend(FailoverBackend):
 
     def carp_globals(self) -> CarpGlobals:
         self._prepare()  # a reboot since the last write resets the counter first
-        preempt = self._preempt()
-        if preempt is None:
-            try:
-                preempt = preempt_wanted(self._load_root())
-            except ConfigError:
-                preempt = True
+        preempt, _ = self._effective_preempt()
         return CarpGlobals(demotion=self.demotion(), allow=self._allowed(), preempt=preempt)
 
     def boot_id(self) -> str:
@@ -1057,12 +1062,8 @@ class KeepalivedBackend(FailoverBackend):
     def _render_vrrp(self, instances: list[VrrpInstance]) -> bool:
         """Write keepalived.conf, notify.sh and the gate for `instances`; reload or start keepalived."""
         self._prepare()
-        preempt = self._preempt()
-        if preempt is None:
-            try:
-                preempt = preempt_wanted(self._load_root())
-            except ConfigError:
-                preempt = True
+        preempt, from_config = self._effective_preempt()
+        if from_config:
             _atomic_write(self.paths.preempt, "1\n" if preempt else "0\n")
         conf = render_keepalived_conf(instances, self.paths, preempt=preempt, router_id=self.options.router_id)
         self._write_notify(instances)
