@@ -18,6 +18,8 @@ What a dict cannot keep (documented in the README as well):
   instructions;
 * attributes of the second and later items of a repeated *leaf* tag (PHP keeps only one
   ``<tag>@attributes`` key, and puts it back on the first item).
+* a blank first item of a repeated list tag: ``<member/><member>2</member>`` reads as ``["2"]``
+  (the lone-empty-list-tag rule makes the first one ``[]`` before the second arrives; PHP too).
 """
 
 from __future__ import annotations
