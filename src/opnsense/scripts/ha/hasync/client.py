@@ -88,6 +88,10 @@ class TrustStore:
             ) from None
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
+    def pins(self) -> dict[str, str]:
+        """Every pinned peer (host:port) with its fingerprint."""
+        return self._read()
+
     def get(self, peer: str) -> str | None:
         return self._read().get(peer)
 

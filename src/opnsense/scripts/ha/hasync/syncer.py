@@ -133,7 +133,7 @@ class SyncRun:
         self.result = SyncResult(dry_run=options.dry_run)
         self.username = ""
 
-    def _step(self, name: str, action: Callable[[], str]) -> None:
+    def step(self, name: str, action: Callable[[], str]) -> None:
         started = time.monotonic()
         try:
             detail = action()
@@ -185,7 +185,7 @@ class SyncRun:
         result.items = list(item_ids)
         plan = fastpath.SyncPlan(view, self.registry, item_ids, full=self.options.full,
                                  fast=self.options.fast_path)
-        self._step("build payload", plan.prepare)
+        self.step("build payload", plan.prepare)
         peer = peer_from_settings(self.store.conf_dir, root, settings, self.options.client)
         result.target = peer.url
         self.username = peer.username
@@ -220,21 +220,21 @@ class SyncRun:
             note = plan.probe_note()
             return f"backup {remote}, local {local}" + (f"; {note}" if note else "")
 
-        self._step("firmware_version", probe)
+        self.step("firmware_version", probe)
         result.items_unchanged = list(plan.unchanged)
         result.sections = plan.top_keys()
         if not plan.send_ids:  # digest-first: the backup already holds what we would send
             result.transfer = "none"
-            self._step("nothing to sync", plan.nothing)
+            self.step("nothing to sync", plan.nothing)
             plan.record_unchanged(peer, result.warnings)
             if self.options.restart_services and not self.options.dry_run:
                 restart_all(peer, self, result)
             return
         if self.options.dry_run:
-            self._step("dry run", lambda: plan.dry_run(peer))
+            self.step("dry run", lambda: plan.dry_run(peer))
             return
 
-        self._step("restore_config_section", lambda: plan.send(peer))
+        self.step("restore_config_section", lambda: plan.send(peer))
         result.transfer = plan.transfer
         result.sections = plan.top_keys()
         from . import snapshot  # late import: snapshot builds on this module
@@ -243,7 +243,7 @@ class SyncRun:
                                    item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
                                    prepared=plan.prepared)
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
-        self._step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
+        self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
         if self.options.restart_services:
             restart_all(peer, self, result)
 
@@ -251,14 +251,14 @@ class SyncRun:
 def restart_all(peer: PeerClient, run: SyncRun, result: SyncResult,
                 services: list[dict[str, Any]] | None = None) -> None:
     """Reload templates, then restart every service by its real id (PHP sends the name: a bug)."""
-    run._step("configd_reload_all_templates", lambda: str(peer.call("opnsense.configd_reload_all_templates", [[]])))
+    run.step("configd_reload_all_templates", lambda: str(peer.call("opnsense.configd_reload_all_templates", [[]])))
     listing: list[dict[str, Any]] = []
 
     def list_services() -> str:
         listing.extend(services if services is not None else peer.call("opnsense.list_services", [[]]) or [])
         return f"{len(listing)} services"
 
-    run._step("list_services", list_services)
+    run.step("list_services", list_services)
     for service in listing:
         name = str(service.get("name", ""))
         if not name:
@@ -269,5 +269,5 @@ def restart_all(peer: PeerClient, run: SyncRun, result: SyncResult,
         def restart(name: str = name, service_id: str = service_id) -> str:
             return str(peer.call("opnsense.restart_service", [{"service": name, "id": service_id}]))
 
-        run._step(f"restart {label}", restart)
+        run.step(f"restart {label}", restart)
         result.services_restarted += 1

@@ -76,7 +76,7 @@ def run_trust(args: argparse.Namespace) -> int:
         removed = store.reset(args.peer)
         print(f"forgot {removed} pinned certificate(s)")
         return 0
-    pins = store._read()
+    pins = store.pins()
     for peer, fp in sorted(pins.items()):
         print(f"{peer} {fp}")
     if not pins:
