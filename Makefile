@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	# dev/ (halab: the lab and the demo) is not part of the package; put it on the venv's path
+	$(BIN)/python -c 'import site, sys; open(site.getsitepackages()[0] + "/halab-dev.pth", "w").write(sys.argv[1] + "\n")' "$(CURDIR)/dev"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,11 +35,11 @@ test-reliability: $(STAMP)
 		tests/test_secrets.py tests/test_network_faults.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src dev tests bench fixtures
 	$(BIN)/mypy
 
 demo: $(STAMP)
-	$(BIN)/python -m hasync.demo
+	$(BIN)/python -m halab.demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -191,11 +191,12 @@ def point_at(primary_dir: Path, port: int) -> None:
 
 
 def has_fast_path() -> bool:
-    return (PACKAGE_ROOT / "hasync" / "fastpath.py").is_file()
+    """Whether the benchmarked tree has the fast path (older trees: a flat `hasync/fastpath.py`)."""
+    return any((PACKAGE_ROOT / "hasync" / where).is_file() for where in ("agent/fastpath.py", "fastpath.py"))
 
 
 def has_command(name: str) -> bool:
-    return (PACKAGE_ROOT / "hasync" / "commands" / f"{name}.py").is_file()
+    return any((PACKAGE_ROOT / "hasync" / where / f"{name}.py").is_file() for where in ("cli/commands", "commands"))
 
 
 def generated(work: Path, size_mb: float, seed: int) -> tuple[Path, Path]:
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hasync-bench-")))
         work.mkdir(parents=True, exist_ok=True)
-        from hasync.tlsutil import generate_self_signed
+        from hasync.wire.tls import generate_self_signed
 
         tls = work / "agent.crt", work / "agent.key"
         if not tls[0].exists():

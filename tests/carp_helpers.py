@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fakekernel import FakeKernel
-from hasync.carp import CarpOps
+from hasync.config.store import ConfigStore
+from hasync.failover.carp import CarpOps
 from hasync.failover.freebsd import FreeBsdBackend
-from hasync.store import ConfigStore
 
 CARP_PASSWORD = "Kx9-carp-pw-7731"
 

@@ -10,8 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_ROOT = REPO / "src" / "opnsense" / "scripts" / "ha"
-if str(PACKAGE_ROOT) not in sys.path:
-    sys.path.insert(0, str(PACKAGE_ROOT))
+DEV_ROOT = REPO / "dev"  # halab: the lab and the demo, outside the product package
+for _root in (DEV_ROOT, PACKAGE_ROOT):
+    if str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
 
 from services_helpers import reap_orphans  # noqa: E402,F401 - autouse: no zombies from test daemons
 

@@ -23,7 +23,7 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from hasync.osiface import CommandResult
+from hasync.core.osiface import CommandResult
 
 CARP_MAXSKEW = 240
 PFSYNC_CARP_ADJ = 240

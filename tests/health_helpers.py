@@ -16,13 +16,13 @@ from typing import Any
 
 from fakekernel import FakeKernel
 from hasync import cli
-from hasync.agent import AgentServer
-from hasync.client import ClientOptions, PeerClient
+from hasync.agent.serve import ServeOptions, build_server
+from hasync.agent.server import AgentServer
+from hasync.config.items import SyncItemRegistry, read_hasync
+from hasync.config.store import ConfigStore
 from hasync.failover.freebsd import FreeBsdBackend
-from hasync.items import SyncItemRegistry, read_hasync
-from hasync.serve import ServeOptions, build_server
-from hasync.store import ConfigStore
-from hasync.syncer import SyncOptions, SyncResult, SyncRun, peer_from_settings
+from hasync.sync.run import SyncOptions, SyncResult, SyncRun, peer_from_settings
+from hasync.wire.client import ClientOptions, PeerClient
 from nodes import Pair, make_pair
 
 # Every secret the fixture pair holds (and the ones tests add): no output may ever contain one.

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from hasync.errors import HaError
+from hasync.core.errors import HaError
 
 
 def run_command(module: ModuleType, argv: Sequence[str]) -> tuple[int, str]:

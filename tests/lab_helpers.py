@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hasync.lab import (
+from halab.lab import (
     FW1,
     FW2,
     LAN_VIP,

@@ -16,9 +16,9 @@ from pathlib import Path
 import trustme
 
 from conftest import FIXTURES
-from hasync.agent import AgentServer
-from hasync.serve import ServeOptions, build_server
-from hasync.store import ConfigStore
+from hasync.agent.serve import ServeOptions, build_server
+from hasync.agent.server import AgentServer
+from hasync.config.store import ConfigStore
 
 SYNC_USER = "hasync"
 SYNC_PASSWORD = "demo-sync-password"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import bcrypt
 
-from hasync.store import ConfigStore
+from hasync.config.store import ConfigStore
 
 PYTHON = sys.executable
 _STARTED: list[subprocess.Popen[bytes]] = []

@@ -7,8 +7,8 @@ import socket
 import ssl
 from pathlib import Path
 
-from hasync import xmlrpc
-from hasync.agent import AgentLimits, BodyBudget
+from hasync.agent.server import AgentLimits, BodyBudget
+from hasync.wire import xmlrpc
 from nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from hasync import xmlrpc
-from hasync.agent import CallContext, Dispatcher, MethodFault
-from hasync.errors import HaError, MergeError
+from hasync.agent.server import CallContext, Dispatcher, MethodFault
+from hasync.core.errors import HaError, MergeError
+from hasync.wire import xmlrpc
 
 CONTEXT = CallContext("tester", "127.0.0.1")
 

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from conftest import FIXTURES, shared_path
-from hasync import auth
-from hasync.auth import (
+from hasync.agent import auth
+from hasync.agent.auth import (
     REASON_BAD_HEADER,
     REASON_BAD_PASSWORD,
     REASON_DISABLED,
@@ -38,7 +38,7 @@ from hasync.auth import (
     parse_basic_auth,
     verify_credentials,
 )
-from hasync.store import ConfigStore
+from hasync.config.store import ConfigStore
 
 PASSWORDS = {
     "root": "Root-Test-Pass-1",

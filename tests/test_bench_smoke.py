@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import REPO
-from hasync.store import parse_config_bytes
+from hasync.config.store import parse_config_bytes
 
 BENCH = REPO / "bench"
 

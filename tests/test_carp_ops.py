@@ -15,15 +15,15 @@ import pytest
 
 from carp_helpers import CARP_PASSWORD, build_kernel, build_ops, sync_pfsync, write_config
 from fakekernel import FakeKernel
-from hasync import hooks
-from hasync.carp import STATE_FILE, CarpOps
-from hasync.commands import boot as boot_command
-from hasync.commands import carp as carp_command
-from hasync.commands import pfsync as pfsync_command
-from hasync.errors import FailoverError, HaError
+from hasync.cli.commands import boot as boot_command
+from hasync.cli.commands import carp as carp_command
+from hasync.cli.commands import pfsync as pfsync_command
+from hasync.config.store import ConfigStore
+from hasync.core.errors import FailoverError, HaError
+from hasync.core.xmlsafe import parse_bytes
+from hasync.failover import hooks
+from hasync.failover.carp import STATE_FILE, CarpOps
 from hasync.failover.model import maintenance_mode, preempt_wanted
-from hasync.store import ConfigStore
-from hasync.xmlsafe import parse_bytes
 
 
 def flag_on_disk(conf_dir: Path) -> bool:

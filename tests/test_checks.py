@@ -18,14 +18,15 @@ from typing import Any
 import pytest
 
 from fakekernel import FakeKernel
-from hasync import checks, schemas
-from hasync.carp import CarpOps
-from hasync.checks import CheckContext, CheckReport, run_checks
-from hasync.client import ClientOptions
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore
+from hasync.core import schemas
+from hasync.failover.carp import CarpOps
 from hasync.failover.factory import NullBackend
 from hasync.failover.freebsd import FreeBsdBackend
-from hasync.items import SyncItemRegistry
-from hasync.store import ConfigStore
+from hasync.health import checks
+from hasync.health.checks import CheckContext, CheckReport, run_checks
+from hasync.wire.client import ClientOptions
 from health_helpers import (
     agent,
     assert_no_secret,
@@ -306,7 +307,7 @@ def test_on_the_backup_the_pair_checks_are_local(world: World) -> None:
 
 @pytest.fixture
 def cli_world(world: World, monkeypatch: Any) -> World:
-    monkeypatch.setattr("hasync.commands.check.failover_backend", lambda _conf_dir: world.primary_backend)
+    monkeypatch.setattr("hasync.cli.commands.check.failover_backend", lambda _conf_dir: world.primary_backend)
     return world
 
 

@@ -15,8 +15,8 @@ import jsonschema
 import pytest
 
 from conftest import PACKAGE_ROOT
-from hasync import schemas
-from hasync.store import ConfigStore
+from hasync.config.store import ConfigStore
+from hasync.core import schemas
 from nodes import Pair, make_pair
 
 

@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from hasync.client import ClientOptions, PeerClient
-from hasync.errors import TransportError
-from hasync.items import SyncItemRegistry
-from hasync.payload import payload_for_items
-from hasync.store import ConfigStore
-from hasync.syncer import SyncOptions, SyncResult, SyncRun
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore
+from hasync.core.errors import TransportError
+from hasync.payload.build import payload_for_items
+from hasync.sync.run import SyncOptions, SyncResult, SyncRun
+from hasync.wire.client import ClientOptions, PeerClient
 from nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair
 from reliability_helpers import HISTORY_RE, AgentProcess, set_backupcount, set_user_password
 

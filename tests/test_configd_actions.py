@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from hasync.osiface import SubprocessRunner
-from hasync.services import ServicesDirBackend, action_message, unknown_service_message
-from hasync.store import ConfigStore
+from hasync.config.store import ConfigStore
+from hasync.core.osiface import SubprocessRunner
+from hasync.services.backends import ServicesDirBackend, action_message, unknown_service_message
 from nodes import Pair, make_pair, running_agent
 from services_helpers import reap_orphans  # noqa: F401 - autouse fixture
 

@@ -38,11 +38,11 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from hasync.client import ClientOptions
-from hasync.errors import ConfigError
-from hasync.items import SyncItemRegistry
-from hasync.store import ConfigStore, parse_config_bytes
-from hasync.syncer import SyncOptions, SyncResult, SyncRun
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.core.errors import ConfigError
+from hasync.sync.run import SyncOptions, SyncResult, SyncRun
+from hasync.wire.client import ClientOptions
 from nodes import SYNC_PASSWORD, SYNC_USER, make_pair
 from reliability_helpers import (
     IN_CREATE,

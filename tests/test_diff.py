@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from hasync import schemas
-from hasync.client import ClientOptions
-from hasync.diffing import (
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore
+from hasync.core import schemas
+from hasync.health.diff import (
     DiffReport,
     ItemDiff,
     RecordChange,
@@ -22,8 +23,7 @@ from hasync.diffing import (
     diff_with_backup,
     is_secret_path,
 )
-from hasync.items import SyncItemRegistry
-from hasync.store import ConfigStore
+from hasync.wire.client import ClientOptions
 from health_helpers import agent, assert_no_secret, edit, fresh_pair, run_cli, sync
 from nodes import Pair
 

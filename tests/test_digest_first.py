@@ -23,12 +23,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hasync import digest, fastpath, snapshot
-from hasync.agent import AgentServer
-from hasync.items import SyncItemRegistry
-from hasync.payload import VIRTUALIP
-from hasync.store import ConfigStore
-from hasync.syncer import SyncOptions, SyncResult, SyncRun
+from hasync.agent import fastpath
+from hasync.agent.server import AgentServer
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore
+from hasync.payload import digest
+from hasync.payload.build import VIRTUALIP
+from hasync.sync import snapshot
+from hasync.sync.run import SyncOptions, SyncResult, SyncRun
 from nodes import Pair, make_pair, running_agent
 
 
@@ -217,7 +219,7 @@ def test_canonical_form_examples() -> None:
 
 
 def test_the_compact_probe_carries_the_same_digests_and_a_stock_backup_is_remembered(pair: Pair) -> None:
-    from hasync.client import PeerClient
+    from hasync.wire.client import PeerClient
 
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")

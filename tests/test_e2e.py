@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from hasync import xmlrpc
-from hasync.agent import AgentServer
-from hasync.client import ClientOptions, PeerClient, TrustStore, target_url
-from hasync.errors import AuthError, HaError, TransportError
-from hasync.items import SyncItemRegistry
-from hasync.osiface import SubprocessRunner
-from hasync.remote import Remote
-from hasync.services import ServicesDirBackend
-from hasync.store import ConfigStore
-from hasync.syncer import SyncOptions, SyncRun, trust_store
+from hasync.agent.server import AgentServer
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore
+from hasync.core.errors import AuthError, HaError, TransportError
+from hasync.core.osiface import SubprocessRunner
+from hasync.services.backends import ServicesDirBackend
+from hasync.sync.run import SyncOptions, SyncRun, trust_store
+from hasync.sync.status import Remote
+from hasync.wire import xmlrpc
+from hasync.wire.client import ClientOptions, PeerClient, TrustStore, target_url
 from nodes import ROOT_PASSWORD, SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 
 

@@ -11,14 +11,16 @@ import pytest
 from lxml import etree
 
 from conftest import FIXTURES, SHARED
-from hasync import digest, snapshot, xmlrpc
-from hasync.errors import ConfigError, RemoteFault
-from hasync.extensions import METHODS, discover
-from hasync.items import SyncItemRegistry
-from hasync.merge import merge_payload
-from hasync.payload import _copy_section, build_payload
-from hasync.store import ConfigStore, parse_config_bytes
-from hasync.tree import element_to_value
+from hasync.agent.hasync_methods import METHODS, discover
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.config.tree import element_to_value
+from hasync.core.errors import ConfigError, RemoteFault
+from hasync.payload import digest
+from hasync.payload.build import _copy_section, build_payload
+from hasync.payload.merge import merge_payload
+from hasync.sync import snapshot
+from hasync.wire import xmlrpc
 from health_helpers import agent, backend, backup_kernel, edit, fresh_pair, peer, sync
 from nodes import Pair
 

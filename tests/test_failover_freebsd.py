@@ -16,7 +16,9 @@ import pytest
 from carp_helpers import CARP_PASSWORD, build_kernel, sync_pfsync
 from conftest import FIXTURES, shared_path
 from fakekernel import FakeKernel
-from hasync.errors import FailoverError
+from hasync.core.errors import FailoverError
+from hasync.core.osiface import CommandResult
+from hasync.core.xmlsafe import parse_bytes
 from hasync.failover import factory
 from hasync.failover.base import PfsyncConfig, VipSpec
 from hasync.failover.freebsd import (
@@ -28,8 +30,6 @@ from hasync.failover.freebsd import (
     parse_sysctl,
     redact_argv,
 )
-from hasync.osiface import CommandResult
-from hasync.xmlsafe import parse_bytes
 
 OWN = FIXTURES / "freebsd"
 

@@ -30,15 +30,18 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from conftest import REPO, SHARED
-from hasync import fastpath, merge, tree, xmlrpc
-from hasync.agent import MethodFault
-from hasync.client import PeerClient
-from hasync.errors import HaError, MergeError, RemoteFault
-from hasync.items import SyncItemRegistry, read_hasync
-from hasync.payload import REDACTED, build_payload
-from hasync.store import ConfigStore, parse_config_bytes
-from hasync.syncer import SyncOptions, SyncRun
-from hasync.tree import ATTRIBUTES
+from hasync.agent import fastpath
+from hasync.agent.server import MethodFault
+from hasync.config import tree
+from hasync.config.items import SyncItemRegistry, read_hasync
+from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.config.tree import ATTRIBUTES
+from hasync.core.errors import HaError, MergeError, RemoteFault
+from hasync.payload import merge
+from hasync.payload.build import REDACTED, build_payload
+from hasync.sync.run import SyncOptions, SyncRun
+from hasync.wire import xmlrpc
+from hasync.wire.client import PeerClient
 from nodes import Pair, make_pair, running_agent
 
 # --- reference copies of the code the speedups replaced ------------------------------------------
@@ -539,7 +542,7 @@ def test_config_cache_checks_content_while_the_file_is_young(tmp_path: Path, mon
 def test_logins_remember_verified_passwords_never_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     import bcrypt
 
-    from hasync import auth
+    from hasync.agent import auth
 
     calls: list[str] = []
     original = auth._verify_hash

@@ -44,12 +44,13 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from conftest import FIXTURES
-from hasync import fastpath, xmlrpc
-from hasync.agent import AgentLimits
-from hasync.errors import ConfigError, MergeError
-from hasync.items import SyncItemRegistry
-from hasync.merge import check_payload, normalize_payload
-from hasync.store import parse_config_bytes
+from hasync.agent import fastpath
+from hasync.agent.server import AgentLimits
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import parse_config_bytes
+from hasync.core.errors import ConfigError, MergeError
+from hasync.payload.merge import check_payload, normalize_payload
+from hasync.wire import xmlrpc
 from nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
 from reliability_helpers import (
     AgentProcess,

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hasync import xmlsafe
-from hasync.commands import items as items_command
-from hasync.errors import SyncItemError
-from hasync.items import (
+from hasync.cli.commands import items as items_command
+from hasync.config.items import (
     CORE_ITEMS,
     DEFAULT_ITEMS_DIR,
     HasyncSettings,
@@ -19,6 +17,8 @@ from hasync.items import (
     load_item_file,
     read_hasync,
 )
+from hasync.core import xmlsafe
+from hasync.core.errors import SyncItemError
 from items_helpers import run_command
 
 REPO = Path(__file__).resolve().parents[1]

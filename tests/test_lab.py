@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from halab.lab import FW1, FW2, LAN_VIP, NS_LAN, WAN_VIP, FirewallSpec, Lab, LabOptions, start_stream
 from hasync.failover.linux import vrrp_priority
-from hasync.lab import FW1, FW2, LAN_VIP, NS_LAN, WAN_VIP, FirewallSpec, Lab, LabOptions, start_stream
 from lab_helpers import (
     ADVBASE,
     DEFAULT,
@@ -61,7 +61,7 @@ def lab(labs: LabHolder) -> Lab:
 
 
 def test_a_backup_gets_its_vips_by_a_real_sync_and_comes_up_backup(lab: Lab) -> None:
-    from hasync.store import ConfigStore
+    from hasync.config.store import ConfigStore
 
     if not lab.status()["real_sync"]:
         pytest.skip("the agent/sync commands are not available: fw2's config was written directly")
@@ -86,7 +86,7 @@ def test_a_backup_gets_its_vips_by_a_real_sync_and_comes_up_backup(lab: Lab) -> 
 
 
 def test_lab_status_json_describes_every_node(lab: Lab) -> None:
-    result = subprocess.run([sys.executable, "-m", "hasync", "lab", "status", "--json", "--state-dir",
+    result = subprocess.run([sys.executable, "-m", "halab", "status", "--json", "--state-dir",
                              str(lab.state_dir)], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"
                                                                  / "opnsense" / "scripts" / "ha")})
@@ -100,7 +100,7 @@ def test_lab_status_json_describes_every_node(lab: Lab) -> None:
         assert {row["status"] for row in node["carp"]} == {"MASTER" if fw.primary else "BACKUP"}
         if status["real_sync"]:
             assert node["agent_url"].startswith(f"https://{fw.sync_ip}:")
-    from hasync.store import ConfigStore
+    from hasync.config.store import ConfigStore
 
     root = ConfigStore(lab.conf_dir(FW1)).load()
     secrets = [root.findtext("hasync/password") or "", *(v.findtext("password") or "" for v in root.iter("vip"))]
@@ -155,8 +155,8 @@ def test_c_control_without_state_sync_the_stream_breaks(labs: LabHolder) -> None
 
 
 def test_d_maintenance_hands_over_within_a_second_without_loss(lab: Lab) -> None:
-    from hasync.carp import CarpOps
-    from hasync.store import ConfigStore
+    from hasync.config.store import ConfigStore
+    from hasync.failover.carp import CarpOps
 
     ops = CarpOps(ConfigStore(lab.conf_dir(FW1)), lab.backend(FW1))
     run = start_stream(lab)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hasync.lab import FIREWALLS, FW1, FW2, Lab, have_command, start_stream
+from halab.lab import FIREWALLS, FW1, FW2, Lab, have_command, start_stream
 from lab_helpers import (
     ADVBASE,
     DEFAULT,

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from hasync.errors import FailoverError
+from hasync.core.errors import FailoverError
+from hasync.core.osiface import CommandResult
 from hasync.failover.base import FailoverBackend, PfsyncConfig, VipSpec
 from hasync.failover.linux import (
     RESIGN_DEMOTION,
@@ -47,7 +48,6 @@ from hasync.failover.linux import (
     render_notify_script,
     vrrp_priority,
 )
-from hasync.osiface import CommandResult
 
 CARP_SECRET = "carp-secret-Zq81-never-in-keepalived"
 

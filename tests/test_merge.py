@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from hasync import xmlrpc, xmlsafe
-from hasync.commands import apply_payload as apply_command
-from hasync.errors import MergeError
-from hasync.items import SyncItem, SyncItemRegistry, read_hasync
-from hasync.merge import (
+from hasync.cli.commands import apply_payload as apply_command
+from hasync.config.items import SyncItem, SyncItemRegistry, read_hasync
+from hasync.config.store import ConfigStore, serialize
+from hasync.config.tree import element_to_value, find_path
+from hasync.core import xmlsafe
+from hasync.core.errors import MergeError
+from hasync.payload.build import REDACTED, build_payload, payload_for_items
+from hasync.payload.merge import (
     MergeReport,
     apply_payload_file,
     load_payload_bytes,
@@ -22,9 +25,7 @@ from hasync.merge import (
     normalize_payload,
     revision_description,
 )
-from hasync.payload import REDACTED, build_payload, payload_for_items
-from hasync.store import ConfigStore, serialize
-from hasync.tree import element_to_value, find_path
+from hasync.wire import xmlrpc
 from items_helpers import run_command
 
 REPO = Path(__file__).resolve().parents[1]

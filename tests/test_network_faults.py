@@ -27,10 +27,10 @@ import pytest
 from lxml import etree
 
 from faultproxy import FaultProxy
-from hasync.client import ClientOptions
-from hasync.items import SyncItemRegistry
-from hasync.store import ConfigStore, parse_config_bytes
-from hasync.syncer import SyncOptions, SyncResult, SyncRun
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.sync.run import SyncOptions, SyncResult, SyncRun
+from hasync.wire.client import ClientOptions
 from nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 from reliability_helpers import HISTORY_RE, set_user_password
 

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from hasync import xmlrpc, xmlsafe
-from hasync.commands import payload as payload_command
-from hasync.errors import ConfigError, SyncItemError
-from hasync.items import SyncItemRegistry
-from hasync.payload import (
+from hasync.cli.commands import payload as payload_command
+from hasync.config.items import SyncItemRegistry
+from hasync.config.tree import element_to_value, find_path
+from hasync.core import xmlsafe
+from hasync.core.errors import ConfigError, SyncItemError
+from hasync.payload.build import (
     REDACTED,
     build_payload,
     own_address_facing,
@@ -24,7 +25,7 @@ from hasync.payload import (
     remove_nosync,
     selected_item_ids,
 )
-from hasync.tree import element_to_value, find_path
+from hasync.wire import xmlrpc
 from items_helpers import run_command
 
 REPO = Path(__file__).resolve().parents[1]

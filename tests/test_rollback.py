@@ -12,12 +12,12 @@ import pytest
 from lxml import etree
 
 from fakekernel import FakeKernel
-from hasync import rollback as rollbackmod
-from hasync.items import SyncItemRegistry
-from hasync.osiface import SubprocessRunner
-from hasync.services import ServicesDirBackend
-from hasync.store import ConfigStore
-from hasync.syncer import state_dir
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore
+from hasync.core.osiface import SubprocessRunner
+from hasync.node import rollback as rollbackmod
+from hasync.services.backends import ServicesDirBackend
+from hasync.sync.run import state_dir
 from health_helpers import agent, backend, edit, fresh_pair, run_cli, sync
 from nodes import Pair
 

@@ -32,14 +32,15 @@ import pytest
 from lxml import etree
 from passlib.hash import sha512_crypt
 
-from hasync import auth, xmlrpc
-from hasync.auth import Credentials, find_api_key, verify_credentials
-from hasync.client import ClientOptions, PeerClient
-from hasync.errors import AuthError, HaError
-from hasync.items import SyncItemRegistry
-from hasync.store import ConfigStore
-from hasync.syncer import SyncOptions, SyncRun
-from hasync.tlsutil import MIN_TLS, server_context
+from hasync.agent import auth
+from hasync.agent.auth import Credentials, find_api_key, verify_credentials
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore
+from hasync.core.errors import AuthError, HaError
+from hasync.sync.run import SyncOptions, SyncRun
+from hasync.wire import xmlrpc
+from hasync.wire.client import ClientOptions, PeerClient
+from hasync.wire.tls import MIN_TLS, server_context
 from nodes import SYNC_USER, Pair, make_pair
 from reliability_helpers import AgentProcess, basic, client_tls_context, php_bcrypt, raw_request
 

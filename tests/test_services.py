@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 
 from conftest import FIXTURES, shared_path
-from hasync import xmlrpc
-from hasync.errors import ConfigError, ServiceError
-from hasync.osiface import CommandResult, SubprocessRunner
-from hasync.services import (
+from hasync.core.errors import ConfigError, ServiceError
+from hasync.core.osiface import CommandResult, SubprocessRunner
+from hasync.services.backends import (
     OpnsenseServiceBackend,
     ServiceDefinitionError,
     ServicesDirBackend,
@@ -36,6 +35,7 @@ from hasync.services import (
     sort_services,
     unknown_service_message,
 )
+from hasync.wire import xmlrpc
 from services_helpers import reap_orphans  # noqa: F401 - autouse fixture
 
 PLUGINCTL = "/usr/local/sbin/pluginctl"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from hasync.errors import ConfigError
-from hasync.store import ConfigStore, parse_config_bytes, serialize
+from hasync.config.store import ConfigStore, parse_config_bytes, serialize
+from hasync.core.errors import ConfigError
 
 BASE = b"""<?xml version="1.0"?>
 <opnsense>
@@ -159,7 +159,7 @@ CRASH_WRITER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {pkg!r})
-    from hasync import store as store_mod
+    from hasync.config import store as store_mod
     point = sys.argv[2]
     real = store_mod.ConfigStore._rewrite_in_place
     def crashing(self, handle, data):
@@ -242,7 +242,7 @@ def test_reader_waits_for_writer_lock(conf: Path) -> None:
         fcntl.flock(fh, fcntl.LOCK_EX)
         probe = subprocess.Popen(
             [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-             "import conftest; from hasync.store import ConfigStore;"
+             "import conftest; from hasync.config.store import ConfigStore;"
              "print('ready', flush=True);"
              f"print(ConfigStore({str(conf)!r}).load().findtext('counter'))"],
             stdout=subprocess.PIPE,

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from hasync import xmlsafe
-from hasync.tree import LIST_TAGS, element_to_value, fill_element, find_path, get_path, value_to_elements
+from hasync.config.tree import LIST_TAGS, element_to_value, fill_element, find_path, get_path, value_to_elements
+from hasync.core import xmlsafe
 
 
 def parse(text: str) -> etree._Element:

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from conftest import SHARED
-from hasync import xmlrpc
-from hasync.agent import AgentServer
-from hasync.client import ClientOptions, PeerClient
-from hasync.errors import AuthError, RemoteFault
-from hasync.osiface import SubprocessRunner
-from hasync.services import ServicesDirBackend
-from hasync.store import ConfigStore
+from hasync.agent.server import AgentServer
+from hasync.config.store import ConfigStore
+from hasync.core.errors import AuthError, RemoteFault
+from hasync.core.osiface import SubprocessRunner
+from hasync.services.backends import ServicesDirBackend
+from hasync.wire import xmlrpc
+from hasync.wire.client import ClientOptions, PeerClient
 from nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 
 WIRE = SHARED / "fixtures" / "wire"

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from hasync import xmlrpc, xmlsafe
-from hasync.items import SyncItemRegistry
-from hasync.merge import merge_payload, revision_description
-from hasync.payload import build_payload
+from hasync.config.items import SyncItemRegistry
+from hasync.core import xmlsafe
+from hasync.payload.build import build_payload
+from hasync.payload.merge import merge_payload, revision_description
+from hasync.wire import xmlrpc
 
 SAMPLE_SECTIONS = ["system.user", "system.group", "OPNsense.Firewall.Alias", "nat"]
 SAMPLE_REQUEST = "request-restore_config_section-sample.xml"

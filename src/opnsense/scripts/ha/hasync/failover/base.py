@@ -15,7 +15,7 @@ import ipaddress
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from ..errors import FailoverError
+from hasync.core.errors import FailoverError
 
 
 @dataclass(frozen=True)

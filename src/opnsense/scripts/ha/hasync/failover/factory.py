@@ -17,9 +17,9 @@ from pathlib import Path
 
 from lxml import etree
 
-from ..errors import ConfigError, FailoverError
-from ..osiface import CommandRunner, SubprocessRunner
-from .base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
+from hasync.core.errors import ConfigError, FailoverError
+from hasync.core.osiface import CommandRunner, SubprocessRunner
+from hasync.failover.base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class NullBackend(FailoverBackend):
 
 def _root_provider(conf_dir: str | os.PathLike[str]) -> Callable[[], etree._Element | None]:
     """config.xml for mapping devices to interface keys; None (devices shown raw) if unreadable."""
-    from ..store import ConfigStore
+    from hasync.config.store import ConfigStore
 
     def provide() -> etree._Element | None:
         try:
@@ -121,7 +121,7 @@ def get_backend(conf_dir: str | os.PathLike[str] | Path, runner: CommandRunner |
         return NullBackend(Path(conf_dir) / NULL_STATE_FILE if Path(conf_dir).is_dir() else None)
     runner = runner or SubprocessRunner()
     if kind == "freebsd":
-        from .freebsd import FreeBsdBackend
+        from hasync.failover.freebsd import FreeBsdBackend
 
         return FreeBsdBackend(runner, _root_provider(conf_dir))
     try:  # written by the Linux side; imported lazily so FreeBSD never needs it

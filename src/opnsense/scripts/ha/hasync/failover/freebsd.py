@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from ..errors import FailoverError
-from ..osiface import CommandResult, CommandRunner
-from .base import (
+from hasync.core.errors import FailoverError
+from hasync.core.osiface import CommandResult, CommandRunner
+from hasync.failover.base import (
     CarpGlobals,
     FailoverBackend,
     PfsyncConfig,

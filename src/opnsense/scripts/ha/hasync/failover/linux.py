@@ -76,9 +76,9 @@ from typing import Any
 
 from lxml import etree
 
-from ..errors import ConfigError, FailoverError
-from ..osiface import Clock, CommandResult, CommandRunner, SystemClock
-from .base import (
+from hasync.core.errors import ConfigError, FailoverError
+from hasync.core.osiface import Clock, CommandResult, CommandRunner, SystemClock
+from hasync.failover.base import (
     CarpGlobals,
     FailoverBackend,
     PfsyncConfig,
@@ -88,7 +88,7 @@ from .base import (
     check_vip_spec,
     vhid_owner,
 )
-from .model import carp_vips, pfsync_config, preempt_wanted
+from hasync.failover.model import carp_vips, pfsync_config, preempt_wanted
 
 log = logging.getLogger(__name__)
 
@@ -846,7 +846,7 @@ class KeepalivedBackend(FailoverBackend):
             yield
 
     def _load_root(self) -> etree._Element:
-        from ..store import ConfigStore
+        from hasync.config.store import ConfigStore
 
         return ConfigStore(self.conf_dir).load()
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from lxml import etree
 
-from ..items import read_hasync
-from .base import PfsyncConfig, VipSpec
+from hasync.config.items import read_hasync
+from hasync.failover.base import PfsyncConfig, VipSpec
 
 MAINTENANCE_TAG = "virtualip_carp_maintenancemode"
 

@@ -1,0 +1,763 @@
+"""What a sync will change on the backup, record by record and field by field.
+
+`diff` compares, per sync item, what the backup *has* with what it will have *after* the sync.
+"After" is not the primary's payload as is: it is the result of running the real merge
+(`merge.merge_payload`) on a copy of the backup's sections, so every OPNsense merge rule is
+honoured without being restated here: the backup's nosync records stay (and are no change), the
+ordered rule lists drop them (a change, with the merge's warning), containers keep backup-only
+keys, VIPs without a vhid stay, and the primary's `advskew + 100` arrives exactly as stored.
+
+Records in lists are matched before they are compared:
+
+* MVC records by their uuid;
+* legacy records by a stable key when one exists and is unique on both sides (users and groups
+  by name, certificates by refid, VIPs by OPNsense's VIP key, ...);
+* records without any key (legacy firewall rules) by identical content first, then by an equal
+  description, then by similarity (at least half of the fields equal); the rest are added or
+  removed. A rule edited in place is therefore shown as one change, not a remove and an add.
+
+Order is configuration for rules: of the matched records, those outside the longest run that
+kept its relative order are reported as moved, with old and new positions.
+
+Secrets (password hashes, private keys, API secrets, pre-shared keys, CARP and sync passwords)
+are never printed: a field whose name, or any name above it, is secret-looking shows only as
+changed/set/cleared. The unified format replaces each secret by a token derived with a random
+per-run key, so equal secrets look equal within one output and nothing can be recovered from it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from hasync.agent.hasync_methods import PeerFeatures, as_struct, discover, stock_note
+from hasync.config.items import SyncItemRegistry, read_hasync
+from hasync.config.store import ConfigStore
+from hasync.config.tree import ATTRIBUTES, value_to_elements
+from hasync.core.errors import HaError, TransportError
+from hasync.payload import digest as digestmod
+from hasync.payload.build import is_secret_key
+from hasync.payload.merge import merge_payload, vip_key
+from hasync.sync import snapshot as snapshotmod
+
+if TYPE_CHECKING:
+    from hasync.wire.client import ClientOptions, PeerClient
+
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
+
+# --- secrets ----------------------------------------------------------------------------------
+
+_SECRET_NAMES = frozenset({
+    "password", "passwd", "pass", "prv", "privkey", "privatekey", "private_key", "private-key", "secret",
+    "apikeys", "psk", "pre-shared-key", "presharedkey", "shared_key", "sharedkey", "tls", "authkey",
+    "ldap_bindpw", "radius_secret", "otp_seed", "md5-hash", "nt-hash", "bcrypt-hash", "sha512-hash",
+    "ipsecpsk", "ddnsdomainkey", "tsigkey", "key_secret", "crypto_key", "auth_key",
+})
+_SECRET_PARTS = ("password", "passwd", "secret", "privkey", "private", "psk", "hash")
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def is_secret_name(name: str) -> bool:
+    lowered = name.lower().lstrip("@")
+    if lowered in _SECRET_NAMES or is_secret_key(lowered) or any(part in lowered for part in _SECRET_PARTS):
+        return True
+    # tsig-key, tls_key, crypto_key, ...: key material unless it says it is the public half
+    return lowered.endswith(("_key", "-key")) and "pub" not in lowered
+
+
+def is_secret_path(path: str) -> bool:
+    """True when the field or anything above it has a secret-looking name."""
+    return any(is_secret_name(part) for part in _INDEX.sub("", path).replace("@", ".").split(".") if part)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@dataclass
+class FieldChange:
+    field: str
+    old: Any
+    new: Any
+    secret: bool
+
+    @property
+    def change(self) -> str:
+        old_empty = self.old is MISSING or self.old == ""
+        new_empty = self.new is MISSING or self.new == ""
+        if old_empty and not new_empty:
+            return "set"
+        if new_empty and not old_empty:
+            return "cleared"
+        return "changed"
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"field": self.field, "secret": self.secret, "change": self.change}
+        if not self.secret:
+            data["old"] = None if self.old is MISSING else self.old
+            data["new"] = None if self.new is MISSING else self.new
+        return data
+
+
+@dataclass
+class RecordChange:
+    kind: str  # added | removed | changed | moved
+    path: str
+    key: str
+    label: str
+    old_position: int | None = None
+    new_position: int | None = None
+    moved: bool = False
+    fields: list[FieldChange] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "path": self.path, "key": self.key, "label": self.label,
+            "old_position": self.old_position, "new_position": self.new_position, "moved": self.moved,
+            "fields": [change.as_json() for change in self.fields],
+        }
+
+
+@dataclass
+class ItemDiff:
+    id: str
+    description: str = ""
+    status: str = "same"  # same | differs | unknown
+    note: str = ""
+    primary_digest: str = ""
+    backup_digest: str = ""
+    changes: list[RecordChange] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    before: Any = ""
+    after: Any = ""
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "added": sum(1 for c in self.changes if c.kind == "added"),
+            "removed": sum(1 for c in self.changes if c.kind == "removed"),
+            "changed": sum(1 for c in self.changes if c.kind == "changed"),
+            "moved": sum(1 for c in self.changes if c.moved),
+        }
+
+    @property
+    def differs(self) -> bool:
+        return self.status in ("differs", "unknown")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "description": self.description, "status": self.status, "note": self.note,
+            "digest": {"primary": self.primary_digest, "backup": self.backup_digest},
+            "summary": self.counts(),
+            "changes": [change.as_json() for change in self.changes],
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class DiffReport:
+    source: str = "live"  # live | snapshot
+    target: str = ""
+    note: str = ""
+    snapshot_time: float = 0.0
+    items: list[ItemDiff] = field(default_factory=list)
+    status: str = "ok"
+    message: str = ""
+
+    @property
+    def fallback(self) -> bool:
+        return self.source == "snapshot"
+
+    @property
+    def differences(self) -> int:
+        return sum(1 for item in self.items if item.differs)
+
+    @property
+    def exit_code(self) -> int:
+        """diff(1): 0 no difference, 1 differences, 2 trouble."""
+        if self.status != "ok":
+            return 2
+        return 1 if self.differences else 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "source": self.source,
+            "fallback": self.fallback,
+            "note": self.note,
+            "target": self.target,
+            "snapshot_time": self.snapshot_time,
+            "differences": self.differences if self.status == "ok" else 0,
+            "items": [item.as_json() for item in self.items],
+            "message": self.message,
+        }
+
+
+# --- record-level diff ------------------------------------------------------------------------
+
+
+def _uuid(value: Any) -> str:
+    if isinstance(value, dict):
+        attributes = value.get(ATTRIBUTES)
+        if isinstance(attributes, dict):
+            return str(attributes.get("uuid", "") or "")
+    return ""
+
+
+def _records_like(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(isinstance(item, dict) for item in value)
+    return bool(_uuid(value))
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is MISSING or value == "":
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves of a record as dotted field names; lists of scalars stay one field."""
+    out: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == ATTRIBUTES and isinstance(item, dict):
+                for name, text in item.items():
+                    out[f"{prefix}@{name}"] = text
+            elif key.endswith(ATTRIBUTES) and isinstance(item, dict):
+                for name, text in item.items():
+                    out[f"{_join(prefix, key[: -len(ATTRIBUTES)])}@{name}"] = text
+            else:
+                out.update(flatten(item, _join(prefix, key)))
+        if not value:
+            out[prefix] = ""
+    elif isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        for index, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}[{index}]"))
+    else:
+        out[prefix] = value
+    return out
+
+
+def _field_changes(old: Mapping[str, Any], new: Mapping[str, Any], base: str, skip: Iterable[str] = ()) -> list[
+        FieldChange]:
+    skipped = set(skip)
+    changes: list[FieldChange] = []
+    for name in [*new, *(k for k in old if k not in new)]:
+        if name in skipped:
+            continue
+        before, after = old.get(name, MISSING), new.get(name, MISSING)
+        if before != after:
+            changes.append(FieldChange(name or "(value)", before, after, is_secret_path(_join(base, name))))
+    return changes
+
+
+_LABEL_FIELDS = ("descr", "description", "name", "hostname", "username", "tunable", "domain", "host", "subnet",
+                 "refid", "ifname", "network")
+_KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    "user": ("name", "uid"), "group": ("name", "gid"), "cert": ("refid",), "ca": ("refid",), "crl": ("refid",),
+    "alias": ("name",), "gateway_item": ("name",), "authserver": ("name", "refid"), "schedule": ("name",),
+    "staticmap": ("mac", "cid"), "ifgroupentry": ("ifname",), "phase1": ("ikeid",), "phase2": ("uniqid", "reqid"),
+    "openvpn-server": ("vpnid",), "openvpn-client": ("vpnid",), "openvpn-csc": ("common_name",), "item": (),
+    "route": ("network",), "timerange": (), "rule": ("tracker",),
+}
+_GENERIC_KEYS = ("refid", "name", "tunable", "vpnid", "ikeid", "uniqid", "tracker")
+
+
+def _label(record: Any, key: str, secret_path: bool) -> str:
+    if isinstance(record, dict) and not secret_path:
+        for name in _LABEL_FIELDS:
+            text = record.get(name)
+            if isinstance(text, str) and text.strip() and not is_secret_name(name):
+                first = text.strip().splitlines()[0]
+                return f"'{first[:80]}'"
+    return key
+
+
+def _unique_key(records: list[Any], name: str) -> list[str] | None:
+    values: list[str] = []
+    for record in records:
+        text = record.get(name) if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            return None
+        values.append(text.strip())
+    return values if len(set(values)) == len(values) else None
+
+
+def _keys_for(old: list[Any], new: list[Any], path: str) -> tuple[str, list[str], list[str]] | None:
+    """(mode, old keys, new keys) when every record has a unique key on both sides."""
+    if not old and not new:
+        return None
+    if not all(isinstance(r, dict) for r in [*old, *new]):
+        return None
+    old_uuids, new_uuids = [_uuid(r) for r in old], [_uuid(r) for r in new]
+    if all(old_uuids) and all(new_uuids) and len(set(old_uuids)) == len(old_uuids) and \
+            len(set(new_uuids)) == len(new_uuids):
+        return "uuid", old_uuids, new_uuids
+    if is_secret_path(path):
+        return None
+    tag = path.rsplit(".", 1)[-1]
+    if tag == "vip":
+        def key(record: dict[str, Any]) -> str:
+            return vip_key({k: v for k, v in record.items() if isinstance(v, str)})
+
+        old_keys, new_keys = [key(r) for r in old], [key(r) for r in new]
+        if len(set(old_keys)) == len(old_keys) and len(set(new_keys)) == len(new_keys):
+            return "vip", old_keys, new_keys
+    for name in (*_KEY_FIELDS.get(tag, ()), *_GENERIC_KEYS):
+        old_keys_or_none, new_keys_or_none = _unique_key(old, name), _unique_key(new, name)
+        if old_keys_or_none is not None and new_keys_or_none is not None:
+            return name, old_keys_or_none, new_keys_or_none
+    return None
+
+
+def _similarity(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    names = set(a) | set(b)
+    if not names:
+        return 1.0
+    return sum(1 for name in names if a.get(name, MISSING) == b.get(name, MISSING)) / len(names)
+
+
+def _match_by_content(old: list[Any], new: list[Any]) -> list[tuple[int, int]]:
+    """Pairs (old index, new index) for keyless records: identical, same description, similar."""
+    pairs: list[tuple[int, int]] = []
+    free_old = list(range(len(old)))
+    free_new: list[int] = []
+    for ni, record in enumerate(new):
+        match = next((oi for oi in free_old if old[oi] == record), None)
+        if match is None:
+            free_new.append(ni)
+        else:
+            pairs.append((match, ni))
+            free_old.remove(match)
+    for name in ("descr", "description"):
+        old_text = {oi: old[oi].get(name) for oi in free_old if isinstance(old[oi], dict)}
+        new_text = {ni: new[ni].get(name) for ni in free_new if isinstance(new[ni], dict)}
+        for ni, text in list(new_text.items()):
+            if not isinstance(text, str) or not text.strip():
+                continue
+            olds = [oi for oi, other in old_text.items() if other == text]
+            if len(olds) == 1 and list(new_text.values()).count(text) == 1:
+                pairs.append((olds[0], ni))
+                free_old.remove(olds[0])
+                free_new.remove(ni)
+                del old_text[olds[0]]
+    flat_old = {oi: flatten(old[oi]) for oi in free_old}
+    flat_new = {ni: flatten(new[ni]) for ni in free_new}
+    candidates = sorted(
+        ((_similarity(flat_old[oi], flat_new[ni]), -abs(oi - ni), oi, ni) for oi in free_old for ni in free_new),
+        reverse=True,
+    )
+    used_old: set[int] = set()
+    used_new: set[int] = set()
+    for score, _distance, oi, ni in candidates:
+        if score < 0.5:
+            break
+        if oi in used_old or ni in used_new:
+            continue
+        pairs.append((oi, ni))
+        used_old.add(oi)
+        used_new.add(ni)
+    return pairs
+
+
+def _stable_run(sequence: list[int]) -> set[int]:
+    """Indexes (into `sequence`) of one longest increasing subsequence: the records that kept order."""
+    if not sequence:
+        return set()
+    tails: list[int] = []  # index into sequence of the smallest tail of each length
+    parent = [-1] * len(sequence)
+    for i, value in enumerate(sequence):
+        pos = bisect.bisect_left([sequence[t] for t in tails], value)
+        if pos > 0:
+            parent[i] = tails[pos - 1]
+        if pos == len(tails):
+            tails.append(i)
+        else:
+            tails[pos] = i
+    keep: set[int] = set()
+    index = tails[-1]
+    while index != -1:
+        keep.add(index)
+        index = parent[index]
+    return keep
+
+
+def diff_list(old: list[Any], new: list[Any], path: str, out: list[RecordChange]) -> None:
+    secret_path = is_secret_path(path)
+    keyed = _keys_for(old, new, path)
+    if keyed is not None:
+        mode, old_keys, new_keys = keyed
+        position = {key: index for index, key in enumerate(old_keys)}
+        pairs = [(position[key], ni) for ni, key in enumerate(new_keys) if key in position]
+
+        def key_text(index: int, side: str) -> str:
+            keys = old_keys if side == "old" else new_keys
+            return f"{mode} {keys[index]}"
+    else:
+        pairs = _match_by_content(old, new)
+
+        def key_text(index: int, side: str) -> str:
+            return f"#{index + 1}"
+
+    pairs.sort(key=lambda pair: pair[1])
+    kept = _stable_run([oi for oi, _ in pairs])
+    matched_old = {oi for oi, _ in pairs}
+    matched_new = {ni: oi for oi, ni in pairs}
+    moved_new = {ni for index, (_, ni) in enumerate(pairs) if index not in kept}
+    for oi, record in enumerate(old):
+        if oi not in matched_old:
+            out.append(RecordChange("removed", path, key_text(oi, "old"), _label(record, key_text(oi, "old"),
+                                                                                secret_path),
+                                    old_position=oi + 1,
+                                    fields=_field_changes(flatten(record), {}, path)))
+    for ni, record in enumerate(new):
+        if ni not in matched_new:
+            out.append(RecordChange("added", path, key_text(ni, "new"), _label(record, key_text(ni, "new"),
+                                                                              secret_path),
+                                    new_position=ni + 1, fields=_field_changes({}, flatten(record), path)))
+            continue
+        oi = matched_new[ni]
+        skip = ("@uuid",) if keyed is not None and keyed[0] == "uuid" else ()
+        fields = _field_changes(flatten(old[oi]), flatten(record), path, skip)
+        moved = ni in moved_new
+        if fields or moved:
+            key = key_text(ni, "new") if keyed is not None else f"#{ni + 1}"
+            out.append(RecordChange("changed" if fields else "moved", path, key,
+                                    _label(record, key, secret_path), old_position=oi + 1,
+                                    new_position=ni + 1, moved=moved, fields=fields))
+
+
+def diff_values(before: Any, after: Any, path: str = "") -> list[RecordChange]:
+    """Record-level changes between two normalized values (see `digest.normalize`)."""
+    out: list[RecordChange] = []
+    _walk(before, after, path, out)
+    return out
+
+
+def _walk(before: Any, after: Any, path: str, out: list[RecordChange]) -> None:
+    if before == after:
+        return
+    if isinstance(before, dict) and (after in ("", MISSING)):
+        after = {}
+    if isinstance(after, dict) and (before in ("", MISSING)):
+        before = {}
+    if isinstance(before, dict) and isinstance(after, dict):
+        settings: list[FieldChange] = []
+        for key in [*after, *(k for k in before if k not in after)]:
+            old, new = before.get(key, MISSING), after.get(key, MISSING)
+            if old == new:
+                continue
+            sub = _join(path, key)
+            if key == ATTRIBUTES or key.endswith(ATTRIBUTES):
+                settings.extend(_field_changes(flatten({key: old}) if old is not MISSING else {},
+                                               flatten({key: new}) if new is not MISSING else {}, path))
+            elif _records_like(old) or _records_like(new):
+                diff_list(_as_list(old), _as_list(new), sub, out)
+            elif isinstance(old, dict) and isinstance(new, dict):
+                _walk(old, new, sub, out)
+            elif isinstance(old, dict) or isinstance(new, dict):
+                if old in ("", MISSING) or new in ("", MISSING):
+                    _walk(old, new, sub, out)
+                else:
+                    settings.extend(_field_changes(flatten(old, key), flatten(new, key), path))
+            else:
+                settings.append(FieldChange(key, old, new, is_secret_path(sub)))
+        if settings:
+            out.append(RecordChange("changed", path or "(top)", "", "(settings)", fields=settings))
+        return
+    if _records_like(before) or _records_like(after):
+        diff_list(_as_list(before), _as_list(after), path, out)
+        return
+    name = path.rsplit(".", 1)[-1] if path else "(value)"
+    out.append(RecordChange("changed", path or "(top)", "", "(value)",
+                            fields=[FieldChange(name, before, after, is_secret_path(path))]))
+
+
+# --- comparing with the backup ----------------------------------------------------------------
+
+
+def simulate(before_raw: Mapping[str, Any], payload_part: Mapping[str, Any], registry: SyncItemRegistry,
+             sections: list[str]) -> tuple[Any, Any, list[str]]:
+    """(before, after, merge warnings): the backup's sections before and after the real merge."""
+    tree = etree.Element("opnsense")
+    for key, value in before_raw.items():
+        tree.extend(value_to_elements(key, value))
+    before = digestmod.normalize(digestmod.tree_item_value(tree, sections))
+    report = merge_payload(tree, dict(payload_part), registry, accept_unknown=True)
+    after = digestmod.normalize(digestmod.tree_item_value(tree, sections))
+    warnings = [w for w in report.warnings if "--accept-unknown-sections" not in w]
+    return before, after, warnings
+
+
+def _compare_item(item: ItemDiff, before_raw: Mapping[str, Any], payload_part: Mapping[str, Any],
+                  registry: SyncItemRegistry, sections: list[str]) -> None:
+    before, after, warnings = simulate(before_raw, payload_part, registry, sections)
+    item.before, item.after = before, after
+    item.changes = diff_values(before, after)
+    item.warnings = warnings
+    if item.changes:
+        item.status = "differs"
+    else:
+        item.status = "same"
+        item.note = ("the digests differ only in content a sync keeps on the backup (its own nosync records or "
+                     "settings only it has); a sync changes nothing here")
+
+
+def selected_items(root: etree._Element, registry: SyncItemRegistry, explicit: list[str] | None) -> list[str]:
+    if explicit:
+        registry.resolve(explicit)  # unknown ids are an error, named
+        return list(dict.fromkeys(explicit))
+    ids, _unknown = registry.split_known(read_hasync(root).syncitems)
+    if not ids:
+        raise HaError("no sync items selected: hasync.syncitems is empty (choose items in System > High "
+                      "Availability, or pass --items)")
+    return ids
+
+
+def build_diff(
+    store: ConfigStore,
+    registry: SyncItemRegistry,
+    peer: PeerClient,
+    item_ids: list[str] | None = None,
+    features: PeerFeatures | None = None,
+) -> DiffReport:
+    """Compare this (primary) node's items with the backup: live if it has hasync.*, else the snapshot."""
+    root = store.load()
+    ids = selected_items(root, registry, item_ids)
+    values = digestmod.primary_item_values(root, registry, ids)
+    local = digestmod.item_digests(values)
+    features = features or discover(peer)
+    report = DiffReport(target=peer.url)
+    items = {item_id: ItemDiff(item_id, registry.get(item_id).description, primary_digest=local[item_id])
+             for item_id in ids}
+    report.items = list(items.values())
+    if features.has("hasync.digest") and features.has("hasync.export_sections"):
+        remote, unknown = digestmod.parse_digest_reply(peer.call("hasync.digest", [ids]))
+        differing = [i for i in ids if i not in unknown and remote.get(i) != local[i]]
+        exported: dict[str, Any] = {}
+        if differing:
+            reply = as_struct(peer.call("hasync.export_sections", [differing]))
+            exported = as_struct(reply.get("items", {}))
+        for item_id, item in items.items():
+            item.backup_digest = remote.get(item_id, "")
+            if item_id in unknown:
+                item.status = "unknown"
+                item.note = ("the backup does not know this sync item (plugin or version missing there); "
+                             "it would refuse these sections")
+            elif item_id in differing:
+                entry = as_struct(exported.get(item_id, {}))
+                if "value" not in entry:
+                    raise TransportError(f"hasync.export_sections did not return item {item_id}")
+                _compare_item(item, as_struct(entry["value"]), values[item_id], registry,
+                              registry.get(item_id).sections)
+        return report
+    report.source = "snapshot"
+    snap = snapshotmod.load(store.conf_dir)
+    if snap is None:
+        raise HaError(stock_note(peer, "and this node has no snapshot of an earlier sync to compare with, so "
+                                       "what the backup holds is unknown. Run `opnsense-ha sync` once; diff then "
+                                       "shows what changed on this node since"))
+    report.snapshot_time = snap.time
+    report.note = stock_note(peer, f"this diff compares with the snapshot of what this node last pushed "
+                                   f"({snap.time_iso}); changes made on the backup itself are NOT visible")
+    if snap.target and snap.target != peer.url:
+        report.note += f". The snapshot is of a sync to {snap.target}, not {peer.url}"
+    for item_id, item in items.items():
+        record = snap.items.get(item_id)
+        if record is None:
+            item.status = "unknown"
+            item.note = "not in the snapshot: this node never pushed this item, so the backup's copy is unknown"
+            continue
+        item.backup_digest = record.digest
+        if record.digest == local[item_id]:
+            continue
+        pushed = snap.item_value(item_id)
+        if pushed is None:
+            item.status = "unknown"
+            item.note = "the snapshot lacks this item's values; run `opnsense-ha sync` to refresh it"
+            continue
+        _compare_item(item, pushed, values[item_id], registry, registry.get(item_id).sections)
+    return report
+
+
+def diff_with_backup(store: ConfigStore, registry: SyncItemRegistry, client_options: ClientOptions,
+                     item_ids: list[str] | None = None) -> DiffReport:
+    """`build_diff` against the backup named by hasync.synchronizetoip."""
+    from hasync.sync.run import peer_from_settings
+
+    root = store.load()
+    peer = peer_from_settings(store.conf_dir, root, read_hasync(root), client_options)
+    return build_diff(store, registry, peer, item_ids)
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+COLOURS = {"added": "\033[32m", "removed": "\033[31m", "changed": "\033[33m", "moved": "\033[36m",
+           "header": "\033[1m", "note": "\033[35m"}
+RESET = "\033[0m"
+MARKS = {"added": "+", "removed": "-", "changed": "~", "moved": ">"}
+
+
+def _paint(enabled: bool) -> Callable[[str, str], str]:
+    def paint(text: str, kind: str) -> str:
+        return f"{COLOURS[kind]}{text}{RESET}" if enabled and kind in COLOURS else text
+
+    return paint
+
+
+def show_value(value: Any, limit: int = 160) -> str:
+    if value is MISSING:
+        return "(absent)"
+    if isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(show_value(v, 40) for v in value) + "]"
+    else:
+        text = repr(str(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field_line(change: FieldChange) -> str:
+    if change.secret:
+        return f"{change.field}: (secret) {change.change}"
+    return f"{change.field}: {show_value(change.old)} -> {show_value(change.new)}"
+
+
+def _position(change: RecordChange) -> str:
+    if change.kind == "added":
+        return f" (at #{change.new_position})"
+    if change.kind == "removed":
+        return f" (was #{change.old_position})"
+    if change.moved:
+        return f" moved #{change.old_position} -> #{change.new_position}"
+    return ""
+
+
+def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool = False) -> str:
+    paint = _paint(colour)
+    lines: list[str] = []
+    source = "live, from the backup's hasync.* methods" if report.source == "live" else "FALLBACK: snapshot"
+    lines.append(paint(f"opnsense-ha diff: this node -> backup {report.target} ({source})", "header"))
+    if report.note:
+        lines.append(paint(report.note, "note"))
+    for item in report.items:
+        counts = item.counts()
+        if item.status == "same":
+            lines.append(f"{item.id}: no differences" + (f" ({item.note})" if item.note else ""))
+            continue
+        if item.status == "unknown":
+            lines.append(paint(f"{item.id}: unknown: {item.note}", "changed"))
+            continue
+        summary = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+        lines.append(paint(f"{item.id} ({item.description}): {summary}", "header"))
+        for change in item.changes:
+            kind = "moved" if change.kind == "moved" else change.kind
+            name = change.label if change.label == change.key or not change.key else f"{change.label} [{change.key}]"
+            lines.append(paint(f"  {MARKS[kind]} {change.path} {name}{_position(change)}", kind))
+            if change.kind == "changed" or (verbose_added and change.kind in ("added", "removed")):
+                lines.extend(f"      {_field_line(f)}" for f in change.fields)
+        lines.extend(paint(f"  ! {warning}", "note") for warning in item.warnings)
+    total = report.differences
+    lines.append(f"{total} of {len(report.items)} item(s) differ" if total else "no differences")
+    return "\n".join(lines)
+
+
+class SecretTokens:
+    """Per-run tokens for secret values: equal values, equal tokens; no key survives the run."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def token(self, value: str) -> str:
+        if value == "":
+            return ""
+        return "(secret " + hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()[:8] + ")"
+
+
+def _xml_lines(value: Any, tag: str, path: str, indent: int, tokens: SecretTokens) -> list[str]:
+    pad = "  " * indent
+    if isinstance(value, list):
+        return [line for item in value for line in _xml_lines(item, tag, path, indent, tokens)]
+    if isinstance(value, dict):
+        found = value.get(ATTRIBUTES)
+        attrs: dict[str, Any] = found if isinstance(found, dict) else {}
+        attr_text = "".join(f' {k}="{tokens.token(str(v)) if is_secret_name(k) else v}"' for k, v in attrs.items())
+        children = [(k, v) for k, v in value.items() if not k.endswith(ATTRIBUTES)]
+        if not children:
+            return [f"{pad}<{tag}{attr_text}/>"]
+        lines = [f"{pad}<{tag}{attr_text}>"]
+        for key, item in children:
+            lines.extend(_xml_lines(item, key, _join(path, key), indent + 1, tokens))
+        lines.append(f"{pad}</{tag}>")
+        return lines
+    text = str(value)
+    if is_secret_path(path):
+        text = tokens.token(text)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace("\n", "&#10;")
+    return [f"{pad}<{tag}>{text}</{tag}>" if text else f"{pad}<{tag}/>"]
+
+
+def render_xml(value: Any, tokens: SecretTokens) -> list[str]:
+    if not isinstance(value, dict):
+        return []
+    return [line for key, item in value.items() for line in _xml_lines(item, key, key, 0, tokens)]
+
+
+def render_unified(report: DiffReport, colour: bool = False) -> str:
+    paint = _paint(colour)
+    tokens = SecretTokens()
+    lines: list[str] = []
+    if report.note:
+        lines.append(paint(report.note, "note"))
+    for item in report.items:
+        if item.status == "unknown":
+            lines.append(f"# {item.id}: unknown: {item.note}")
+            continue
+        if not item.changes:
+            continue
+        old = render_xml(item.before, tokens)
+        new = render_xml(item.after, tokens)
+        label = "snapshot of the last push" if report.fallback else "backup has"
+        for line in difflib.unified_diff(old, new, f"{item.id} ({label})", f"{item.id} (after sync)", lineterm=""):
+            if line.startswith(("+++", "---")):
+                lines.append(paint(line, "header"))
+            elif line.startswith("+"):
+                lines.append(paint(line, "added"))
+            elif line.startswith("-"):
+                lines.append(paint(line, "removed"))
+            elif line.startswith("@@"):
+                lines.append(paint(line, "moved"))
+            else:
+                lines.append(line)
+        lines.extend(f"# {item.id}: {warning}" for warning in item.warnings)
+    return "\n".join(lines)
+
+
+def render_json(report: DiffReport) -> str:
+    from hasync.core import schemas
+
+    document = report.as_json()
+    schemas.validate("diff-result", document)
+    return json.dumps(document, indent=2)
+
+
+def colour_wanted(mode: str, stream: Any) -> bool:
+    """`auto`: colour only on a terminal and only without NO_COLOR (https://no-color.org)."""
+    if mode == "always":
+        return True
+    if mode == "never":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"

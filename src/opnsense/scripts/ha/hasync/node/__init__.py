@@ -1,0 +1,1 @@
+"""Changes to this node beyond config.xml: reconfiguring after a change, rollback."""

@@ -1,0 +1,287 @@
+"""Build the `restore_config_section` argument exactly as OPNsense's PHP primary builds it.
+
+The rules are those of `rc.filter_synchronize` / `carp_sync_xml()` (reference §3):
+
+* each dotted section path is copied into the same nested position of the payload, and the
+  intermediate levels carry nothing else (`system.user` sends ``{system: {user: [...]}}``, never
+  the hostname next to it);
+* a path missing locally is sent as an empty value (``[]``, an empty XML-RPC ``<array>``) so the
+  backup learns that the data is gone;
+* every record with a non-empty ``nosync`` is removed, wherever it sits;
+* `virtualip` carries only VIPs with a vhid, each with ``advskew = min(advskew + 100, 254)`` so
+  the backup always advertises worse than the primary;
+* ``dhcpd.<if>.failover_peerip`` is rewritten to our own address on the interface facing the peer
+  (on the backup, the peer is us);
+* `hasync`, `interfaces`, `revision` and `system` as a whole are never sent.
+
+The input is the lxml root of config.xml; values come from `tree.element_to_value`, so the shape
+(lists, ``@attributes``, empty strings) is the one `Config::toArray()` gives and the encoder in
+`xmlrpc` turns it into the same bytes PHP's IXR library would.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lxml import etree
+
+from hasync.config.items import SyncItemRegistry, read_hasync, section_refusal
+from hasync.config.tree import element_to_value
+from hasync.core.errors import ConfigError, SyncItemError
+
+VIRTUALIP = "virtualip"
+BACKUP_SKEW_OFFSET = 100
+MAX_ADVSKEW = 254
+
+
+def php_empty(value: Any) -> bool:
+    """PHP's empty(): '', '0', 0, False, None and empty arrays are empty (so ``nosync=0`` is not set)."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, str):
+        return value in ("", "0")
+    if isinstance(value, (int, float)):
+        return value == 0
+    if isinstance(value, (list, dict)):
+        return len(value) == 0
+    return False
+
+
+_LEADING_INT = re.compile(r"^\s*([+-]?\d+)")
+
+
+def php_intval(value: Any) -> int:
+    """PHP's intval() on a config string: the leading integer, 0 when there is none."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    match = _LEADING_INT.match(value if isinstance(value, str) else "")
+    return int(match.group(1)) if match else 0
+
+
+def check_sections(sections: Iterable[str]) -> list[str]:
+    """The sections, refusing the node-specific ones with a message that says why."""
+    checked: list[str] = []
+    for section in sections:
+        section = section.strip()
+        if not section:
+            continue
+        reason = section_refusal(section)
+        if reason:
+            raise SyncItemError(f"refusing to synchronise {reason}")
+        checked.append(section)
+    return checked
+
+
+def build_payload(root: etree._Element, sections: Sequence[str]) -> dict[str, Any]:
+    """The nested value a PHP primary would send for these dotted `sections` of `root`.
+
+    The whole root is converted once: a config is a few MB at most, and converting per path
+    would have to re-implement toArray's list rules for each level.
+    """
+    wanted = check_sections(sections)
+    config = element_to_value(root)
+    payload: dict[str, Any] = {}
+    for section in wanted:
+        if section == VIRTUALIP:
+            payload[VIRTUALIP] = _vip_section(config)
+        else:
+            _copy_section(config, payload, section, copy_value=False)  # `config` is ours alone
+    remove_nosync(payload)
+    _rewrite_dhcp_failover(payload, config)
+    return payload
+
+
+def payload_for_items(
+    root: etree._Element, registry: SyncItemRegistry, item_ids: Iterable[str]
+) -> dict[str, Any]:
+    """The payload for the given sync item ids (unknown ids are an error)."""
+    return build_payload(root, registry.sections_for(item_ids))
+
+
+def selected_item_ids(root: etree._Element, explicit: str | None = None) -> list[str]:
+    """`explicit` (a comma list, as `--items` takes it) or else the ids stored in `hasync`."""
+    if explicit is not None:
+        ids = [part.strip() for part in explicit.split(",") if part.strip()]
+        if not ids:
+            raise SyncItemError("--items is empty: name at least one sync item id")
+        return ids
+    ids = read_hasync(root).syncitems
+    if not ids:
+        raise SyncItemError(
+            "no sync items selected: hasync.syncitems is empty (choose items in System > High "
+            "Availability, or pass --items)"
+        )
+    return ids
+
+
+# --- the rules ----------------------------------------------------------------------------
+
+
+def _copy_section(config: dict[str, Any], payload: dict[str, Any], dotted: str, copy_value: bool = True) -> None:
+    """copy_conf_section(): put the subtree at `dotted` into the same position of `payload`.
+
+    PHP keeps searching the *same* source level after a missing part (so `a.b` with `a` missing
+    would pick up a top-level `b`); the intended behaviour, implemented here, is that everything
+    below a missing level is missing too. `copy_value=False` places the subtree itself, for a
+    `config` that is thrown away afterwards (a deep copy of 50 MB of values takes seconds).
+    """
+    parts = dotted.split(".")
+    source: Any = config
+    missing = False
+    for part in parts:
+        if isinstance(source, dict) and part in source:
+            source = source[part]
+        else:
+            missing = True
+            break
+    value = [] if missing else (copy.deepcopy(source) if copy_value else source)
+    place_at(payload, parts, value)
+
+
+def place_at(payload: dict[str, Any], parts: Sequence[str], value: Any) -> None:
+    """Put `value` at `parts` of `payload`, building the intermediate levels as copy_conf_section does.
+
+    An intermediate level that an earlier, broader section already filled with a whole subtree
+    wins: the narrower section is inside it already.
+    """
+    target = payload
+    for part in parts[:-1]:
+        existing = target.get(part)
+        if isinstance(existing, dict):
+            target = existing
+        elif existing is None or php_empty(existing):
+            target[part] = {}
+            target = target[part]
+        else:
+            return
+    target[parts[-1]] = value
+
+
+def remove_nosync(value: Any) -> None:
+    """remove_nosync(): drop every record (dict) whose ``nosync`` is non-empty, at any depth.
+
+    PHP unsets the record and leaves a hole in the list's keys, which its encoder then sends as a
+    struct with keys "0", "2", ...; we keep the list a list (the backup's merge accepts both).
+    """
+    if isinstance(value, dict):
+        for key in list(value):
+            item = value[key]
+            if isinstance(item, dict) and not php_empty(item.get("nosync")):
+                del value[key]
+            else:
+                remove_nosync(item)
+    elif isinstance(value, list):
+        kept = [item for item in value if not (isinstance(item, dict) and not php_empty(item.get("nosync")))]
+        value[:] = kept
+        for item in kept:
+            remove_nosync(item)
+
+
+def _vip_section(config: dict[str, Any]) -> Any:
+    """get_vip_config_section(): VIPs with a vhid, advskew raised so the backup stays backup.
+
+    The new advskew is an integer, as PHP's ``min(intval(...) + 100, 254)`` gives, so it travels
+    as ``<int>``; the backup stores it as text either way.
+    """
+    section = config.get(VIRTUALIP)
+    vips = section.get("vip") if isinstance(section, dict) else None
+    if vips is None:
+        return []
+    if isinstance(vips, dict):
+        vips = [vips]
+    if not isinstance(vips, list):
+        return {"vip": []}
+    sent = []
+    for vip in vips:
+        if not isinstance(vip, dict) or php_empty(vip.get("vhid")):
+            continue
+        vip = copy.deepcopy(vip)
+        vip["advskew"] = min(php_intval(vip.get("advskew", "")) + BACKUP_SKEW_OFFSET, MAX_ADVSKEW)
+        sent.append(vip)
+    return {"vip": sent}
+
+
+def _rewrite_dhcp_failover(payload: dict[str, Any], config: dict[str, Any]) -> None:
+    dhcpd = payload.get("dhcpd")
+    if not isinstance(dhcpd, dict):
+        return
+    for ifname, conf in dhcpd.items():
+        if not isinstance(conf, dict):
+            continue
+        peer = conf.get("failover_peerip")
+        if not isinstance(peer, str) or peer.strip() == "":
+            continue
+        conf["failover_peerip"] = own_address_facing(config, peer.strip(), prefer=ifname)
+
+
+def own_address_facing(config: dict[str, Any], peer: str, prefer: str = "") -> str:
+    """Our static IPv4 address on the interface whose subnet contains `peer`.
+
+    PHP asks the routing table (`guess_interface_from_ip`); we derive it from
+    ``interfaces.<if>.ipaddr``/``subnet`` so the payload is a pure function of config.xml. The most
+    specific subnet wins; on a tie the interface named like the dhcpd key. Sending the peer its
+    own address, or none, would break DHCP failover on the backup, so failing is an error.
+    """
+    try:
+        peer_ip = ipaddress.IPv4Address(peer)
+    except ValueError:
+        raise ConfigError(f"dhcpd failover_peerip {peer!r} is not an IPv4 address") from None
+    interfaces = config.get("interfaces")
+    best: tuple[int, int, str] | None = None
+    for name, conf in (interfaces.items() if isinstance(interfaces, dict) else []):
+        if not isinstance(conf, dict):
+            continue
+        address, bits = conf.get("ipaddr"), conf.get("subnet")
+        if not isinstance(address, str) or not isinstance(bits, str):
+            continue
+        try:
+            network = ipaddress.IPv4Interface(f"{address.strip()}/{bits.strip()}")
+        except ValueError:
+            continue  # dhcp, pppoe, track6, empty: no static address to offer
+        if peer_ip in network.network and peer_ip != network.ip:
+            rank = (network.network.prefixlen, 1 if name == prefer else 0, str(network.ip))
+            if best is None or rank[:2] > best[:2]:
+                best = rank
+    if best is None:
+        raise ConfigError(
+            f"dhcpd failover_peerip {peer}: no interface has a static IPv4 subnet containing it, so "
+            "our own address facing the peer is unknown; fix interfaces.<if>.ipaddr/subnet or the "
+            "failover peer address"
+        )
+    return best[2]
+
+
+# --- display aid --------------------------------------------------------------------------
+
+REDACTED = "**redacted by opnsense-ha**"
+_SECRET_KEYS = frozenset(
+    {"password", "prv", "secret", "apikeys", "psk", "pre-shared-key", "presharedkey", "privkey",
+     "privatekey", "private_key", "shared_key", "tls", "ldap_bindpw", "radius_secret", "authkey"}
+)
+
+
+def is_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return lowered in _SECRET_KEYS or "password" in lowered or "secret" in lowered
+
+
+def redact(value: Any) -> Any:
+    """A copy with secret-looking values replaced, for showing a payload to a person.
+
+    A redacted payload must never be merged (it would store the marker as a password);
+    `merge.load_payload_bytes` refuses any payload that contains the marker.
+    """
+    if isinstance(value, dict):
+        return {
+            key: (REDACTED if is_secret_key(key) and not php_empty(item) else redact(item))
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return value

@@ -1,0 +1,1 @@
+"""Between the nodes: the XML-RPC codec, the HTTPS client and trust store, TLS, peer features."""

@@ -1,0 +1,107 @@
+"""TLS material for the agent and trust-on-first-use pinning for the client.
+
+The agent prefers explicit files, then the web GUI certificate that config.xml points to (so a
+real OPNsense backup presents the same certificate on our port as on its GUI), and finally a
+self-signed certificate generated once and kept in the state directory, so the primary's TOFU pin
+stays valid across restarts.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from lxml import etree
+
+from hasync.core.errors import HaError
+
+MIN_TLS = ssl.TLSVersion.TLSv1_2
+
+
+def fingerprint(der: bytes) -> str:
+    """SHA-256 fingerprint, colon-separated upper-case hex (as `openssl x509 -fingerprint`)."""
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def generate_self_signed(cert_path: Path, key_path: Path, hostname: str | None = None) -> None:
+    """A P-256 certificate for the agent, valid 10 years, with localhost/hostname SANs."""
+    name = hostname or socket.gethostname() or "opnsense-ha"
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    alt: list[x509.GeneralName] = [x509.DNSName(name), x509.DNSName("localhost"),
+                                   x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def webgui_certificate(root: etree._Element, state_dir: Path) -> tuple[Path, Path] | None:
+    """Write the GUI certificate referenced by system.webgui.ssl-certref to files; None if absent."""
+    refid = (root.findtext("system/webgui/ssl-certref") or "").strip()
+    if not refid:
+        return None
+    for cert in root.iterfind("cert"):
+        if (cert.findtext("refid") or "").strip() != refid:
+            continue
+        crt = (cert.findtext("crt") or "").strip()
+        prv = (cert.findtext("prv") or "").strip()
+        if not crt or not prv:
+            raise HaError(f"web GUI certificate {refid} in config.xml has no certificate or key")
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_path, key_path = state_dir / "webgui.crt", state_dir / "webgui.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(base64.b64decode(prv))
+        cert_path.write_bytes(base64.b64decode(crt))
+        return cert_path, key_path
+    raise HaError(f"system.webgui.ssl-certref points to {refid}, which is not a <cert> in config.xml")
+
+
+def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MIN_TLS
+    # No TLS 1.3 session tickets: our client never resumes (one connection per call) and the
+    # two tickets OpenSSL sends by default are ~500 bytes of every reply.
+    context.num_tickets = 0
+    try:
+        context.load_cert_chain(str(cert_path), str(key_path))
+    except (OSError, ssl.SSLError) as exc:
+        raise HaError(f"cannot load TLS certificate {cert_path} / key {key_path}: {exc}") from None
+    return context
+
+
+def certificate_not_after(cert_pem_or_der: bytes) -> dt.datetime:
+    if cert_pem_or_der.lstrip().startswith(b"-----BEGIN"):
+        cert = x509.load_pem_x509_certificate(cert_pem_or_der)
+    else:
+        cert = x509.load_der_x509_certificate(cert_pem_or_der)
+    return cert.not_valid_after_utc
