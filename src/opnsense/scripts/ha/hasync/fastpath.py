@@ -54,11 +54,10 @@ from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 
-from . import xmlrpc, xmlsafe
+from . import pernode, xmlrpc, xmlsafe
 from .agent import CallContext, Dispatcher, MethodFault
 from .errors import ConfigError, HaError, RemoteFault
 from .items import SyncItemRegistry
-from . import pernode
 from .payload import (
     VIRTUALIP,
     _vip_section,

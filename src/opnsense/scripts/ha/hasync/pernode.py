@@ -70,8 +70,10 @@ class Selector:
         if not self.field:
             return True
         got = record.get(self.field)
-        text = got.strip() if isinstance(got, str) else ("" if got is None or isinstance(got, (dict, list)) else str(got))
-        return text == self.value if self.value is not None else text not in ("", "0")
+        if isinstance(got, (dict, list)) or got is None:
+            got = ""
+        text = str(got).strip()
+        return text == self.value if self.value is not None else text not in ("", "0")  # PHP's empty()
 
 
 @dataclass(frozen=True)
@@ -292,9 +294,9 @@ def _find(node: Any, steps: tuple[Step, ...], index: int, pointer: tuple[Any, ..
         child = node[key]
         if step.selector is None:
             if last:
-                yield Slot(node, key, pointer + (key,), identity + (key,))
+                yield Slot(node, key, (*pointer, key), (*identity, key))
             else:
-                yield from _find(child, steps, index + 1, pointer + (key,), identity + (key,))
+                yield from _find(child, steps, index + 1, (*pointer, key), (*identity, key))
             continue
         single = isinstance(child, dict)
         records = [child] if single else (child if isinstance(child, list) else [])
@@ -307,10 +309,10 @@ def _find(node: Any, steps: tuple[Step, ...], index: int, pointer: tuple[Any, ..
             ordinal += 1
             record_pointer = pointer + ((key,) if single else (key, position))
             if last:
-                yield Slot(node, key, record_pointer, identity + (record_id,)) if single else \
-                    Slot(child, position, record_pointer, identity + (record_id,))
+                yield Slot(node, key, record_pointer, (*identity, record_id)) if single else \
+                    Slot(child, position, record_pointer, (*identity, record_id))
             else:
-                yield from _find(record, steps, index + 1, record_pointer, identity + (record_id,))
+                yield from _find(record, steps, index + 1, record_pointer, (*identity, record_id))
 
 
 def show_identity(identity: Identity) -> str:
@@ -414,7 +416,8 @@ def _backup_values(root: etree._Element, rules: Iterable[PathRule]) -> dict[str,
     """The backup's payload-form value under each rule's literal prefix (only those subtrees)."""
     from .digest import tree_item_value  # digest builds on merge, which builds on this module
 
-    prefixes = list(dict.fromkeys(".".join(rule.literal_prefix) for rule in rules))
+    # stop above the last step: a missing field must read as absent, not as the `[]` a missing path gets
+    prefixes = list(dict.fromkeys(".".join(rule.literal_prefix[: max(1, len(rule.steps) - 1)]) for rule in rules))
     return tree_item_value(root, prefixes) if prefixes else {}
 
 
