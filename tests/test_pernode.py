@@ -310,6 +310,16 @@ def test_fast_path_without_rules_from_the_primary_uses_the_shipped_ones(registry
     assert next(v for v in payload["virtualip"]["vip"] if v["vhid"] == "5")["peer"] == "10.77.1.2"
 
 
+def test_corrected_unicast_peer_reconfigures_carp_on_the_backup(registry: SyncItemRegistry) -> None:
+    """A backup that got the peer copied verbatim (pointing at itself) is corrected by the next
+    sync, and the merge reports the VIP as changed so CARP is reconfigured, not just the file."""
+    primary, backup = node("primary"), node("backup")
+    merge_payload(backup, payload_for_items(primary, without_declarations(registry), ["virtualip"]), registry)
+    assert backup.xpath("string(virtualip/vip[vhid='5']/peer)") == "10.77.1.3"  # OPNsense's behaviour (#8120)
+    report = merge_payload(backup, payload_for_items(primary, registry, ["virtualip"]), registry)
+    assert [(vip.vhid, vip.changed_fields) for vip in report.vips_changed] == [(5, ("peer", "peer6"))]
+
+
 def test_admin_local_record_is_kept_whole(tmp_path: Path) -> None:
     for source in DEFAULT_ITEMS_DIR.glob("*.json"):
         shutil.copy(source, tmp_path)

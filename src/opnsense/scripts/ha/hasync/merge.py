@@ -82,7 +82,8 @@ RULE_LISTS: frozenset[str] = frozenset({"filter.rule", "nat.rule", "nat.outbound
 # section they accompany is covered by a registered item.
 COMPANION_PATHS: Mapping[str, str] = {"system.nextuid": "system.user", "system.nextgid": "system.user"}
 
-VIP_FIELDS: tuple[str, ...] = ("password", "advskew", "subnet", "subnet_bits", "advbase")
+# peer/peer6: a unicast CARP peer the sync corrects (pernode self_address) must reach the kernel too
+VIP_FIELDS: tuple[str, ...] = ("password", "advskew", "subnet", "subnet_bits", "advbase", "peer", "peer6")
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
@@ -99,7 +100,7 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 class VipChange:
     """A CARP/IP-alias VIP that the merge added, changed or removed (values after the merge,
     before it for a removed VIP). `changed_fields` lists which of the fields that need a
-    reconfiguration (password, advskew, subnet, subnet_bits, advbase) differ."""
+    reconfiguration (password, advskew, subnet, subnet_bits, advbase, peer, peer6) differ."""
 
     key: str
     mode: str
