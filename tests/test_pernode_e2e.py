@@ -230,6 +230,11 @@ def test_stock_backup_is_told_once_which_local_fields_it_overwrites(tmp_path: Pa
         assert len(notes) == 1
         assert notes[0].endswith("OPNsense.Kea.dhcp4.ha.this_server_name, OPNsense.Kea.dhcp6.ha.this_server_name")
         assert text(world.pair.backup, f"{UNICAST_VIP}/peer") == ["10.77.1.2"]  # self_address still works
+        report = diff_with_backup(ConfigStore(world.pair.primary), world.registry, ClientOptions())
+        assert report.source == "snapshot" and report.exit_code == 0
+        assert report.note.endswith("a sync overwrites them: OPNsense.Kea.dhcp4.ha.this_server_name, "
+                                    "OPNsense.Kea.dhcp6.ha.this_server_name")
+        assert not [n for item in report.items for n in item.declared if n.kind == "kept on the backup"]
     finally:
         agent.stop()
     control = prepare(tmp_path / "control")

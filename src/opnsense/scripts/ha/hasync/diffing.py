@@ -606,6 +606,12 @@ def build_diff(
                                    f"({snap.time_iso}); changes made on the backup itself are NOT visible")
     if snap.target and snap.target != peer.url:
         report.note += f". The snapshot is of a sync to {snap.target}, not {peer.url}"
+    kept = [note.path for item in items.values() for note in item.declared if note.kind == pernode.KEPT]
+    if kept:  # PHP's merge knows no declarations: nothing is kept there
+        for item in items.values():
+            item.declared = [note for note in item.declared if note.kind != pernode.KEPT]
+        report.note += (f". A stock backup cannot keep its own value of the field(s) declared local, a sync "
+                        f"overwrites them: {', '.join(kept)}")
     for item_id, item in items.items():
         record = snap.items.get(item_id)
         if record is None:

@@ -189,7 +189,6 @@ class ItemExtension:
 
     extends: str
     record: dict[str, Any]
-    source: str
     where: str  # "file: " or "file: [i]." prefix for error messages
 
 
@@ -225,7 +224,7 @@ def load_entries(path: Path, schema: dict[str, Any] | None = None) -> list[SyncI
     for index, record in enumerate(records):
         prefix = f"[{index}]." if isinstance(data, list) else ""
         if "extends" in record:
-            items.append(ItemExtension(record["extends"], record, str(path), f"{path}: {prefix}"))
+            items.append(ItemExtension(record["extends"], record, f"{path}: {prefix}"))
             continue
         sections = [s.strip() for s in record["sections"]]
         for pos, section in enumerate(sections):

@@ -51,9 +51,6 @@ ATTRIBUTES = "@attributes"  # tree.ATTRIBUTES (not imported: tree is imported by
 _NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
 _STEP_RE = re.compile(rf"^(?:(\*)|({_NAME})(?:\[(?:(\*)|({_NAME})(?:=([^\]]*))?)\])?)$")
 
-KINDS = ("local", "self_address", "swap")
-
-
 # --- the declaration model -----------------------------------------------------------------------
 
 
@@ -206,8 +203,7 @@ def declarations_from(record: Mapping[str, Any], sections: Sequence[str], where:
 
     def field_rule(name: str, text: Any, what: str) -> PathRule:
         rule = parse(name, text)
-        last = rule.steps[-1]
-        if last.name == "*" or last.selector is not None:
+        if rule.steps[-1].name == "*" or rule.names_record:
             raise fail(name, f"{rule.text!r}: a {what} path must end in a field name, not a selector or *")
         return rule
 
