@@ -19,6 +19,7 @@ from lxml import etree
 from conftest import FIXTURES, SHARED
 from hasync import digest as digestmod
 from hasync import fastpath, pernode, xmlrpc
+from hasync.agent import MethodFault
 from hasync.errors import ConfigError, HaError, SyncItemError
 from hasync.items import DEFAULT_ITEMS_DIR, SyncItemRegistry, load_entries
 from hasync.merge import merge_payload
@@ -318,6 +319,15 @@ def test_corrected_unicast_peer_reconfigures_carp_on_the_backup(registry: SyncIt
     assert backup.xpath("string(virtualip/vip[vhid='5']/peer)") == "10.77.1.3"  # OPNsense's behaviour (#8120)
     report = merge_payload(backup, payload_for_items(primary, registry, ["virtualip"]), registry)
     assert [(vip.vhid, vip.changed_fields) for vip in report.vips_changed] == [(5, ("peer", "peer6"))]
+
+
+@pytest.mark.parametrize("rules", [{"self_address": ["virtualip.vip[*]"]}, {"self_address": [7]},
+                                   {"swap": [["a.b"]]}, {"swap": "a"}, "x"])
+def test_fast_path_refuses_malformed_rules_from_the_wire(rules: Any, registry: SyncItemRegistry) -> None:
+    param = dict(fastpath.build_blob(node("primary"), ["virtualip"], declarations=registry.declarations()).param)
+    param["pernode"] = rules
+    with pytest.raises(MethodFault, match="'pernode'"):
+        fastpath.decode_param_for_tests(param)
 
 
 def test_admin_local_record_is_kept_whole(tmp_path: Path) -> None:

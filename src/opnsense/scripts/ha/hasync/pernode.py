@@ -240,12 +240,18 @@ def from_wire(value: Any) -> Declarations:
     swap = value.get("swap") or []
     if not isinstance(self_address, list) or not isinstance(swap, list):
         raise ValueError("'pernode' rules must be arrays")
+    def field(text: Any) -> PathRule:
+        rule = parse_path(text)
+        if rule.steps[-1].name == "*" or rule.names_record:
+            raise ValueError(f"{rule.text!r} must end in a field name")
+        return rule
+
     pairs = []
     for pair in swap:
         if not isinstance(pair, list) or len(pair) != 2:
             raise ValueError("'pernode' swap entries must be pairs")
-        pairs.append((parse_path(pair[0]), parse_path(pair[1])))
-    return Declarations((), tuple(parse_path(p) for p in self_address), tuple(pairs))
+        pairs.append((field(pair[0]), field(pair[1])))
+    return Declarations((), tuple(field(p) for p in self_address), tuple(pairs))
 
 
 # --- finding the values a rule names ---------------------------------------------------------------
