@@ -128,11 +128,16 @@ def test_extension_of_unknown_item_and_outside_its_sections(tmp_path: Path) -> N
         SyncItemRegistry.load(tmp_path)
 
 
-def test_admin_drop_in_extends_a_core_item(tmp_path: Path) -> None:
+def admin_registry(items_dir: Path) -> SyncItemRegistry:
+    """The shipped items plus the admin's drop-in that keeps one cron job per node."""
     for source in DEFAULT_ITEMS_DIR.glob("*.json"):
-        shutil.copy(source, tmp_path)
-    shutil.copy(PERNODE / "keep-firmware-job.json", tmp_path)
-    registry = SyncItemRegistry.load(tmp_path)
+        shutil.copy(source, items_dir)
+    shutil.copy(PERNODE / "keep-firmware-job.json", items_dir)
+    return SyncItemRegistry.load(items_dir)
+
+
+def test_admin_drop_in_extends_a_core_item(tmp_path: Path) -> None:
+    registry = admin_registry(tmp_path)
     assert registry.get("cron").declarations.as_json()["local"] == [
         "OPNsense.cron.jobs.job[description=Firmware update (each node at its own hour)]"]
     assert [type(e).__name__ for e in load_entries(tmp_path / "keep-firmware-job.json")] == ["ItemExtension"]
@@ -331,10 +336,7 @@ def test_fast_path_refuses_malformed_rules_from_the_wire(rules: Any, registry: S
 
 
 def test_admin_local_record_is_kept_whole(tmp_path: Path) -> None:
-    for source in DEFAULT_ITEMS_DIR.glob("*.json"):
-        shutil.copy(source, tmp_path)
-    shutil.copy(PERNODE / "keep-firmware-job.json", tmp_path)
-    registry = SyncItemRegistry.load(tmp_path)
+    registry = admin_registry(tmp_path)
     primary, backup = node("primary"), node("backup")
     payload = payload_for_items(primary, registry, ["cron"])
     merge_payload(backup, payload, registry)
