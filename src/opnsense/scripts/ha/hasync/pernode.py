@@ -370,9 +370,6 @@ class Note:
     old: Any = None
     new: Any = None
 
-    def as_json(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "old": self.old, "new": self.new}
-
 
 KEPT = "kept on the backup"
 REWRITTEN = "rewritten"
