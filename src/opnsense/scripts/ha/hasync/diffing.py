@@ -19,6 +19,11 @@ Records in lists are matched before they are compared:
 Order is configuration for rules: of the matched records, those outside the longest run that
 kept its relative order are reported as moved, with old and new positions.
 
+Fields the sync items declare per-node (`pernode`) are never drift: a `local` field keeps the
+backup's value through the simulated merge (so it is no change) and is listed as "kept on the
+backup"; a `self_address`/`swap` field arrives as the primary rewrote it and is listed as
+"rewritten" with the primary's value and the value sent.
+
 Secrets (password hashes, private keys, API secrets, pre-shared keys, CARP and sync passwords)
 are never printed: a field whose name, or any name above it, is secret-looking shows only as
 changed/set/cleared. The unified format replaces each secret by a token derived with a random
@@ -42,10 +47,11 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from . import digest as digestmod
+from . import pernode
 from . import snapshot as snapshotmod
 from .errors import HaError, TransportError
 from .extensions import PeerFeatures, as_struct, discover, stock_note
-from .items import SyncItemRegistry, read_hasync
+from .items import SyncItemRegistry, paths_overlap, read_hasync
 from .merge import merge_payload, vip_key
 from .payload import is_secret_key
 from .store import ConfigStore
@@ -144,6 +150,7 @@ class ItemDiff:
     warnings: list[str] = field(default_factory=list)
     before: Any = ""
     after: Any = ""
+    declared: list[pernode.Note] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -164,7 +171,28 @@ class ItemDiff:
             "summary": self.counts(),
             "changes": [change.as_json() for change in self.changes],
             "warnings": self.warnings,
+            "declared": [_declared_json(note) for note in self.declared],
         }
+
+
+def _declared_json(note: pernode.Note) -> dict[str, Any]:
+    data: dict[str, Any] = {"path": note.path, "kind": note.kind}
+    if note.kind == pernode.REWRITTEN and not is_secret_path(note.path):
+        data["old"] = None if note.old is None else str(note.old)
+        data["new"] = None if note.new is None else str(note.new)
+    return data
+
+
+def declared_notes(values: Mapping[str, Any], rewritten: list[pernode.Note], registry: SyncItemRegistry,
+                   item_id: str) -> list[pernode.Note]:
+    """The per-node fields of one item: its local paths in the payload, and what was rewritten."""
+    sections = registry.get(item_id).sections
+    mine = [note for note in rewritten if any(paths_overlap(_without_selectors(note.path), s) for s in sections)]
+    return pernode.local_notes(values, registry.get(item_id).declarations) + mine
+
+
+def _without_selectors(path: str) -> str:
+    return re.sub(r"\[[^\]]*\]", "", path)
 
 
 @dataclass
@@ -538,11 +566,13 @@ def build_diff(
     """Compare this (primary) node's items with the backup: live if it has hasync.*, else the snapshot."""
     root = store.load()
     ids = selected_items(root, registry, item_ids)
-    values = digestmod.primary_item_values(root, registry, ids)
-    local = digestmod.item_digests(values)
+    rewritten: list[pernode.Note] = []
+    values = digestmod.primary_item_values(root, registry, ids, rewritten)
+    local = digestmod.item_digests(values, registry)
     features = features or discover(peer)
     report = DiffReport(target=peer.url)
-    items = {item_id: ItemDiff(item_id, registry.get(item_id).description, primary_digest=local[item_id])
+    items = {item_id: ItemDiff(item_id, registry.get(item_id).description, primary_digest=local[item_id],
+                               declared=declared_notes(values[item_id], rewritten, registry, item_id))
              for item_id in ids}
     report.items = list(items.values())
     if features.has("hasync.digest") and features.has("hasync.export_sections"):
@@ -576,6 +606,12 @@ def build_diff(
                                    f"({snap.time_iso}); changes made on the backup itself are NOT visible")
     if snap.target and snap.target != peer.url:
         report.note += f". The snapshot is of a sync to {snap.target}, not {peer.url}"
+    kept = [note.path for item in items.values() for note in item.declared if note.kind == pernode.KEPT]
+    if kept:  # PHP's merge knows no declarations: nothing is kept there
+        for item in items.values():
+            item.declared = [note for note in item.declared if note.kind != pernode.KEPT]
+        report.note += (f". A stock backup cannot keep its own value of the field(s) declared local, a sync "
+                        f"overwrites them: {', '.join(kept)}")
     for item_id, item in items.items():
         record = snap.items.get(item_id)
         if record is None:
@@ -629,6 +665,14 @@ def show_value(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _declared_line(note: pernode.Note) -> str:
+    if note.kind == pernode.KEPT:
+        return f"{note.path}: {note.kind} (declared local)"
+    if is_secret_path(note.path):
+        return f"{note.path}: {note.kind} for the backup (secret)"
+    return f"{note.path}: {note.kind} for the backup: {show_value(note.old)} -> {show_value(note.new)}"
+
+
 def _field_line(change: FieldChange) -> str:
     if change.secret:
         return f"{change.field}: (secret) {change.change}"
@@ -654,8 +698,10 @@ def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool
         lines.append(paint(report.note, "note"))
     for item in report.items:
         counts = item.counts()
+        declared = [f"  = {_declared_line(note)}" for note in item.declared]
         if item.status == "same":
             lines.append(f"{item.id}: no differences" + (f" ({item.note})" if item.note else ""))
+            lines.extend(declared)
             continue
         if item.status == "unknown":
             lines.append(paint(f"{item.id}: unknown: {item.note}", "changed"))
@@ -669,6 +715,7 @@ def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool
             if change.kind == "changed" or (verbose_added and change.kind in ("added", "removed")):
                 lines.extend(f"      {_field_line(f)}" for f in change.fields)
         lines.extend(paint(f"  ! {warning}", "note") for warning in item.warnings)
+        lines.extend(declared)
     total = report.differences
     lines.append(f"{total} of {len(report.items)} item(s) differ" if total else "no differences")
     return "\n".join(lines)
