@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from conftest import FIXTURES, shared_path
 from hasync import xmlrpc, xmlsafe
+from hasync.items import SyncItemRegistry
+from hasync.merge import merge_payload
 from hasync.payload import build_payload
 
 CONFIGS = FIXTURES / "configs"
@@ -84,13 +87,31 @@ LEGACY_CRON = """<?xml version="1.0"?>
 """
 
 
+BACKUP_CRON = """<?xml version="1.0"?>
+<opnsense><OPNsense><cron version="1.0.4"><jobs><job uuid="c1c1c1c1-0000-4000-8000-000000000001">
+  <origin>cron</origin><enabled>1</enabled><minute>0</minute><hour>3</hour><day>*</day><month>*</month>
+  <weekdays>*</weekdays><who>root</who><command>firmware changelog cron</command><parameters/>
+  <description>nightly changelog</description></job></jobs></cron></OPNsense></opnsense>
+"""
+
+
 def test_legacy_top_level_cron_is_not_sent_as_the_cron_model(anchors: Path, tmp_path: Path) -> None:
     """README "Where we deliberately differ": PHP's copy_conf_section() goes on searching the same
-    level after the missing `OPNsense`, so a legacy top-level <cron> travels as `OPNsense.cron`;
-    we send the missing model as missing."""
-    config = tmp_path / "config.xml"
+    level after the missing `OPNsense`, so a legacy top-level <cron> travels as `OPNsense.cron` and
+    lands in the backup's Cron model as records it has no field for; we send the missing model as
+    missing, which leaves the backup's jobs alone."""
+    config, backup, sent = tmp_path / "config.xml", tmp_path / "backup.xml", tmp_path / "payload.json"
     config.write_text(LEGACY_CRON)
+    backup.write_text(BACKUP_CRON)
     theirs = php_payload(anchors, config, ["OPNsense.cron"])
     assert theirs["OPNsense"]["cron"]["item"][0]["command"] == "adjkerntz -a"  # PHP's behaviour, shown
+    sent.write_text(json.dumps(theirs))
+    merged = subprocess.run([str(anchors / "php-oracle"), "merge", str(backup), str(sent)], capture_output=True,
+                            text=True, timeout=PHP_TIMEOUT, check=True).stdout
+    assert sorted(json.loads(merged)["OPNsense"]["cron"]) == ["@attributes", "item", "jobs"]  # legacy items added
     assert ours(config, ["OPNsense.cron"]) == {"OPNsense": {"cron": []}}
     assert ours(config, ["OPNsense.cron"]) == php_payload(anchors, config, ["OPNsense.cron"], "payload-intended")
+    backup_root = xmlsafe.parse_bytes(BACKUP_CRON.encode())
+    before = etree.tostring(backup_root)
+    merge_payload(backup_root, ours(config, ["OPNsense.cron"]), SyncItemRegistry.load())
+    assert etree.tostring(backup_root) == before  # the backup's cron jobs stay as they are
