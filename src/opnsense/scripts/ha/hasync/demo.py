@@ -3,8 +3,8 @@
 Seeds two node directories from the project's fixtures under ``./demo-nodes`` of the directory it
 is started from (or ``--dir``), never inside the source tree or an installed package, starts the
 backup agent on loopback with TLS (a self-signed certificate it generates, pinned by the primary on
-first use), runs
-`opnsense-ha sync --restart-services` from the primary, and shows what happened on the backup.
+first use), runs `opnsense-ha sync --restart-services` from the primary, and shows what happened on
+the backup.
 Everything runs as separate processes through the real CLI, exactly as an admin would run it.
 """
 

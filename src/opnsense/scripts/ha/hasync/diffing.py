@@ -294,8 +294,7 @@ def _naming(record: Any, key: str, secret_path: bool) -> tuple[str, str | None]:
         return key, None
     name = _first_line(record, "name")
     if name:
-        description = next((text for text in (_first_line(record, "descr"), _first_line(record, "description"))
-                            if text), "")
+        description = _first_line(record, "descr") or _first_line(record, "description")
         return (f"{name} ('{description}')" if description and description != name else name), name
     for field_name in _LABEL_FIELDS:
         text = _first_line(record, field_name)
