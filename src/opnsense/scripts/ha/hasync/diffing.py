@@ -129,10 +129,11 @@ class RecordChange:
     new_position: int | None = None
     moved: bool = False
     fields: list[FieldChange] = field(default_factory=list)
+    name: str | None = None  # the record's own `name`, when it has one (aliases, users, gateways, ...)
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "path": self.path, "key": self.key, "label": self.label,
+            "kind": self.kind, "path": self.path, "key": self.key, "label": self.label, "name": self.name,
             "old_position": self.old_position, "new_position": self.new_position, "moved": self.moved,
             "fields": [change.as_json() for change in self.fields],
         }
@@ -305,14 +306,29 @@ _KEY_FIELDS: dict[str, tuple[str, ...]] = {
 _GENERIC_KEYS = ("refid", "name", "tunable", "vpnid", "ikeid", "uniqid", "tracker")
 
 
-def _label(record: Any, key: str, secret_path: bool) -> str:
-    if isinstance(record, dict) and not secret_path:
-        for name in _LABEL_FIELDS:
-            text = record.get(name)
-            if isinstance(text, str) and text.strip() and not is_secret_name(name):
-                first = text.strip().splitlines()[0]
-                return f"'{first[:80]}'"
-    return key
+def _first_line(record: dict[str, Any], field_name: str) -> str:
+    text = record.get(field_name)
+    return text.strip().splitlines()[0][:80] if isinstance(text, str) and text.strip() else ""
+
+
+def _naming(record: Any, key: str, secret_path: bool) -> tuple[str, str | None]:
+    """(label, name): how an admin knows the record, for `diff`.
+
+    A record whose model has a `name` (aliases, users, groups, gateways, schedules, Monit services,
+    ...) is known by it: ``mail_servers ('Mail relays')``, and the name is returned on its own for
+    --json. Otherwise the first descriptive field, quoted, or else the matching key.
+    """
+    if not isinstance(record, dict) or secret_path:
+        return key, None
+    name = _first_line(record, "name")
+    if name:
+        description = _first_line(record, "descr") or _first_line(record, "description")
+        return (f"{name} ('{description}')" if description and description != name else name), name
+    for field_name in _LABEL_FIELDS:
+        text = _first_line(record, field_name)
+        if text and not is_secret_name(field_name):
+            return f"'{text}'", None
+    return key, None
 
 
 def _unique_key(records: list[Any], name: str) -> list[str] | None:
@@ -448,15 +464,14 @@ def diff_list(old: list[Any], new: list[Any], path: str, out: list[RecordChange]
     moved_new = {ni for index, (_, ni) in enumerate(pairs) if index not in kept}
     for oi, record in enumerate(old):
         if oi not in matched_old:
-            out.append(RecordChange("removed", path, key_text(oi, "old"), _label(record, key_text(oi, "old"),
-                                                                                secret_path),
-                                    old_position=oi + 1,
-                                    fields=_field_changes(flatten(record), {}, path)))
+            label, name = _naming(record, key_text(oi, "old"), secret_path)
+            out.append(RecordChange("removed", path, key_text(oi, "old"), label, old_position=oi + 1,
+                                    fields=_field_changes(flatten(record), {}, path), name=name))
     for ni, record in enumerate(new):
         if ni not in matched_new:
-            out.append(RecordChange("added", path, key_text(ni, "new"), _label(record, key_text(ni, "new"),
-                                                                              secret_path),
-                                    new_position=ni + 1, fields=_field_changes({}, flatten(record), path)))
+            label, name = _naming(record, key_text(ni, "new"), secret_path)
+            out.append(RecordChange("added", path, key_text(ni, "new"), label, new_position=ni + 1,
+                                    fields=_field_changes({}, flatten(record), path), name=name))
             continue
         oi = matched_new[ni]
         skip = ("@uuid",) if keyed is not None and keyed[0] == "uuid" else ()
@@ -464,9 +479,9 @@ def diff_list(old: list[Any], new: list[Any], path: str, out: list[RecordChange]
         moved = ni in moved_new
         if fields or moved:
             key = key_text(ni, "new") if keyed is not None else f"#{ni + 1}"
-            out.append(RecordChange("changed" if fields else "moved", path, key,
-                                    _label(record, key, secret_path), old_position=oi + 1,
-                                    new_position=ni + 1, moved=moved, fields=fields))
+            label, name = _naming(record, key, secret_path)
+            out.append(RecordChange("changed" if fields else "moved", path, key, label, old_position=oi + 1,
+                                    new_position=ni + 1, moved=moved, fields=fields, name=name))
 
 
 def diff_values(before: Any, after: Any, path: str = "") -> list[RecordChange]:
@@ -710,7 +725,9 @@ def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool
         lines.append(paint(f"{item.id} ({item.description}): {summary}", "header"))
         for change in item.changes:
             kind = "moved" if change.kind == "moved" else change.kind
-            name = change.label if change.label == change.key or not change.key else f"{change.label} [{change.key}]"
+            # a named record is known by its name; the others by their label and matching key
+            name = change.label if change.name or change.label == change.key or not change.key \
+                else f"{change.label} [{change.key}]"
             lines.append(paint(f"  {MARKS[kind]} {change.path} {name}{_position(change)}", kind))
             if change.kind == "changed" or (verbose_added and change.kind in ("added", "removed")):
                 lines.extend(f"      {_field_line(f)}" for f in change.fields)

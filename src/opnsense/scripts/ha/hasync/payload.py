@@ -8,8 +8,9 @@ The rules are those of `rc.filter_synchronize` / `carp_sync_xml()` (reference §
 * a path missing locally is sent as an empty value (``[]``, an empty XML-RPC ``<array>``) so the
   backup learns that the data is gone;
 * every record with a non-empty ``nosync`` is removed, wherever it sits;
-* `virtualip` carries only VIPs with a vhid, each with ``advskew = min(advskew + 100, 254)`` so
-  the backup always advertises worse than the primary;
+* `virtualip` carries only VIPs with a vhid, each that has an advskew with ``advskew =
+  min(advskew + 100, 254)`` so the backup always advertises worse than the primary (an IP alias
+  stacked on a CARP vhid, with an empty or no advskew, travels as it is);
 * the items' per-node declarations are applied (`pernode`): every ``self_address`` field (the
   DHCP failover peer ``dhcpd.<if>.failover_peerip``, a CARP VIP's unicast ``peer``/``peer6``)
   becomes our own address on the interface facing the peer (on the backup, the peer is us), and
@@ -58,11 +59,14 @@ _LEADING_INT = re.compile(r"^\s*([+-]?\d+)")
 
 
 def php_intval(value: Any) -> int:
-    """PHP's intval() on a config string: the leading integer, 0 when there is none."""
+    """PHP's intval() on a config value: the leading integer of a string, 0 when there is none;
+    an array is 1 when it has elements, else 0."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
         return value
+    if isinstance(value, (list, dict)):
+        return 1 if value else 0
     match = _LEADING_INT.match(value if isinstance(value, str) else "")
     return int(match.group(1)) if match else 0
 
@@ -205,8 +209,11 @@ def remove_nosync(value: Any) -> None:
 def _vip_section(config: dict[str, Any]) -> Any:
     """get_vip_config_section(): VIPs with a vhid, advskew raised so the backup stays backup.
 
-    The new advskew is an integer, as PHP's ``min(intval(...) + 100, 254)`` gives, so it travels
-    as ``<int>``; the backup stores it as text either way.
+    Only a VIP that *has* an advskew gets the raised one (PHP: ``isset($section['advskew']) &&
+    $section['advskew'] !== ''``). An IP alias stacked on a CARP vhid has no skew of its own, an
+    empty ``<advskew/>`` or none at all, and travels that way: the skew that counts is that of the
+    CARP VIP owning the vhid. The new advskew is an integer, as PHP's ``min(intval(...) + 100,
+    254)`` gives, so it travels as ``<int>``; the backup stores it as text either way.
     """
     section = config.get(VIRTUALIP)
     vips = section.get("vip") if isinstance(section, dict) else None
@@ -221,7 +228,8 @@ def _vip_section(config: dict[str, Any]) -> Any:
         if not isinstance(vip, dict) or php_empty(vip.get("vhid")):
             continue
         vip = copy.deepcopy(vip)
-        vip["advskew"] = min(php_intval(vip.get("advskew", "")) + BACKUP_SKEW_OFFSET, MAX_ADVSKEW)
+        if vip.get("advskew", "") != "":
+            vip["advskew"] = min(php_intval(vip["advskew"]) + BACKUP_SKEW_OFFSET, MAX_ADVSKEW)
         sent.append(vip)
     return {"vip": sent}
 
