@@ -38,8 +38,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src dev tests bench fixtures
 	$(BIN)/mypy
 
+# The nodes go to ./demo-nodes of the directory make was started from (also with `make -C`), or DIR=path.
 demo: $(STAMP)
-	$(BIN)/python -m halab.demo
+	cd "$(or $(PWD),$(CURDIR))" && "$(abspath $(BIN))/python" -m halab.demo $(if $(DIR),--dir "$(DIR)")
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
