@@ -49,7 +49,8 @@ def test_demo_writes_its_nodes_under_the_current_directory(tmp_path: Path) -> No
     in_tree = REPO / demo.DEFAULT_DIR_NAME
     existed_in_tree = in_tree.exists()
     marker = f"OPNSENSE_HA_DEMO_TEST={secrets.token_hex(8)}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), str(DEV_ROOT)]), OPNSENSE_HA_DEMO_TEST=marker.split("=")[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), str(DEV_ROOT)]),
+               OPNSENSE_HA_DEMO_TEST=marker.split("=")[1])
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env) as probe:
         seen = _live_processes_with(marker)  # control: the search sees a process carrying the marker
         probe.kill()

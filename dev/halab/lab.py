@@ -45,6 +45,7 @@ from lxml import etree
 
 from halab import pythonpath
 from hasync.core.errors import HaError
+from hasync.core.fileio import atomic_write
 from hasync.core.osiface import Clock, CommandResult, CommandRunner, SubprocessRunner, SystemClock
 from hasync.failover.linux import KeepalivedBackend, LinuxOptions, LinuxPaths
 
@@ -560,9 +561,7 @@ class Lab:
 
     def _write_state(self, extra: dict[str, Any]) -> None:
         data = {"options": self.options.to_json(), "created": time.time(), **extra}
-        temp = self.state_file.with_name(".lab.json.tmp")
-        temp.write_text(json.dumps(data, indent=2))
-        os.replace(temp, self.state_file)
+        atomic_write(self.state_file, json.dumps(data, indent=2))
 
     def _read_state(self) -> dict[str, Any]:
         try:

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hasync.core.fileio import atomic_write
+
 MESSAGE_SIZE = 64
 
 
@@ -178,9 +180,7 @@ class StreamClient:
     def _write_status(self, final: bool = False) -> None:
         if self.status_path is None:
             return
-        temp = self.status_path.with_name(self.status_path.name + ".tmp")
-        temp.write_text(json.dumps(self._status(final)))
-        os.replace(temp, self.status_path)
+        atomic_write(self.status_path, json.dumps(self._status(final)))
 
     def run(self, drain: float) -> dict[str, Any]:
         for _ in range(self.connections):

@@ -61,6 +61,8 @@ from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.config.tree import LIST_TAGS, element_to_value
 from hasync.core import xmlsafe
 from hasync.core.errors import ConfigError, HaError, RemoteFault
+from hasync.core.fileio import atomic_write
+from hasync.core.paths import state_dir
 from hasync.payload.build import (
     VIRTUALIP,
     _vip_section,
@@ -432,8 +434,6 @@ PEERS_FILE = "sync-peers.json"
 
 
 def _peers(conf_dir: Path) -> tuple[Path, dict[str, str]]:
-    from hasync.sync.run import state_dir
-
     path = state_dir(conf_dir) / PEERS_FILE
     try:
         data = json.loads(path.read_text())
@@ -453,7 +453,7 @@ def remember_peer(conf_dir: Path, url: str, stock: bool) -> None:
         peers.pop(url, None)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.write_text(json.dumps(peers, indent=1, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(peers, indent=1, sort_keys=True) + "\n", mode=0o600)
     except OSError as exc:
         log.info("could not store %s: %s", path, exc)
 
@@ -858,10 +858,7 @@ class ConfigView:
         entry = {k: v for k, v in entry.items() if k != "trusted"}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            temp.write_text(json.dumps(entry))
-            os.chmod(temp, 0o600)
-            os.replace(temp, self.path)
+            atomic_write(self.path, json.dumps(entry), mode=0o600)
         except OSError as exc:  # a cache: never fail a sync over it
             log.info("could not store %s: %s", self.path, exc)
 

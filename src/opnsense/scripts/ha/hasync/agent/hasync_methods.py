@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from hasync import __version__
 from hasync.agent.server import CallContext, Dispatcher, MethodFault
 from hasync.config.items import read_hasync
+from hasync.core import paths
 from hasync.core.errors import HaError, RemoteFault
 from hasync.failover import model
 from hasync.failover.base import PfsyncState
@@ -169,10 +170,8 @@ class Extensions:
     """The `hasync.*` methods of one backup node."""
 
     def __init__(self, node: BackupNode, *, state_dir: Path | None = None) -> None:
-        from hasync.sync.run import state_dir as default_state_dir  # late: syncer -> snapshot -> this module
-
         self.node = node
-        self.state_dir = state_dir or default_state_dir(node.conf_dir)
+        self.state_dir = state_dir or paths.state_dir(node.conf_dir)
         self.features: set[str] = {"digest", "export_sections", "carp_status", "history", "rollback",
                                    "preserve_before_merge"}
 

@@ -17,11 +17,9 @@ Compatibility with OPNsense's own PHP writers drives the design:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from lxml import etree
 
 from hasync.core import xmlsafe
 from hasync.core.errors import ConfigError
+from hasync.core.fileio import atomic_write, flock_within
 from hasync.core.osiface import Clock, SystemClock
 
 log = logging.getLogger(__name__)
@@ -42,6 +41,7 @@ DEFAULT_LOCK_TIMEOUT = 120.0
 SYSTEM_USERNAME = "(system)"
 _HISTORY_RE = re.compile(r"^config-(\d+(?:\.\d+)?)\.xml$")
 _TMP_PREFIX = ".tmp-config-"
+HISTORY_MODE = 0o640  # as OPNsense writes /conf/backup
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,6 @@ def serialize(root: etree._Element) -> bytes:
     """Bytes in OPNsense's layout: XML declaration, 2-space indent, root <opnsense>."""
     etree.indent(root, space="  ")
     return b'<?xml version="1.0"?>\n' + etree.tostring(root, encoding="utf-8") + b"\n"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ConfigStore:
@@ -112,25 +104,16 @@ class ConfigStore:
         gives a clear error after `lock_timeout` seconds instead of piling up agent threads.
         """
         with self._open("r+b" if exclusive else "rb") as handle:
-            self._flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self._flock(handle, shared=not exclusive)
             yield handle
 
-    def _flock(self, handle: IO[bytes], mode: int) -> None:
+    def _flock(self, handle: IO[bytes], *, shared: bool) -> None:
         # Real time, not self.clock: the injected clock dates revisions, this bounds a wait.
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(handle, mode | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ConfigError(
-                        f"{self.config_path}: locked by another process for more than {self.lock_timeout:g}s "
-                        "(a hung configd or PHP writer?); nothing was read or written"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.01)
+        if not flock_within(handle, self.lock_timeout, shared=shared):
+            raise ConfigError(
+                f"{self.config_path}: locked by another process for more than {self.lock_timeout:g}s "
+                "(a hung configd or PHP writer?); nothing was read or written"
+            )
 
     def load(self) -> etree._Element:
         """Parse config.xml under a shared lock; restore from history if it is broken."""
@@ -238,20 +221,7 @@ class ConfigStore:
         while target.exists():  # two writes within 0.1 ms: keep both
             stamp += 0.0001
             target = self.backup_dir / f"config-{stamp:.4f}.xml"
-        temp = self.backup_dir / f"{_TMP_PREFIX}{os.getpid()}-{stamp:.4f}.xml"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(temp, 0o640)
-            os.rename(temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        _fsync_dir(self.backup_dir)
+        atomic_write(target, data, mode=HISTORY_MODE, temp_prefix=_TMP_PREFIX)
         return target
 
     def _sweep_temp_files(self) -> None:

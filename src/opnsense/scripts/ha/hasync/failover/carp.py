@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import ipaddress
 import json
 import logging
@@ -42,6 +41,7 @@ from lxml import etree
 
 from hasync.config.store import ConfigStore
 from hasync.core.errors import FailoverError
+from hasync.core.fileio import atomic_write, lock_file
 from hasync.core.osiface import CommandRunner
 from hasync.failover.base import FailoverBackend, PfsyncConfig, PfsyncState, VipState
 from hasync.failover.model import MAINTENANCE_TAG, carp_vips, maintenance_mode, pfsync_config, preempt_wanted
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAINTENANCE_DEMOTION = 240
 SERVICE_CHECK_DEMOTION = 1 << 20  # what OPNsense's rc.carp_service_status.d checks add
+STATE_FILE_MODE = 0o644  # no secret in it; `carp status` reads it as any user
 STATE_FILE = "hasync-carp.json"
 LOCK_FILE = "hasync-carp.lock"
 USERNAME = "root@opnsense-ha"
@@ -103,23 +104,10 @@ class CarpOps:
     def _locked(self) -> Iterator[None]:
         """Serialize our operations (bounded wait: a stuck holder gives a clear error, not a hang)."""
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise FailoverError(
-                            f"another opnsense-ha CARP operation holds {self.lock_path} "
-                            f"(waited {self.lock_timeout:g}s); retry when it has finished"
-                        ) from None
-                    time.sleep(0.05)
+        busy = FailoverError(f"another opnsense-ha CARP operation holds {self.lock_path} "
+                             f"(waited {self.lock_timeout:g}s); retry when it has finished")
+        with lock_file(self.lock_path, self.lock_timeout, lambda: busy):
             yield
-        finally:
-            os.close(fd)
 
     def _read_state(self) -> dict[str, Any]:
         try:
@@ -135,17 +123,7 @@ class CarpOps:
         """Atomically record what we added (temp file, fsync, rename, fsync dir)."""
         payload = json.dumps({"version": 1, "maintenance_demotion": demotion, "boot_id": boot_id,
                               "updated": round(time.time(), 2)}, sort_keys=True)
-        temp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-        with open(temp, "w") as out:
-            out.write(payload + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, self.state_path)
-        dir_fd = os.open(self.state_path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.state_path, payload + "\n", mode=STATE_FILE_MODE)
 
     def own_demotion(self) -> tuple[int, str, bool]:
         """(our share now in the kernel counter, current boot id, whether the kernel was reset).

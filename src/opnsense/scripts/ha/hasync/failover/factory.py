@@ -18,6 +18,7 @@ from pathlib import Path
 from lxml import etree
 
 from hasync.core.errors import ConfigError, FailoverError
+from hasync.core.fileio import atomic_write
 from hasync.core.osiface import CommandRunner, SubprocessRunner
 from hasync.failover.base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
 
@@ -53,9 +54,7 @@ class NullBackend(FailoverBackend):
     def _save(self) -> None:
         if self.state_file is None:
             return
-        temp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(self._state) + "\n")
-        os.replace(temp, self.state_file)
+        atomic_write(self.state_file, json.dumps(self._state) + "\n")
 
     def vip_states(self) -> list[VipState]:
         return []

@@ -36,7 +36,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from lxml import etree
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.core.errors import ConfigError, HaError
+from hasync.core.fileio import atomic_write
 from hasync.failover import model
 from hasync.failover.base import FailoverBackend, VipSpec
 from hasync.payload import digest as digestmod
@@ -175,13 +175,7 @@ def read_journal(state_dir: Path) -> list[dict[str, Any]]:
 def _append_journal(state_dir: Path, entry: dict[str, Any]) -> None:
     entries = [*read_journal(state_dir), entry][-JOURNAL_KEEP:]
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / JOURNAL_FILE
-    temp = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp")
-    with open(temp, "w") as out:
-        out.write(json.dumps(entries, indent=1) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
+    atomic_write(state_dir / JOURNAL_FILE, json.dumps(entries, indent=1) + "\n")
 
 
 def _iso(stamp: float) -> str:
@@ -280,13 +274,7 @@ def preserve_current(store: ConfigStore, state_dir: Path) -> Path | None:
         while target.exists():
             stamp += 0.0001
             target = directory / f"config-{stamp:.4f}.xml"
-        temp = directory / f".tmp-{os.getpid()}-{stamp:.4f}.xml"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(temp, target)
+        atomic_write(target, data, mode=0o600)
     for old in _preserved_files(state_dir)[PRESERVED_KEEP:]:
         with contextlib.suppress(OSError):
             old.unlink()

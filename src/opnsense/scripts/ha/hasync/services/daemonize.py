@@ -7,8 +7,8 @@ the one interface tests can fake) for services declared with `"daemon": true`. I
 program in its own session (so stopping it can signal the whole process group), with stdin from
 /dev/null and stdout/stderr to the log file, writes the pid file atomically, and exits; the
 runner's output pipes are never inherited by the long-running program, so the runner does not
-wait for it. It uses the standard library only, so it runs from any interpreter without the
-package on `sys.path`.
+wait for it. It runs as a script (by path), so it puts its own package root on `sys.path`
+first: the pid file is written by the package's one atomic write.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from hasync.core.fileio import atomic_write
 
 # A program that dies within this time (bad arguments, port in use) is reported as a failed
 # start instead of leaving a pid file for a dead process.
@@ -54,11 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         log.close()
-    tmp = f"{args.pidfile}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="ascii") as handle:
-            handle.write(f"{child.pid}\n")
-        os.replace(tmp, args.pidfile)
+        atomic_write(Path(args.pidfile), f"{child.pid}\n", mode=0o644)
     except OSError as exc:
         child.kill()
         print(f"cannot write pid file {args.pidfile}: {exc.strerror}", file=sys.stderr)

@@ -22,18 +22,11 @@ from hasync.config.items import HasyncSettings, SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import versions
 from hasync.core.errors import HaError
+from hasync.core.paths import state_dir
 from hasync.failover.base import FailoverBackend
 from hasync.wire.client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
 
 log = logging.getLogger("hasync.sync")
-
-STATE_DIR_NAME = "ha-state"
-
-
-def state_dir(conf_dir: str | Path) -> Path:
-    """Per-node state of opnsense-ha (TOFU pins, last pushed snapshot), next to config.xml."""
-    return Path(conf_dir) / STATE_DIR_NAME
-
 
 def trust_store(conf_dir: str | Path) -> TrustStore:
     return TrustStore(state_dir(conf_dir) / "trust.json")

@@ -20,7 +20,6 @@ starts a new record. Writing the snapshot never fails a sync: problems become wa
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import gzip
 import hashlib
@@ -34,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from hasync.config.items import SyncItemRegistry
 from hasync.core.errors import HaError
+from hasync.core.fileio import atomic_write
+from hasync.core.paths import state_dir
 from hasync.payload import digest as digestmod
-from hasync.sync.run import state_dir
 
 if TYPE_CHECKING:
     from hasync.sync.run import SyncResult
@@ -107,23 +107,7 @@ def iso(stamp: float) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data, mode=0o600)
 
 
 def load(conf_dir: str | os.PathLike[str]) -> Snapshot | None:

@@ -15,7 +15,8 @@ from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import versions
 from hasync.core.errors import HaError
-from hasync.sync.run import Progress, SyncOptions, SyncRun, peer_from_settings, restart_all, state_dir
+from hasync.core.paths import state_dir
+from hasync.sync.run import Progress, SyncOptions, SyncRun, peer_from_settings, restart_all
 from hasync.wire.client import ClientOptions, PeerClient
 
 SERVICE_ACTIONS = ("start", "stop", "restart")

@@ -15,7 +15,6 @@ import http.client
 import ipaddress
 import json
 import logging
-import os
 import re
 import socket
 import ssl
@@ -26,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hasync.core.errors import AuthError, HaError, RemoteFault, TransportError
+from hasync.core.fileio import atomic_write
 from hasync.core.osiface import Clock, SystemClock
 from hasync.wire import xmlrpc
 from hasync.wire.tls import MIN_TLS, fingerprint
@@ -99,9 +99,7 @@ class TrustStore:
         pins = self._read()
         pins[peer] = fp
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(pins, indent=2, sort_keys=True) + "\n", mode=0o600)
 
     def reset(self, peer: str | None = None) -> int:
         pins = self._read()
@@ -112,7 +110,7 @@ class TrustStore:
             pins.pop(peer, None)
         if self.path.exists() or pins:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.path.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
+            atomic_write(self.path, json.dumps(pins, indent=2, sort_keys=True) + "\n", mode=0o600)
         return removed
 
 

@@ -12,7 +12,6 @@ import base64
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import socket
 import ssl
 from pathlib import Path
@@ -24,8 +23,10 @@ from cryptography.x509.oid import NameOID
 from lxml import etree
 
 from hasync.core.errors import HaError
+from hasync.core.fileio import atomic_write
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
+CERT_MODE = 0o644  # a certificate is public; its key is written 0600
 
 
 def fingerprint(der: bytes) -> str:
@@ -54,14 +55,9 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str | None =
         .sign(key, hashes.SHA256())
     )
     cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()), mode=0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=CERT_MODE)
 
 
 def webgui_certificate(root: etree._Element, state_dir: Path) -> tuple[Path, Path] | None:
@@ -78,10 +74,8 @@ def webgui_certificate(root: etree._Element, state_dir: Path) -> tuple[Path, Pat
             raise HaError(f"web GUI certificate {refid} in config.xml has no certificate or key")
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert_path, key_path = state_dir / "webgui.crt", state_dir / "webgui.key"
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(base64.b64decode(prv))
-        cert_path.write_bytes(base64.b64decode(crt))
+        atomic_write(key_path, base64.b64decode(prv), mode=0o600)
+        atomic_write(cert_path, base64.b64decode(crt), mode=CERT_MODE)
         return cert_path, key_path
     raise HaError(f"system.webgui.ssl-certref points to {refid}, which is not a <cert> in config.xml")
 

@@ -22,9 +22,10 @@ from hasync.cli.commands.common import add_client_options, client_options, failo
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core.errors import HaError
+from hasync.core.paths import state_dir
 from hasync.node import rollback as rollbackmod
 from hasync.services.backends import ServiceBackend
-from hasync.sync.run import peer_from_settings, state_dir
+from hasync.sync.run import peer_from_settings
 from hasync.wire.client import ClientOptions, PeerClient
 
 STOCK_ROLLBACK = (
