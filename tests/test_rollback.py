@@ -15,9 +15,9 @@ from fakekernel import FakeKernel
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core.osiface import SubprocessRunner
+from hasync.core.paths import state_dir
 from hasync.node import rollback as rollbackmod
 from hasync.services.backends import ServicesDirBackend
-from hasync.sync.run import state_dir
 from health_helpers import agent, backend, edit, fresh_pair, run_cli, sync
 from nodes import Pair
 
