@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from halab.lab import FW1, FW2, LAN_VIP, NS_LAN, WAN_VIP, FirewallSpec, Lab, LabOptions, start_stream
-from hasync.failover.linux import vrrp_priority
+from hasync.failover.linux_render import vrrp_priority
 from lab_helpers import (
     ADVBASE,
     DEFAULT,

@@ -28,20 +28,18 @@ import pytest
 from hasync.core.errors import FailoverError
 from hasync.core.osiface import CommandResult
 from hasync.failover.base import FailoverBackend, PfsyncConfig, VipSpec
-from hasync.failover.linux import (
+from hasync.failover.linux import KeepalivedBackend
+from hasync.failover.linux_parse import carp_status, parse_conntrackd_links, parse_ip_json_addresses, parse_vrrp_state
+from hasync.failover.linux_render import (
     RESIGN_DEMOTION,
     TRACK_LIMIT,
-    KeepalivedBackend,
     LinuxOptions,
     LinuxPaths,
     SyncLink,
     VrrpInstance,
     build_instances,
-    carp_status,
     clamp_track,
-    parse_conntrackd_links,
-    parse_ip_json_addresses,
-    parse_vrrp_state,
+    fill_template,
     render_conntrackd_conf,
     render_gate,
     render_keepalived_conf,
@@ -813,3 +811,15 @@ def test_stop_takes_everything_down(node: tuple[KeepalivedBackend, FakeLinux]) -
     backend.stop()
     assert backend.keepalived_pid() is None and not fake.conntrackd_running
     assert "chain" not in fake.loaded_gates[-1]
+
+
+def test_the_notify_template_and_its_values_must_match(tmp_path: Path) -> None:
+    """A field the code does not fill (or a value for no field) is a bug, never a literal `@X@`
+    left in the script keepalived runs."""
+    template = tmp_path / "t.sh.in"
+    template.write_text("A=@A@ B=@B@ @A@\n")
+    assert fill_template(template, {"A": "@B@", "B": "1"}) == "A=@B@ B=1 @B@\n"  # one pass: values are not rescanned
+    with pytest.raises(ValueError, match="fields"):
+        fill_template(template, {"A": "1"})
+    with pytest.raises(ValueError, match="fields"):
+        fill_template(template, {"A": "1", "B": "2", "C": "3"})

@@ -47,7 +47,8 @@ from halab import pythonpath
 from hasync.core.errors import HaError
 from hasync.core.fileio import atomic_write
 from hasync.core.osiface import Clock, CommandResult, CommandRunner, SubprocessRunner, SystemClock
-from hasync.failover.linux import KeepalivedBackend, LinuxOptions, LinuxPaths
+from hasync.failover.linux import KeepalivedBackend
+from hasync.failover.linux_render import LinuxOptions, LinuxPaths
 
 log = logging.getLogger(__name__)
 
