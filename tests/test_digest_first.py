@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 from hasync.agent import fastpath
 from hasync.agent.server import AgentServer
 from hasync.config.items import SyncItemRegistry
-from hasync.config.store import ConfigStore
+from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.payload import digest
 from hasync.payload.build import VIRTUALIP
 from hasync.sync import snapshot
 from hasync.sync.run import SyncOptions, SyncResult, SyncRun
+from hasync.wire import discovery
 from nodes import Pair, make_pair, running_agent
 
 
@@ -75,7 +76,7 @@ def test_a_sync_that_changes_nothing_writes_nothing(pair: Pair, monkeypatch: pyt
         sync(pair)  # warms both caches (the primary's digests of this config version)
         assert state(pair.backup) == before
         parses: list[str] = []
-        original = fastpath.parse_config_bytes
+        original = parse_config_bytes
         monkeypatch.setattr(fastpath, "parse_config_bytes", lambda data, source: parses.append(source) or
                             original(data, source))
         loads = agent_cache(server).loads
@@ -226,18 +227,18 @@ def test_the_compact_probe_carries_the_same_digests_and_a_stock_backup_is_rememb
         sync(pair)
         ids = ["users", "aliases", "nope"]
         client = PeerClient(server.url, "hasync", "demo-sync-password")
-        compact = fastpath.compact_probe(client, ids, pair.primary)
+        compact = discovery.compact_probe(client, ids, pair.primary)
         assert compact is not None and compact.fast_path
         assert compact.digests["items"] == client.call("hasync.digest", [ids])["items"]
         assert compact.digests["unknown"] == ["nope"]
         assert compact.firmware == client.call("opnsense.firmware_version")
         quiet = sync(pair)
     assert quiet.transfer == "none" and quiet.bytes_sent + quiet.bytes_received < 2500  # bodies, both ways
-    peers = pair.primary / "ha-state" / fastpath.PEERS_FILE
+    peers = pair.primary / "ha-state" / discovery.PEERS_FILE
     assert not peers.exists() or server.url not in peers.read_text()
     with running_agent(pair, extensions=False) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         sync(pair)
         assert '"stock"' in peers.read_text()  # remembered: the next sync asks the compatible way at once
         client = PeerClient(server.url, "hasync", "demo-sync-password")
-        assert fastpath.compact_probe(client, ["users"], pair.primary) is None
+        assert discovery.compact_probe(client, ["users"], pair.primary) is None

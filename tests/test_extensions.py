@@ -11,16 +11,17 @@ import pytest
 from lxml import etree
 
 from conftest import FIXTURES, SHARED
-from hasync.agent.hasync_methods import METHODS, discover
+from hasync.agent.hasync_methods import METHODS
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.config.tree import element_to_value
 from hasync.core.errors import ConfigError, RemoteFault
 from hasync.payload import digest
-from hasync.payload.build import _copy_section, build_payload
+from hasync.payload.build import build_payload, copy_section
 from hasync.payload.merge import merge_payload
 from hasync.sync import snapshot
 from hasync.wire import xmlrpc
+from hasync.wire.discovery import discover
 from health_helpers import agent, backend, backup_kernel, edit, fresh_pair, peer, sync
 from nodes import Pair
 
@@ -235,7 +236,7 @@ def test_tree_values_equal_whole_tree_conversion(name: str, root: Any) -> None:
     for item in SyncItemRegistry.load():
         expected: dict[str, Any] = {}
         for section in item.sections:
-            _copy_section(whole, expected, section)
+            copy_section(whole, expected, section)
         assert digest.tree_item_value(root, item.sections) == expected, (name, item.id)
 
 

@@ -31,7 +31,6 @@ from lxml import etree
 
 from conftest import REPO, SHARED
 from hasync.agent import fastpath
-from hasync.agent.server import MethodFault
 from hasync.config import tree
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
@@ -40,8 +39,10 @@ from hasync.core.errors import HaError, MergeError, RemoteFault
 from hasync.payload import merge
 from hasync.payload.build import REDACTED, build_payload
 from hasync.sync.run import SyncOptions, SyncRun
+from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc
 from hasync.wire.client import PeerClient
+from hasync.wire.xmlrpc import MethodFault
 from nodes import Pair, make_pair, running_agent
 
 # --- reference copies of the code the speedups replaced ------------------------------------------
@@ -324,7 +325,7 @@ def configs(draw: st.DrawFn) -> etree._Element:
 def compatible_payload(root: etree._Element, sections: list[str]) -> Any:
     """What the backup decodes on the compatible path (through the real IXR codec)."""
     payload = build_payload(root, sections)
-    return xmlrpc.loads_request(xmlrpc.dumps_request(fastpath.RESTORE_METHOD, [payload]))[1][0]
+    return xmlrpc.loads_request(xmlrpc.dumps_request(sectionsmod.RESTORE_METHOD, [payload]))[1][0]
 
 
 def assert_same_payload(root: etree._Element, sections: list[str]) -> None:
@@ -332,10 +333,10 @@ def assert_same_payload(root: etree._Element, sections: list[str]) -> None:
         expected = compatible_payload(root, sections)
     except HaError as exc:
         with pytest.raises((HaError, MethodFault)) as info:
-            fastpath.decode_param_for_tests(fastpath.build_blob(root, sections).param)
+            sectionsmod.decode_param(sectionsmod.build_blob(root, sections).param)
         assert str(exc) in str(info.value)
         return
-    got = fastpath.decode_param_for_tests(fastpath.build_blob(root, sections).param)
+    got = sectionsmod.decode_param(sectionsmod.build_blob(root, sections).param).payload
     assert got == expected
     assert json.dumps(got) == json.dumps(expected)  # key order too: it decides element order on the backup
 
@@ -386,12 +387,12 @@ def test_inflate_refuses_a_zip_bomb_without_inflating_it() -> None:
     bomb = zlib.compress(b"\0" * (256 * 1024 * 1024), 9)  # 256 MiB of zeros in ~250 KB
     assert len(bomb) < 1024 * 1024
     with pytest.raises(MethodFault, match="past its declared size"):
-        fastpath.inflate([bomb], 1024 * 1024)
+        sectionsmod.inflate([bomb], 1024 * 1024)
     with pytest.raises(MethodFault, match="over the"):
-        fastpath.inflate([bomb], 256 * 1024 * 1024, limit=64 * 1024 * 1024)
+        sectionsmod.inflate([bomb], 256 * 1024 * 1024, limit=64 * 1024 * 1024)
     # control: an honest declaration within the limit inflates
     small = zlib.compress(b"\0" * 4096)
-    assert fastpath.inflate([small[:10], small[10:]], 4096) == b"\0" * 4096
+    assert sectionsmod.inflate([small[:10], small[10:]], 4096) == b"\0" * 4096
 
 
 @pytest.mark.parametrize(
@@ -410,20 +411,20 @@ def test_inflate_refuses_a_zip_bomb_without_inflating_it() -> None:
 )
 def test_bad_fast_path_params_are_refused(mangle: Any, message: str) -> None:
     root = etree.fromstring("<opnsense><filter><rule><descr>a</descr></rule></filter></opnsense>")
-    param = fastpath.build_blob(root, ["filter"]).param
+    param = sectionsmod.build_blob(root, ["filter"]).param
     param["interfaces"] = {}
     mangle(param)
     with pytest.raises(MethodFault, match=message):
-        fastpath.decode_param_for_tests(param)
+        sectionsmod.decode_param(param)
 
 
 def test_a_section_holding_foreign_elements_is_refused() -> None:
     document = b'<?xml version="1.0"?>\n<sections><section path="filter"><nat/></section></sections>'
     with pytest.raises(MethodFault, match=r"expected <filter> elements only"):
-        fastpath.payload_from_document(document, ["filter"], None)
+        sectionsmod.payload_from_document(document, ["filter"], None)
     entity = b'<!DOCTYPE s [<!ENTITY e "x">]><sections><section path="filter"><filter>&e;</filter></section></sections>'
     with pytest.raises(MethodFault, match=r"DTD|not well-formed"):
-        fastpath.payload_from_document(entity, ["filter"], None)
+        sectionsmod.payload_from_document(entity, ["filter"], None)
 
 
 # --- end to end over TLS: negotiation and byte-identical results --------------------------------------
@@ -479,13 +480,13 @@ def test_fast_path_only_with_an_agent_that_offers_it(tmp_path: Path) -> None:
     with running_agent(pair, extensions=False) as server:  # stands in for a stock OPNsense backup
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         methods = PeerClient(server.url, "hasync", "demo-sync-password").call("system.listMethods")
-        assert fastpath.METHOD not in methods
+        assert sectionsmod.METHOD not in methods
         stock = sync(pair, full=True)
     assert stock.status == "ok" and stock.transfer == "XML-RPC"
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         caps = PeerClient(server.url, "hasync", "demo-sync-password").call("hasync.capabilities")
-        assert fastpath.FEATURE in caps["features"]
+        assert sectionsmod.FEATURE in caps["features"]
         ours = sync(pair, full=True)
         forced = sync(pair, full=True, fast_path=False)
     assert ours.transfer == "fast path" and "fast path offered" in ours.steps[1].detail
@@ -495,13 +496,13 @@ def test_fast_path_only_with_an_agent_that_offers_it(tmp_path: Path) -> None:
 def test_the_agent_refuses_a_zip_bomb_over_the_wire(tmp_path: Path) -> None:
     pair = new_pair(tmp_path, "n")
     bomb = zlib.compress(b"<" * (64 * 1024 * 1024), 9)
-    param = {"format": fastpath.FORMAT, "compression": "zlib", "size": 1000, "sha256": "0" * 64,
+    param = {"format": sectionsmod.FORMAT, "compression": "zlib", "size": 1000, "sha256": "0" * 64,
              "sections": ["filter"], "data": [bomb]}
     before = (pair.backup / "config.xml").read_bytes()
     with running_agent(pair) as server:
         client = PeerClient(server.url, "hasync", "demo-sync-password")
         with pytest.raises(RemoteFault, match="declared size"):
-            client.call(fastpath.METHOD, [param])
+            client.call(sectionsmod.METHOD, [param])
         assert isinstance(client.call("opnsense.firmware_version"), dict)  # the agent is fine
     assert (pair.backup / "config.xml").read_bytes() == before
 

@@ -44,12 +44,12 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from conftest import FIXTURES
-from hasync.agent import fastpath
 from hasync.agent.server import AgentLimits
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import parse_config_bytes
 from hasync.core.errors import ConfigError, MergeError
 from hasync.payload.merge import check_payload, normalize_payload
+from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc
 from nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
 from reliability_helpers import (
@@ -208,9 +208,9 @@ def would_merge(body: bytes) -> bool:
         calls += [(c.get("methodName"), c.get("params", [])) for c in params[0] if isinstance(c, dict)]
     for name, args in calls:
         argument = args[0] if isinstance(args, list) and len(args) == 1 else args
-        if name == fastpath.METHOD:  # the compressed fast path: drop anything that gets past its checks
+        if name == sectionsmod.METHOD:  # the compressed fast path: drop anything that gets past its checks
             try:
-                fastpath._check_param(argument)
+                sectionsmod.read_param(argument)
             except Exception:
                 continue
             return True

@@ -17,17 +17,18 @@ import pytest
 from lxml import etree
 
 from conftest import FIXTURES, SHARED
-from hasync.agent import fastpath
-from hasync.agent.server import MethodFault
-from hasync.config import pernode
 from hasync.config.items import DEFAULT_ITEMS_DIR, SyncItemRegistry, load_entries
+from hasync.config.pernode import Declarations, Selector, parse_path
 from hasync.config.store import parse_config_bytes
 from hasync.config.tree import element_to_value
 from hasync.core.errors import ConfigError, HaError, SyncItemError
 from hasync.payload import digest as digestmod
+from hasync.payload import pernode
 from hasync.payload.build import build_payload, payload_for_items, php_empty
 from hasync.payload.merge import merge_payload
+from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc
+from hasync.wire.xmlrpc import MethodFault
 from pernode_helpers import PERNODE, overlay_tree, without_declarations
 
 
@@ -56,16 +57,16 @@ def write(path: Path, content: object) -> Path:
 
 
 def test_path_grammar() -> None:
-    rule = pernode.parse_path("virtualip.vip[peer].peer")
+    rule = parse_path("virtualip.vip[peer].peer")
     assert [s.name for s in rule.steps] == ["virtualip", "vip", "peer"]
-    assert rule.steps[1].selector == pernode.Selector("peer", None)
-    rule = pernode.parse_path("OPNsense.cron.jobs.job[description=v1.2 (nightly)]")
-    assert rule.steps[-1].selector == pernode.Selector("description", "v1.2 (nightly)")
+    assert rule.steps[1].selector == Selector("peer", None)
+    rule = parse_path("OPNsense.cron.jobs.job[description=v1.2 (nightly)]")
+    assert rule.steps[-1].selector == Selector("description", "v1.2 (nightly)")
     assert rule.names_record and rule.literal_prefix == ["OPNsense", "cron", "jobs", "job"]
-    assert pernode.parse_path("dhcpd.*.failover_peerip").literal_prefix == ["dhcpd"]
+    assert parse_path("dhcpd.*.failover_peerip").literal_prefix == ["dhcpd"]
     for bad in ("", "a..b", "a[", "a[b=c", "a b", "a[=x]", "1a"):
         with pytest.raises(ValueError):
-            pernode.parse_path(bad)
+            parse_path(bad)
 
 
 def test_core_declarations_use_opnsense_field_names(registry: SyncItemRegistry) -> None:
@@ -78,7 +79,7 @@ def test_core_declarations_use_opnsense_field_names(registry: SyncItemRegistry) 
     assert registry.get("dhcpd").declarations.as_json()["self_address"] == ["dhcpd.*.failover_peerip"]
     assert registry.get("frr").declarations.as_json()["local"] == [
         "OPNsense.quagga.bgp.routerid", "OPNsense.quagga.ospf.routerid", "OPNsense.quagga.ospf6.routerid"]
-    assert registry.get("items" if "items" in registry else "users").declarations == pernode.Declarations()
+    assert registry.get("items" if "items" in registry else "users").declarations == Declarations()
 
 
 def test_declarations_on_real_kea_example(shared_dir: Path) -> None:
@@ -209,7 +210,7 @@ def test_unicast_carp_peer_becomes_our_address_facing_it(registry: SyncItemRegis
     assert vip["advskew"] == 100
     assert {(n.old, n.new) for n in notes} == {("10.77.1.3", "10.77.1.2"), ("fd00:77:1::3", "fd00:77:1::2")}
     assert all(n.path.startswith("virtualip.vip[uuid=6f3c1a2e-0001-4a1b-9c2d-000000000005].") for n in notes)
-    control = build_payload(root, ["virtualip"], pernode.Declarations())
+    control = build_payload(root, ["virtualip"], Declarations())
     assert next(v for v in control["virtualip"]["vip"] if v["vhid"] == "5")["peer"] == "10.77.1.3"
     assert "peer" not in next(v for v in payload["virtualip"]["vip"] if v["vhid"] == "1")  # multicast VIP
 
@@ -225,7 +226,7 @@ def test_unicast_peer_on_the_real_carp_example(shared_dir: Path, registry: SyncI
     payload = build_payload(master, ["virtualip"], registry.declarations())
     sent = next(v for v in payload["virtualip"]["vip"] if v["interface"] == "lan")
     assert sent["peer"] == master.findtext("interfaces/lan/ipaddr") != backup_lan
-    assert build_payload(master, ["virtualip"], pernode.Declarations())["virtualip"]["vip"][1]["peer"] == backup_lan
+    assert build_payload(master, ["virtualip"], Declarations())["virtualip"]["vip"][1]["peer"] == backup_lan
 
 
 def test_peer_no_interface_faces_is_an_error_naming_the_field(registry: SyncItemRegistry) -> None:
@@ -293,9 +294,9 @@ def test_fast_path_merges_the_same_config(registry: SyncItemRegistry) -> None:
     """Fast path and compatible path: the same payload, so the same merged bytes."""
     primary = node("primary")
     sections = registry.sections_for(["kea", "virtualip", "cron"])
-    blob = fastpath.build_blob(primary, sections, declarations=registry.declarations())
+    blob = sectionsmod.build_blob(primary, sections, declarations=registry.declarations())
     assert blob.param["pernode"]["self_address"] == ["virtualip.vip[peer].peer", "virtualip.vip[peer6].peer6"]
-    fast = fastpath.decode_param_for_tests(blob.param)
+    fast = sectionsmod.decode_param(blob.param).payload
     compatible = xmlrpc.loads_request(xmlrpc.dumps_request("m", [build_payload(
         primary, sections, registry.declarations())]))[1][0]
     assert fast == compatible
@@ -311,10 +312,10 @@ def test_fast_path_merges_the_same_config(registry: SyncItemRegistry) -> None:
 
 
 def test_fast_path_without_rules_from_the_primary_uses_the_shipped_ones(registry: SyncItemRegistry) -> None:
-    blob = fastpath.build_blob(node("primary"), ["virtualip"], declarations=registry.declarations())
+    blob = sectionsmod.build_blob(node("primary"), ["virtualip"], declarations=registry.declarations())
     param = dict(blob.param)
     del param["pernode"]
-    payload = fastpath.decode_param_for_tests(param)
+    payload = sectionsmod.decode_param(param).payload
     assert next(v for v in payload["virtualip"]["vip"] if v["vhid"] == "5")["peer"] == "10.77.1.2"
 
 
@@ -331,10 +332,10 @@ def test_corrected_unicast_peer_reconfigures_carp_on_the_backup(registry: SyncIt
 @pytest.mark.parametrize("rules", [{"self_address": ["virtualip.vip[*]"]}, {"self_address": [7]},
                                    {"swap": [["a.b"]]}, {"swap": "a"}, "x"])
 def test_fast_path_refuses_malformed_rules_from_the_wire(rules: Any, registry: SyncItemRegistry) -> None:
-    param = dict(fastpath.build_blob(node("primary"), ["virtualip"], declarations=registry.declarations()).param)
+    param = dict(sectionsmod.build_blob(node("primary"), ["virtualip"], declarations=registry.declarations()).param)
     param["pernode"] = rules
     with pytest.raises(MethodFault, match="'pernode'"):
-        fastpath.decode_param_for_tests(param)
+        sectionsmod.decode_param(param)
 
 
 def test_admin_local_record_is_kept_whole(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ hasync.history             none                  `rollback.history_document`
 hasync.rollback            ``{force: bool}``     `rollback.RollbackResult.as_json`
 =========================  ====================  =============================================
 
-A client learns what a peer supports from `system.listMethods` (`discover`): a stock OPNsense
+A client learns what a peer supports from `system.listMethods` (`wire.discovery.discover`): a stock OPNsense
 backup lists no `hasync.*` method, and every feature that needs one falls back (see `snapshot`).
 `ServeOptions.extensions = False` (`serve --no-extensions`) switches them all off so tests can
 stand in for a stock backup.
@@ -41,29 +41,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hasync import __version__
-from hasync.agent.server import CallContext, Dispatcher, MethodFault
+from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import read_hasync
 from hasync.core import paths
-from hasync.core.errors import HaError, RemoteFault
+from hasync.core.errors import HaError
 from hasync.failover import model
 from hasync.failover.base import PfsyncState
 from hasync.failover.carp import CarpOps, pfsync_differences
 from hasync.node import rollback as rollbackmod
 from hasync.payload import digest as digestmod
 from hasync.wire import xmlrpc
+from hasync.wire.xmlrpc import MethodFault
 
 if TYPE_CHECKING:
     from hasync.agent.opnsense_methods import BackupNode
-    from hasync.wire.client import PeerClient
 
 log = logging.getLogger("hasync.extensions")
 
-PREFIX = "hasync."
 METHODS: tuple[str, ...] = (
     "hasync.capabilities",
     "hasync.digest",
@@ -153,7 +151,7 @@ def node_info(root: Any) -> dict[str, Any]:
 # --- server side --------------------------------------------------------------------------------
 
 
-def _item_ids(argument: Any, method: str) -> list[str]:
+def item_ids_argument(argument: Any, method: str) -> list[str]:
     """IXR hands a lone param over as is: an array of ids, one id, or nothing (= every item)."""
     if argument in ([], "", None):
         return []
@@ -218,12 +216,12 @@ class Extensions:
         }
 
     def digest(self, argument: Any, _context: CallContext) -> dict[str, Any]:
-        ids = _item_ids(argument, "hasync.digest") or self.node.registry.ids()
+        ids = item_ids_argument(argument, "hasync.digest") or self.node.registry.ids()
         values, unknown = digestmod.backup_item_values(self.node.store.load(), self.node.registry, ids)
         return digestmod.digest_reply(digestmod.item_digests(values, self.node.registry), unknown)
 
     def export_sections(self, argument: Any, _context: CallContext) -> dict[str, Any]:
-        ids = _item_ids(argument, "hasync.export_sections") or self.node.registry.ids()
+        ids = item_ids_argument(argument, "hasync.export_sections") or self.node.registry.ids()
         values, unknown = digestmod.backup_item_values(self.node.store.load(), self.node.registry, ids)
         return {
             "canonical": digestmod.CANONICAL_FORM,
@@ -260,46 +258,9 @@ class Extensions:
 # --- client side --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PeerFeatures:
-    """What `system.listMethods` said a peer offers."""
-
-    methods: frozenset[str]
-    error: str = ""
-
-    def has(self, method: str) -> bool:
-        return method in self.methods
-
-    @property
-    def extensions(self) -> bool:
-        return any(name.startswith(PREFIX) for name in self.methods)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"extensions": self.extensions, "methods": sorted(m for m in self.methods if m.startswith(PREFIX)),
-                "error": self.error}
 
 
-def discover(peer: PeerClient) -> PeerFeatures:
-    """Ask the peer for its method list. Transport/auth errors propagate; a fault means 'none'."""
-    try:
-        reply = peer.call("system.listMethods")
-    except RemoteFault as exc:
-        return PeerFeatures(frozenset(), f"system.listMethods failed: {exc.fault_string}")
-    if not isinstance(reply, list):
-        return PeerFeatures(frozenset(), f"system.listMethods answered {str(reply)[:80]!r}")
-    return PeerFeatures(frozenset(str(name) for name in reply))
 
 
-def stock_note(peer: PeerClient, what: str) -> str:
-    """The plain sentence every fallback prints."""
-    return (f"FALLBACK: the backup {peer.peer_key} offers no hasync.* methods (a stock OPNsense backup, or "
-            f"opnsense-ha's agent run with --no-extensions); {what}")
 
 
-def as_struct(value: Any) -> dict[str, Any]:
-    """An XML-RPC struct that may have travelled as an empty array (PHP's empty array)."""
-    if isinstance(value, dict):
-        return value
-    if value in ([], "", None):
-        return {}
-    raise HaError(f"expected a struct, got {str(value)[:80]!r}")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hasync.agent.server import CallContext, Dispatcher, MethodFault
+from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core import versions
@@ -25,6 +25,7 @@ from hasync.failover.base import FailoverBackend
 from hasync.payload.merge import MergeReport, merge_payload, revision_description
 from hasync.services.backends import ServiceBackend
 from hasync.wire import xmlrpc
+from hasync.wire.xmlrpc import MethodFault
 
 log = logging.getLogger("hasync.backup")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hasync.agent import fastpath
 from hasync.agent.auth import Authenticator
+from hasync.agent.hasync_methods import Extensions
 from hasync.agent.opnsense_methods import BackupNode
 from hasync.agent.server import AgentLimits, AgentServer, Dispatcher
 from hasync.config.items import SyncItemRegistry
@@ -109,8 +110,6 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
     # parsed config.xml and digests, reused while the file is unchanged (logins read it every request)
     cache = fastpath.ConfigCache(store, registry)
     if options.extensions:
-        from hasync.agent.hasync_methods import Extensions
-
         extensions = Extensions(node)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)

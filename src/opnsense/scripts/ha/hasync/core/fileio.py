@@ -99,3 +99,14 @@ def lock_file(
         yield
     finally:
         os.close(fd)
+
+
+RACY_WINDOW = 1.0  # seconds: a file modified this recently is also checked by content
+
+def file_key(path: Path) -> tuple[int, ...] | None:
+    """The identity of one version of a file: device, inode, size, mtime and ctime (ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

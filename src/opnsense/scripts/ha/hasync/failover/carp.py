@@ -44,6 +44,7 @@ from hasync.core.errors import FailoverError
 from hasync.core.fileio import atomic_write, lock_file
 from hasync.core.osiface import CommandRunner
 from hasync.failover.base import FailoverBackend, PfsyncConfig, PfsyncState, VipState
+from hasync.failover.factory import get_backend
 from hasync.failover.model import MAINTENANCE_TAG, carp_vips, maintenance_mode, pfsync_config, preempt_wanted
 
 log = logging.getLogger(__name__)
@@ -498,6 +499,4 @@ def pfsync_differences(desired: PfsyncConfig, state: PfsyncState) -> list[str]:
 
 def open_ops(conf_dir: str | os.PathLike[str], runner: CommandRunner | None = None) -> CarpOps:
     """CarpOps for the node whose config lives in `conf_dir`, with the backend the factory picks."""
-    from hasync.failover.factory import get_backend
-
     return CarpOps(ConfigStore(conf_dir), get_backend(conf_dir, runner))

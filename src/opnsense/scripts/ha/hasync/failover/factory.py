@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from hasync.config.store import ConfigStore
 from hasync.core.errors import ConfigError, FailoverError
 from hasync.core.fileio import atomic_write
 from hasync.core.osiface import CommandRunner, SubprocessRunner
@@ -91,8 +92,6 @@ class NullBackend(FailoverBackend):
 
 def _root_provider(conf_dir: str | os.PathLike[str]) -> Callable[[], etree._Element | None]:
     """config.xml for mapping devices to interface keys; None (devices shown raw) if unreadable."""
-    from hasync.config.store import ConfigStore
-
     def provide() -> etree._Element | None:
         try:
             return ConfigStore(conf_dir).load()

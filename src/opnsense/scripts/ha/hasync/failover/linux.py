@@ -59,6 +59,7 @@ from typing import Any
 
 from lxml import etree
 
+from hasync.config.store import ConfigStore
 from hasync.core.errors import ConfigError, FailoverError
 from hasync.core.fileio import atomic_write, lock_file
 from hasync.core.osiface import Clock, CommandResult, CommandRunner, SystemClock
@@ -186,8 +187,6 @@ class KeepalivedBackend(FailoverBackend):
             yield
 
     def _load_root(self) -> etree._Element:
-        from hasync.config.store import ConfigStore
-
         return ConfigStore(self.conf_dir).load()
 
     def _signal(self, pid: int, name: str, *, check: bool = True) -> CommandResult:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from hasync.agent.hasync_methods import PeerFeatures, as_struct, carp_facts, discover
+from hasync.agent.hasync_methods import carp_facts
 from hasync.config.items import HasyncSettings, SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import schemas, versions
@@ -56,7 +56,9 @@ from hasync.failover.base import FailoverBackend
 from hasync.failover.carp import CarpOps
 from hasync.payload import digest as digestmod
 from hasync.sync import snapshot as snapshotmod
+from hasync.sync.run import peer_from_settings
 from hasync.wire.client import ClientOptions, PeerClient, shown_user
+from hasync.wire.discovery import PeerFeatures, as_struct, discover
 from hasync.wire.tls import certificate_not_after
 
 log = logging.getLogger("hasync.checks")
@@ -218,7 +220,6 @@ def _gather(ctx: CheckContext, wanted: set[str]) -> _Facts:
                 facts.local = None
     if not facts.primary:
         return facts
-    from hasync.sync.run import peer_from_settings
 
     try:
         facts.peer = ctx.peer or peer_from_settings(ctx.store.conf_dir, root, settings, ctx.client_options)

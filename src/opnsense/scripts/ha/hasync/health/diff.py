@@ -46,16 +46,18 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from hasync.agent.hasync_methods import PeerFeatures, as_struct, discover, stock_note
-from hasync.config import pernode
 from hasync.config.items import SyncItemRegistry, paths_overlap, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.config.tree import ATTRIBUTES, value_to_elements
+from hasync.core import schemas
 from hasync.core.errors import HaError, TransportError
 from hasync.payload import digest as digestmod
+from hasync.payload import pernode
 from hasync.payload.build import is_secret_key
 from hasync.payload.merge import merge_payload, vip_key
 from hasync.sync import snapshot as snapshotmod
+from hasync.sync.run import peer_from_settings
+from hasync.wire.discovery import PeerFeatures, as_struct, discover, stock_note
 
 if TYPE_CHECKING:
     from hasync.wire.client import ClientOptions, PeerClient
@@ -648,8 +650,6 @@ def build_diff(
 def diff_with_backup(store: ConfigStore, registry: SyncItemRegistry, client_options: ClientOptions,
                      item_ids: list[str] | None = None) -> DiffReport:
     """`build_diff` against the backup named by hasync.synchronizetoip."""
-    from hasync.sync.run import peer_from_settings
-
     root = store.load()
     peer = peer_from_settings(store.conf_dir, root, read_hasync(root), client_options)
     return build_diff(store, registry, peer, item_ids)
@@ -810,8 +810,6 @@ def render_unified(report: DiffReport, colour: bool = False) -> str:
 
 
 def render_json(report: DiffReport) -> str:
-    from hasync.core import schemas
-
     document = report.as_json()
     schemas.validate("diff-result", document)
     return json.dumps(document, indent=2)

@@ -32,14 +32,19 @@ from typing import Any
 
 from lxml import etree
 
-from hasync.config import pernode
 from hasync.config.items import SyncItemRegistry, read_hasync, section_refusal
+from hasync.config.pernode import Declarations
 from hasync.config.tree import element_to_value
 from hasync.core.errors import SyncItemError
+from hasync.payload import pernode
 
 VIRTUALIP = "virtualip"
 BACKUP_SKEW_OFFSET = 100
 MAX_ADVSKEW = 254
+
+
+# Ordered legacy rule lists: replaced wholesale, the backup's nosync rules are not kept.
+RULE_LISTS: frozenset[str] = frozenset({"filter.rule", "nat.rule", "nat.outbound.rule"})
 
 
 def php_empty(value: Any) -> bool:
@@ -86,7 +91,7 @@ def check_sections(sections: Iterable[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def shipped_declarations() -> pernode.Declarations:
+def shipped_declarations() -> Declarations:
     """The per-node declarations of the items this package ships (core and its items.d)."""
     return SyncItemRegistry.load().declarations()
 
@@ -94,7 +99,7 @@ def shipped_declarations() -> pernode.Declarations:
 def build_payload(
     root: etree._Element,
     sections: Sequence[str],
-    declarations: pernode.Declarations | None = None,
+    declarations: Declarations | None = None,
     notes: list[pernode.Note] | None = None,
 ) -> dict[str, Any]:
     """The nested value a PHP primary would send for these dotted `sections` of `root`.
@@ -109,9 +114,9 @@ def build_payload(
     payload: dict[str, Any] = {}
     for section in wanted:
         if section == VIRTUALIP:
-            payload[VIRTUALIP] = _vip_section(config)
+            payload[VIRTUALIP] = vip_section(config)
         else:
-            _copy_section(config, payload, section, copy_value=False)  # `config` is ours alone
+            copy_section(config, payload, section, copy_value=False)  # `config` is ours alone
     remove_nosync(payload)
     rules = shipped_declarations() if declarations is None else declarations
     done = pernode.rewrite_for_backup(payload, config, rules.rewriting(wanted))
@@ -146,7 +151,7 @@ def selected_item_ids(root: etree._Element, explicit: str | None = None) -> list
 # --- the rules ----------------------------------------------------------------------------
 
 
-def _copy_section(config: dict[str, Any], payload: dict[str, Any], dotted: str, copy_value: bool = True) -> None:
+def copy_section(config: dict[str, Any], payload: dict[str, Any], dotted: str, copy_value: bool = True) -> None:
     """copy_conf_section(): put the subtree at `dotted` into the same position of `payload`.
 
     PHP keeps searching the *same* source level after a missing part (so `a.b` with `a` missing
@@ -206,7 +211,7 @@ def remove_nosync(value: Any) -> None:
             remove_nosync(item)
 
 
-def _vip_section(config: dict[str, Any]) -> Any:
+def vip_section(config: dict[str, Any]) -> Any:
     """get_vip_config_section(): VIPs with a vhid, advskew raised so the backup stays backup.
 
     Only a VIP that *has* an advskew gets the raised one (PHP: ``isset($section['advskew']) &&

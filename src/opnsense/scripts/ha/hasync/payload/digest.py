@@ -11,7 +11,7 @@ the primary applies*, computed with the same function on both nodes:
   lists `filter.rule`, `nat.rule` and `nat.outbound.rule`. The primary never sends its nosync
   records, and the merge keeps the backup's own: both are node-local, so neither may count as a
   difference. In those three rule lists, though, the merge replaces the list wholesale and drops
-  the backup's nosync rules (`merge.RULE_LISTS`), so there they stay in the form: a backup with
+  the backup's nosync rules (`build.RULE_LISTS`), so there they stay in the form: a backup with
   local nosync rules differs, exactly as a sync would change it;
 * for `virtualip`, only the VIPs that have a vhid. The backup's plain IP aliases and proxy-ARP
   VIPs are its own and stay. The ``advskew + 100`` transform needs no special case: the primary
@@ -46,11 +46,11 @@ from typing import Any
 
 from lxml import etree
 
-from hasync.config import pernode
 from hasync.config.items import SyncItemRegistry
 from hasync.config.tree import ATTRIBUTES, LIST_TAGS, element_to_value
-from hasync.payload.build import VIRTUALIP, _copy_section, build_payload, php_empty, place_at
-from hasync.payload.merge import RULE_LISTS
+from hasync.core.errors import TransportError
+from hasync.payload import pernode
+from hasync.payload.build import RULE_LISTS, VIRTUALIP, build_payload, copy_section, php_empty, place_at
 
 CANONICAL_FORM = "hasync-canonical-2"  # 2: declared-local paths are left out
 ALGORITHM = "sha256"
@@ -132,7 +132,7 @@ def value_item_value(value: Mapping[str, Any], sections: Iterable[str], copy_val
     """
     out: dict[str, Any] = {}
     for dotted in sections:
-        _copy_section(dict(value), out, dotted, copy_value=copy_values)
+        copy_section(dict(value), out, dotted, copy_value=copy_values)
     return out
 
 
@@ -325,8 +325,6 @@ def parse_digest_reply(reply: Any) -> tuple[dict[str, str], list[str]]:
 
     An empty struct travels as an empty XML-RPC array, so ``[]`` is read as no digests.
     """
-    from hasync.core.errors import TransportError
-
     if not isinstance(reply, dict):
         raise TransportError(f"hasync.digest: unexpected reply {str(reply)[:120]!r}")
     if reply.get("canonical") != CANONICAL_FORM or reply.get("algorithm") != ALGORITHM:

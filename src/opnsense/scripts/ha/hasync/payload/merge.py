@@ -62,22 +62,20 @@ from typing import Any
 
 from lxml import etree
 
-from hasync.config import pernode
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.config.tree import ATTRIBUTES, LIST_TAGS, find_path, scalar_text, value_to_elements
+from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
 from hasync.failover.base import VipSpec
-from hasync.payload.build import REDACTED, php_empty, php_intval
+from hasync.payload.build import REDACTED, RULE_LISTS, php_empty, php_intval
+from hasync.payload.kept import keep_local
 from hasync.wire import xmlrpc
 
 METHOD = "opnsense.restore_config_section"
 
 # Sections of the backup that a payload may never overwrite (reference §2, §3).
 PROTECTED_KEYS: tuple[str, ...] = ("hasync", "interfaces", "revision")
-
-# Ordered legacy rule lists: replaced wholesale, the backup's nosync rules are not kept.
-RULE_LISTS: frozenset[str] = frozenset({"filter.rule", "nat.rule", "nat.outbound.rule"})
 
 # Paths older PHP primaries send along with users (`nextuid`/`nextgid`); accepted whenever the
 # section they accompany is covered by a registered item.
@@ -380,7 +378,7 @@ def merge_payload(
     """
     data = normalize_payload(dict(payload))
     points = check_payload(data, registry, accept_unknown)
-    data, kept = pernode.keep_local(root, data, registry.declarations())
+    data, kept = keep_local(root, data, registry.declarations())
     unknown_points = [p for p in points if not registry.is_covered(p) and p not in COMPANION_PATHS]
     ctx = _Context(root)
     for path in unknown_points:
@@ -455,8 +453,6 @@ def _snapshot(nodes: Iterable[etree._Element]) -> list[bytes]:
 
 
 def _reparse(data: bytes) -> etree._Element:
-    from hasync.core import xmlsafe
-
     return xmlsafe.parse_bytes(data, remove_blank_text=False)
 
 

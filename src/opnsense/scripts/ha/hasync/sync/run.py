@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hasync.agent import fastpath
-from hasync.config import pernode
 from hasync.config.items import HasyncSettings, SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import versions
 from hasync.core.errors import HaError
 from hasync.core.paths import state_dir
 from hasync.failover.base import FailoverBackend
+from hasync.payload import pernode
+from hasync.sync import snapshot
+from hasync.sync.plan import ConfigView, SyncPlan
 from hasync.wire.client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
 
 log = logging.getLogger("hasync.sync")
@@ -158,7 +159,7 @@ class SyncRun:
     def _run(self) -> None:
         result = self.result
         # config.xml is parsed only when something is sent (a no-op sync reads cached digests)
-        view = fastpath.ConfigView(self.store, state_dir(self.store.conf_dir))
+        view = ConfigView(self.store, state_dir(self.store.conf_dir))
         root = view.light_root()
         settings = read_hasync(root)
         if self.options.pre_check_master and not self._all_master():
@@ -178,7 +179,7 @@ class SyncRun:
             raise HaError("no sync items selected: hasync.syncitems is empty (choose items in System > "
                           "High Availability, or pass --items)")
         result.items = list(item_ids)
-        plan = fastpath.SyncPlan(view, self.registry, item_ids, full=self.options.full,
+        plan = SyncPlan(view, self.registry, item_ids, full=self.options.full,
                                  fast=self.options.fast_path)
         self.step("build payload", plan.prepare)
         peer = peer_from_settings(self.store.conf_dir, root, settings, self.options.client)
@@ -189,7 +190,7 @@ class SyncRun:
         finally:
             result.bytes_sent, result.bytes_received = peer.bytes_sent, peer.bytes_received
 
-    def _warn_unprotected_local(self, plan: fastpath.SyncPlan) -> None:
+    def _warn_unprotected_local(self, plan: SyncPlan) -> None:
         """A stock OPNsense backup merges with PHP, which knows no `local` declarations: say so
         once per sync, naming the fields it will overwrite (self_address and swap still work,
         the payload carries them rewritten)."""
@@ -210,7 +211,7 @@ class SyncRun:
         states = self.failover.vip_states()
         return all(state.status == "MASTER" for state in states)
 
-    def _talk(self, peer: PeerClient, plan: fastpath.SyncPlan) -> None:
+    def _talk(self, peer: PeerClient, plan: SyncPlan) -> None:
         result = self.result
 
         def probe() -> str:
@@ -247,8 +248,6 @@ class SyncRun:
         self.step("restore_config_section", lambda: plan.send(peer))
         result.transfer = plan.transfer
         result.sections = plan.top_keys()
-        from hasync.sync import snapshot  # late import: snapshot builds on this module
-
         snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
                                    item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
                                    prepared=plan.prepared)

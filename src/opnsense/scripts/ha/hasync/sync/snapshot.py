@@ -36,6 +36,7 @@ from hasync.core.errors import HaError
 from hasync.core.fileio import atomic_write
 from hasync.core.paths import state_dir
 from hasync.payload import digest as digestmod
+from hasync.wire.discovery import discover
 
 if TYPE_CHECKING:
     from hasync.sync.run import SyncResult
@@ -232,8 +233,6 @@ def record_after_sync(
 
     `item_ids`: the items that were sent (default: all of `result.items`).
     """
-    from hasync.agent.hasync_methods import discover
-
     ids = list(result.items) if item_ids is None else list(item_ids)
     backup_digests: dict[str, str] = {}
     try:

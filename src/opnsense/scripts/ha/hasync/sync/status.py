@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from hasync.agent import fastpath
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import versions
 from hasync.core.errors import HaError
 from hasync.core.paths import state_dir
+from hasync.sync.plan import ConfigView
 from hasync.sync.run import Progress, SyncOptions, SyncRun, peer_from_settings, restart_all
 from hasync.wire.client import ClientOptions, PeerClient
 
@@ -39,7 +39,7 @@ class Remote:
 
     def peer(self) -> PeerClient:
         # the sync settings without parsing all of config.xml when a sync already cached them
-        root = fastpath.ConfigView(self.store, state_dir(self.store.conf_dir)).light_root()
+        root = ConfigView(self.store, state_dir(self.store.conf_dir)).light_root()
         return peer_from_settings(self.store.conf_dir, root, read_hasync(root), self.client_options)
 
     def version(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from hasync.core.errors import HaError
 from hasync.failover.base import FailoverBackend
+from hasync.failover.factory import get_backend
 from hasync.wire.client import ClientOptions
 
 
@@ -39,6 +40,4 @@ def client_options(args: argparse.Namespace, base: ClientOptions) -> ClientOptio
 
 def failover_backend(conf_dir: str | Path) -> FailoverBackend:
     """The node's failover backend (`OPNSENSE_HA_FAILOVER=none` gives a no-op one)."""
-    from hasync.failover.factory import get_backend
-
     return get_backend(conf_dir)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hasync.agent.hasync_methods import as_struct, discover
+from hasync.agent.serve import service_backend
 from hasync.cli.commands.common import add_client_options, client_options, failover_backend
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
@@ -27,6 +27,7 @@ from hasync.node import rollback as rollbackmod
 from hasync.services.backends import ServiceBackend
 from hasync.sync.run import peer_from_settings
 from hasync.wire.client import ClientOptions, PeerClient
+from hasync.wire.discovery import as_struct, discover
 
 STOCK_ROLLBACK = (
     "the backup {peer} offers no hasync.rollback (a stock OPNsense backup, or our agent with --no-extensions): "
@@ -68,8 +69,6 @@ def _remote(args: argparse.Namespace, method: str, params: list[Any]) -> dict[st
 
 
 def _services(services_dir: Path | None) -> tuple[ServiceBackend | None, str]:
-    from hasync.agent.serve import service_backend
-
     try:
         return service_backend(services_dir), ""
     except HaError as exc:
