@@ -66,7 +66,7 @@ def test_concurrent_trust_store_writers_never_collide(tmp_path: Path) -> None:
         try:
             for i in range(40):
                 store.pin(f"peer-{n}-{i}", "ab" * 32)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=pin, args=(n,)) for n in range(4)]
