@@ -16,11 +16,12 @@ import pytest
 from carp_helpers import CARP_PASSWORD, build_kernel, sync_pfsync
 from conftest import FIXTURES, shared_path
 from fakekernel import FakeKernel
+from hasync.config.vips import VipSpec
 from hasync.core.errors import FailoverError
 from hasync.core.osiface import CommandResult
 from hasync.core.xmlsafe import parse_bytes
 from hasync.failover import factory
-from hasync.failover.base import PfsyncConfig, VipSpec
+from hasync.failover.base import PfsyncConfig
 from hasync.failover.freebsd import (
     FreeBsdBackend,
     parse_boottime,

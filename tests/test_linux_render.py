@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from hasync.config.vips import VipSpec
 from hasync.core.errors import FailoverError
 from hasync.core.osiface import CommandResult
-from hasync.failover.base import FailoverBackend, PfsyncConfig, VipSpec
+from hasync.failover.base import FailoverBackend, PfsyncConfig
 from hasync.failover.linux import KeepalivedBackend
 from hasync.failover.linux_parse import carp_status, parse_conntrackd_links, parse_ip_json_addresses, parse_vrrp_state
 from hasync.failover.linux_render import (

@@ -22,6 +22,7 @@ from hasync.core import versions
 from hasync.core.errors import HaError, ServiceError
 from hasync.failover import model
 from hasync.failover.base import FailoverBackend
+from hasync.node.reconfigure import reconfigure_vips, restart_item_services
 from hasync.payload.merge import MergeReport, merge_payload, revision_description
 from hasync.services.backends import ServiceBackend
 from hasync.wire import xmlrpc
@@ -131,12 +132,9 @@ class BackupNode:
             specs = [spec for spec in model.carp_vips(root) if spec.vhid in touched]
             removed = [vip.to_spec() for vip in report.vips_removed]
             try:
-                self.failover.configure_vips(specs, removed)
-                self.failover.apply_pfsync(model.pfsync_config(root))
+                reconfigure_vips(self.failover, root, specs, removed)
             except HaError as exc:
                 log.error("reconfiguring CARP after the merge failed: %s", exc)
-        for name in self.registry.services_for_sections(report.sections):
-            try:
-                self.services.restart(name, "")
-            except ServiceError as exc:
-                log.info("not restarting %s after the merge: %s", name, exc)
+        _, failed = restart_item_services(self.services, self.registry, report.sections, tolerated=ServiceError)
+        for name, error in failed:
+            log.info("not restarting %s after the merge: %s", name, error)

@@ -18,10 +18,11 @@ from pathlib import Path
 from lxml import etree
 
 from hasync.config.store import ConfigStore
+from hasync.config.vips import VipSpec
 from hasync.core.errors import ConfigError, FailoverError
 from hasync.core.fileio import atomic_write
 from hasync.core.osiface import CommandRunner, SubprocessRunner
-from hasync.failover.base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
+from hasync.failover.base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipState
 
 log = logging.getLogger(__name__)
 

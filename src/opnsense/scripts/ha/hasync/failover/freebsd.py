@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
+from hasync.config.vips import VipSpec
 from hasync.core.errors import FailoverError
 from hasync.core.osiface import CommandResult, CommandRunner
 from hasync.failover.base import (
@@ -34,7 +35,6 @@ from hasync.failover.base import (
     FailoverBackend,
     PfsyncConfig,
     PfsyncState,
-    VipSpec,
     VipState,
     check_vip_spec,
     vhid_owner,

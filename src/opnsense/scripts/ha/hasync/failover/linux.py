@@ -60,10 +60,11 @@ from typing import Any
 from lxml import etree
 
 from hasync.config.store import ConfigStore
+from hasync.config.vips import VipSpec
 from hasync.core.errors import ConfigError, FailoverError
 from hasync.core.fileio import atomic_write, lock_file
 from hasync.core.osiface import Clock, CommandResult, CommandRunner, SystemClock
-from hasync.failover.base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
+from hasync.failover.base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipState
 from hasync.failover.linux_parse import carp_status, parse_conntrackd_links, parse_ip_json_addresses, parse_vrrp_state
 from hasync.failover.linux_render import (
     RESIGN_DEMOTION,

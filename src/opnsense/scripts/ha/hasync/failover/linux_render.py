@@ -34,9 +34,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from hasync.config.vips import VipSpec
 from hasync.core.errors import FailoverError
 from hasync.core.fileio import atomic_write
-from hasync.failover.base import VipSpec, check_vip_spec, vhid_owner
+from hasync.failover.base import check_vip_spec, vhid_owner
 
 RUN_DIR_NAME = "linux-ha"
 BASE_PRIORITY = 250

@@ -9,7 +9,8 @@ from __future__ import annotations
 from lxml import etree
 
 from hasync.config.items import read_hasync
-from hasync.failover.base import PfsyncConfig, VipSpec
+from hasync.config.vips import VipSpec
+from hasync.failover.base import PfsyncConfig
 
 MAINTENANCE_TAG = "virtualip_carp_maintenancemode"
 

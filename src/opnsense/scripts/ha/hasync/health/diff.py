@@ -49,12 +49,13 @@ from lxml import etree
 from hasync.config.items import SyncItemRegistry, paths_overlap, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.config.tree import ATTRIBUTES, value_to_elements
+from hasync.config.vips import vip_key
 from hasync.core import schemas
 from hasync.core.errors import HaError, TransportError
 from hasync.payload import digest as digestmod
 from hasync.payload import pernode
 from hasync.payload.build import is_secret_key
-from hasync.payload.merge import merge_payload, vip_key
+from hasync.payload.merge import merge_payload
 from hasync.sync import snapshot as snapshotmod
 from hasync.sync.run import peer_from_settings
 from hasync.wire.discovery import PeerFeatures, as_struct, discover, stock_note

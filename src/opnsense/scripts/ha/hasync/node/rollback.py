@@ -49,7 +49,8 @@ from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.core.errors import ConfigError, HaError
 from hasync.core.fileio import atomic_write
 from hasync.failover import model
-from hasync.failover.base import FailoverBackend, VipSpec
+from hasync.failover.base import FailoverBackend
+from hasync.node.reconfigure import reconfigure_vips, restart_item_services, vip_changes
 from hasync.payload import digest as digestmod
 from hasync.services.backends import ServiceBackend
 
@@ -397,10 +398,6 @@ def changed_sections(before: etree._Element, after: etree._Element, registry: Sy
     return changed
 
 
-def _vip_key(spec: VipSpec) -> tuple[str, int, str]:
-    return spec.device, spec.vhid, spec.subnet
-
-
 def reconfigure(
     result: RollbackResult,
     before: etree._Element,
@@ -412,17 +409,13 @@ def reconfigure(
 ) -> None:
     """Apply what the restore changed: CARP VIPs and pfsync, the filter, the affected services."""
     result.changed_sections = changed_sections(before, after, registry)
-    old_vips = {_vip_key(spec): spec for spec in model.carp_vips(before)}
-    new_vips = {_vip_key(spec): spec for spec in model.carp_vips(after)}
-    touched = [spec for key, spec in new_vips.items() if old_vips.get(key) != spec]
-    removed = [spec for key, spec in old_vips.items() if key not in new_vips]
+    touched, removed = vip_changes(model.carp_vips(before), model.carp_vips(after))
     if touched or removed:
         if failover is None:
             result.warnings.append("CARP VIPs changed but no failover backend is available: not reconfigured")
         else:
             try:
-                failover.configure_vips(touched, removed)
-                failover.apply_pfsync(model.pfsync_config(after))
+                reconfigure_vips(failover, after, touched, removed)
                 result.vips_reconfigured, result.vips_removed = len(touched), len(removed)
             except HaError as exc:
                 result.warnings.append(f"reconfiguring CARP failed: {exc}")
@@ -439,9 +432,6 @@ def reconfigure(
         result.warnings.append(f"filter reload failed: {exc}")
     if not restart_services:
         return
-    for name in registry.services_for_sections(result.changed_sections):
-        try:
-            services.restart(name, "")
-            result.services_restarted.append(name)
-        except HaError as exc:
-            result.warnings.append(f"not restarting {name}: {exc}")
+    restarted, failed = restart_item_services(services, registry, result.changed_sections)
+    result.services_restarted.extend(restarted)
+    result.warnings.extend(f"not restarting {name}: {exc}" for name, exc in failed)

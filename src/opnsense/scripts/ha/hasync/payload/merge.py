@@ -65,9 +65,9 @@ from lxml import etree
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.config.tree import ATTRIBUTES, LIST_TAGS, find_path, scalar_text, value_to_elements
+from hasync.config.vips import VipSpec, vip_key
 from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
-from hasync.failover.base import VipSpec
 from hasync.payload.build import REDACTED, RULE_LISTS, php_empty, php_intval
 from hasync.payload.kept import keep_local
 from hasync.wire import xmlrpc
@@ -632,14 +632,6 @@ def _record_text(node: etree._Element) -> dict[str, str]:
 
 def _value_text(vip: Mapping[str, Any]) -> dict[str, str]:
     return {key: scalar_text(item).strip() for key, item in vip.items() if not isinstance(item, (dict, list))}
-
-
-def vip_key(vip: Mapping[str, str]) -> str:
-    """get_unique_vip_key(): CARP VIPs by interface and vhid, others also by address."""
-    mode, interface, vhid = vip.get("mode", ""), vip.get("interface", ""), vip.get("vhid", "")
-    if mode == "carp":
-        return f"{mode}_{interface}_vip{vhid}"
-    return f"{mode}_{interface}_vip{vhid}_{vip.get('subnet', '')}_{vip.get('subnet_bits', '')}"
 
 
 def _php_loose_equal(a: str, b: str) -> bool:

@@ -12,13 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hasync.config.pernode import (
-    CopyOnWrite,
-    Declarations,
-    find,
-    show_identity,
-    slot_order,
-)
+from hasync.config.pernode import CopyOnWrite, Declarations, find, show_identity, slot_order
 from hasync.core.errors import ConfigError
 
 # --- applying the rules ----------------------------------------------------------------------------

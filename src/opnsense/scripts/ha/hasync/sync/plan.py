@@ -27,10 +27,7 @@ from hasync.core import xmlsafe
 from hasync.core.errors import HaError, RemoteFault
 from hasync.core.fileio import RACY_WINDOW, atomic_write, file_key
 from hasync.payload import digest as digestmod
-from hasync.payload.build import (
-    check_sections,
-    payload_for_items,
-)
+from hasync.payload.build import check_sections, payload_for_items
 from hasync.sync import snapshot
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PeerProbe, compact_probe, probe, remember_peer

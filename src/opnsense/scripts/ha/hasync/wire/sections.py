@@ -53,14 +53,7 @@ from hasync.config.tree import LIST_TAGS, element_to_value
 from hasync.core import xmlsafe
 from hasync.core.errors import HaError
 from hasync.payload import pernode
-from hasync.payload.build import (
-    VIRTUALIP,
-    check_sections,
-    place_at,
-    remove_nosync,
-    shipped_declarations,
-    vip_section,
-)
+from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
 from hasync.wire import xmlrpc
 from hasync.wire.xmlrpc import MethodFault
 
