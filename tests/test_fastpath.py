@@ -36,7 +36,7 @@ from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.config.tree import ATTRIBUTES
 from hasync.core.errors import HaError, MergeError, RemoteFault
-from hasync.payload import merge
+from hasync.payload import merge, validate
 from hasync.payload.build import REDACTED, build_payload
 from hasync.sync.run import SyncOptions, SyncRun
 from hasync.wire import sections as sectionsmod
@@ -102,8 +102,8 @@ def ref_check_scalar(value: Any, path: str) -> Any:
 
 
 def ref_normalize(value: Any, path: str, depth: int) -> Any:
-    if depth > merge.MAX_DEPTH:
-        raise MergeError(f"{path or 'payload'}: nested deeper than {merge.MAX_DEPTH} levels")
+    if depth > validate.MAX_DEPTH:
+        raise MergeError(f"{path or 'payload'}: nested deeper than {validate.MAX_DEPTH} levels")
     if isinstance(value, dict):
         if value and all(isinstance(k, str) and _NUMERIC_KEY.match(k) for k in value):
             return [ref_normalize(item, f"{path}[{k}]", depth + 1) for k, item in value.items()]
@@ -241,7 +241,7 @@ def test_payload_validation_agrees_with_the_copying_version(payload: dict[str, A
     except MergeError as exc:
         expected = exc
     try:
-        got: Any = merge._normalize(payload, "", 0)
+        got: Any = validate._normalize(payload, "", 0)
     except MergeError as exc:
         got = exc
     if isinstance(expected, MergeError):
@@ -254,9 +254,9 @@ def test_payload_validation_agrees_with_the_copying_version(payload: dict[str, A
 
 def test_validation_does_not_copy_a_clean_payload() -> None:
     payload = {"sec": {"rule": [{"a": "1", ATTRIBUTES: {"uuid": "u"}}, {"a": "2"}]}}
-    assert merge._normalize(payload, "", 0) is payload
+    assert validate._normalize(payload, "", 0) is payload
     holes = {"sec": {"rule": {"0": {"a": "1"}, "2": {"a": "2"}}}}
-    fixed = merge._normalize(holes, "", 0)
+    fixed = validate._normalize(holes, "", 0)
     assert fixed == {"sec": {"rule": [{"a": "1"}, {"a": "2"}]}} and holes["sec"]["rule"] == {"0": {"a": "1"},
                                                                                             "2": {"a": "2"}}
 

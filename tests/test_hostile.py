@@ -48,7 +48,7 @@ from hasync.agent.server import AgentLimits
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import parse_config_bytes
 from hasync.core.errors import ConfigError, MergeError
-from hasync.payload.merge import check_payload, normalize_payload
+from hasync.payload.validate import check_payload, normalize_payload
 from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc
 from nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent

@@ -16,15 +16,10 @@ from hasync.config.store import ConfigStore, serialize
 from hasync.config.tree import element_to_value, find_path
 from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
+from hasync.node.apply import apply_payload_file, load_payload_bytes
 from hasync.payload.build import REDACTED, build_payload, payload_for_items
-from hasync.payload.merge import (
-    MergeReport,
-    apply_payload_file,
-    load_payload_bytes,
-    merge_payload,
-    normalize_payload,
-    revision_description,
-)
+from hasync.payload.merge import MergeReport, merge_payload, revision_description
+from hasync.payload.validate import normalize_payload
 from hasync.wire import xmlrpc
 from items_helpers import run_command
 

@@ -262,7 +262,7 @@ def redact(value: Any) -> Any:
     """A copy with secret-looking values replaced, for showing a payload to a person.
 
     A redacted payload must never be merged (it would store the marker as a password);
-    `merge.load_payload_bytes` refuses any payload that contains the marker.
+    `node.apply.load_payload_bytes` refuses any payload that contains the marker.
     """
     if isinstance(value, dict):
         return {

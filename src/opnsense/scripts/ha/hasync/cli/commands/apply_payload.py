@@ -15,7 +15,7 @@ from typing import Any
 
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
-from hasync.payload.merge import apply_payload_file
+from hasync.node.apply import apply_payload_file
 
 log = logging.getLogger("hasync.apply_payload")
 
