@@ -15,12 +15,12 @@ from hasync.config.items import SyncItemRegistry
 from hasync.config.tree import element_to_value, find_path
 from hasync.core import xmlsafe
 from hasync.core.errors import ConfigError, SyncItemError
+from hasync.core.php import php_empty
 from hasync.payload.build import (
     REDACTED,
     build_payload,
     own_address_facing,
     payload_for_items,
-    php_empty,
     redact,
     remove_nosync,
     selected_item_ids,

@@ -22,9 +22,10 @@ from hasync.config.pernode import Declarations, Selector, parse_path
 from hasync.config.store import parse_config_bytes
 from hasync.config.tree import element_to_value
 from hasync.core.errors import ConfigError, HaError, SyncItemError
+from hasync.core.php import php_empty
 from hasync.payload import digest as digestmod
 from hasync.payload import pernode
-from hasync.payload.build import build_payload, payload_for_items, php_empty
+from hasync.payload.build import build_payload, payload_for_items
 from hasync.payload.merge import merge_payload
 from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc

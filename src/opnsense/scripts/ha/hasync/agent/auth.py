@@ -48,6 +48,7 @@ from lxml import etree
 from passlib.hash import sha256_crypt, sha512_crypt
 
 from hasync.core.osiface import Clock, SystemClock
+from hasync.core.php import php_truthy
 
 log = logging.getLogger("hasync.auth")
 
@@ -270,7 +271,7 @@ def has_xmlrpc_privilege(root: etree._Element, user: etree._Element) -> bool:
 
 def is_disabled(user: etree._Element) -> bool:
     """PHP `!empty()` semantics: any value but '' and '0' disables (MVC stores `<disabled>0</disabled>`)."""
-    return _text(user, "disabled") not in ("", "0")
+    return php_truthy(_text(user, "disabled"))
 
 
 def _parse_expiry(value: str) -> dt.date | None:

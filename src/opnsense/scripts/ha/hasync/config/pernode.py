@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hasync.core.errors import SyncItemError
+from hasync.core.php import php_truthy
 
 ATTRIBUTES = "@attributes"  # tree.ATTRIBUTES (not imported: tree is imported by callers of this module)
 
@@ -69,7 +70,7 @@ class Selector:
         if isinstance(got, (dict, list)) or got is None:
             got = ""
         text = str(got).strip()
-        return text == self.value if self.value is not None else text not in ("", "0")  # PHP's empty()
+        return text == self.value if self.value is not None else php_truthy(text)
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,9 @@ from hasync.config.tree import ATTRIBUTES, value_to_elements
 from hasync.config.vips import vip_key
 from hasync.core import schemas
 from hasync.core.errors import HaError, TransportError
+from hasync.core.secrets import is_secret_name, is_secret_path
 from hasync.payload import digest as digestmod
 from hasync.payload import pernode
-from hasync.payload.build import is_secret_key
 from hasync.payload.merge import merge_payload
 from hasync.sync import snapshot as snapshotmod
 from hasync.sync.run import peer_from_settings
@@ -64,31 +64,6 @@ if TYPE_CHECKING:
     from hasync.wire.client import ClientOptions, PeerClient
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
-
-# --- secrets ----------------------------------------------------------------------------------
-
-_SECRET_NAMES = frozenset({
-    "password", "passwd", "pass", "prv", "privkey", "privatekey", "private_key", "private-key", "secret",
-    "apikeys", "psk", "pre-shared-key", "presharedkey", "shared_key", "sharedkey", "tls", "authkey",
-    "ldap_bindpw", "radius_secret", "otp_seed", "md5-hash", "nt-hash", "bcrypt-hash", "sha512-hash",
-    "ipsecpsk", "ddnsdomainkey", "tsigkey", "key_secret", "crypto_key", "auth_key",
-})
-_SECRET_PARTS = ("password", "passwd", "secret", "privkey", "private", "psk", "hash")
-_INDEX = re.compile(r"\[\d+\]")
-
-
-def is_secret_name(name: str) -> bool:
-    lowered = name.lower().lstrip("@")
-    if lowered in _SECRET_NAMES or is_secret_key(lowered) or any(part in lowered for part in _SECRET_PARTS):
-        return True
-    # tsig-key, tls_key, crypto_key, ...: key material unless it says it is the public half
-    return lowered.endswith(("_key", "-key")) and "pub" not in lowered
-
-
-def is_secret_path(path: str) -> bool:
-    """True when the field or anything above it has a secret-looking name."""
-    return any(is_secret_name(part) for part in _INDEX.sub("", path).replace("@", ".").split(".") if part)
-
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key

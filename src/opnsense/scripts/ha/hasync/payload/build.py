@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,6 +35,8 @@ from hasync.config.items import SyncItemRegistry, read_hasync, section_refusal
 from hasync.config.pernode import Declarations
 from hasync.config.tree import element_to_value
 from hasync.core.errors import SyncItemError
+from hasync.core.php import php_empty, php_intval
+from hasync.core.secrets import is_secret_name
 from hasync.payload import pernode
 
 VIRTUALIP = "virtualip"
@@ -45,35 +46,6 @@ MAX_ADVSKEW = 254
 
 # Ordered legacy rule lists: replaced wholesale, the backup's nosync rules are not kept.
 RULE_LISTS: frozenset[str] = frozenset({"filter.rule", "nat.rule", "nat.outbound.rule"})
-
-
-def php_empty(value: Any) -> bool:
-    """PHP's empty(): '', '0', 0, False, None and empty arrays are empty (so ``nosync=0`` is not set)."""
-    if value is None or value is False:
-        return True
-    if isinstance(value, str):
-        return value in ("", "0")
-    if isinstance(value, (int, float)):
-        return value == 0
-    if isinstance(value, (list, dict)):
-        return len(value) == 0
-    return False
-
-
-_LEADING_INT = re.compile(r"^\s*([+-]?\d+)")
-
-
-def php_intval(value: Any) -> int:
-    """PHP's intval() on a config value: the leading integer of a string, 0 when there is none;
-    an array is 1 when it has elements, else 0."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, (list, dict)):
-        return 1 if value else 0
-    match = _LEADING_INT.match(value if isinstance(value, str) else "")
-    return int(match.group(1)) if match else 0
 
 
 def check_sections(sections: Iterable[str]) -> list[str]:
@@ -247,17 +219,6 @@ def own_address_facing(config: dict[str, Any], peer: str, prefer: str = "") -> s
 # --- display aid --------------------------------------------------------------------------
 
 REDACTED = "**redacted by opnsense-ha**"
-_SECRET_KEYS = frozenset(
-    {"password", "prv", "secret", "apikeys", "psk", "pre-shared-key", "presharedkey", "privkey",
-     "privatekey", "private_key", "shared_key", "tls", "ldap_bindpw", "radius_secret", "authkey"}
-)
-
-
-def is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return lowered in _SECRET_KEYS or "password" in lowered or "secret" in lowered
-
-
 def redact(value: Any) -> Any:
     """A copy with secret-looking values replaced, for showing a payload to a person.
 
@@ -266,7 +227,7 @@ def redact(value: Any) -> Any:
     """
     if isinstance(value, dict):
         return {
-            key: (REDACTED if is_secret_key(key) and not php_empty(item) else redact(item))
+            key: (REDACTED if is_secret_name(key) and not php_empty(item) else redact(item))
             for key, item in value.items()
         }
     if isinstance(value, list):

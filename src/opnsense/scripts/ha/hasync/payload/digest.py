@@ -49,8 +49,9 @@ from lxml import etree
 from hasync.config.items import SyncItemRegistry
 from hasync.config.tree import ATTRIBUTES, LIST_TAGS, element_to_value
 from hasync.core.errors import TransportError
+from hasync.core.php import php_empty
 from hasync.payload import pernode
-from hasync.payload.build import RULE_LISTS, VIRTUALIP, build_payload, copy_section, php_empty, place_at
+from hasync.payload.build import RULE_LISTS, VIRTUALIP, build_payload, copy_section, place_at
 
 CANONICAL_FORM = "hasync-canonical-2"  # 2: declared-local paths are left out
 ALGORITHM = "sha256"

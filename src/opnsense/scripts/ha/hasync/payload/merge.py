@@ -63,7 +63,8 @@ from hasync.config.tree import ATTRIBUTES, LIST_TAGS, find_path, scalar_text, va
 from hasync.config.vips import VipSpec, vip_key
 from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
-from hasync.payload.build import RULE_LISTS, php_empty, php_intval
+from hasync.core.php import php_empty, php_intval
+from hasync.payload.build import RULE_LISTS
 from hasync.payload.kept import keep_local
 from hasync.payload.validate import COMPANION_PATHS, NAME_RE, check_payload, normalize_payload
 

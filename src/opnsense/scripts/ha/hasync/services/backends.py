@@ -41,6 +41,7 @@ import jsonschema
 from hasync.core import schemas
 from hasync.core.errors import ConfigError, ServiceError
 from hasync.core.osiface import Clock, CommandResult, CommandRunner, SystemClock
+from hasync.core.php import php_truthy
 
 log = logging.getLogger("hasync.services")
 
@@ -91,11 +92,6 @@ def _id_key(service_id: str) -> tuple[int, int, str]:
 def sort_services(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """By name, then instance id (numeric ids numerically), as the status page lists them."""
     return sorted(records, key=lambda r: (str(r.get("name", "")), _id_key(str(r.get("id", "") or ""))))
-
-
-def _truthy(value: Any) -> bool:
-    """PHP truthiness for the flags OPNsense stores as true/1/"1"."""
-    return value not in (None, False, 0, "", "0", [], {})
 
 
 def _tail(result: CommandResult) -> str:
@@ -194,7 +190,7 @@ class OpnsenseServiceBackend(ServiceBackend):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
                 log.warning("ignoring a malformed service record from pluginctl -S: %.200r", entry)
                 continue
-            if _truthy(entry.get("noshow")):
+            if php_truthy(entry.get("noshow")):
                 continue
             records.append(self._normalise(entry))
         return sort_services(records)
@@ -208,12 +204,12 @@ class OpnsenseServiceBackend(ServiceBackend):
                 del record["id"]
         for flag in ("nocheck", "locked"):
             if flag in record:
-                if _truthy(record[flag]):
+                if php_truthy(record[flag]):
                     record[flag] = True
                 else:
                     del record[flag]
         status = record.pop("status", None)
-        record["status"] = bool(_truthy(status)) if status is not None else self._status(record)
+        record["status"] = bool(php_truthy(status)) if status is not None else self._status(record)
         return record
 
     def _status(self, record: Mapping[str, Any]) -> bool:
