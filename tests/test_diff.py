@@ -15,7 +15,8 @@ from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core import schemas
 from hasync.core.secrets import is_secret_path
-from hasync.health.diff import DiffReport, ItemDiff, RecordChange, colour_wanted, diff_values, diff_with_backup
+from hasync.health.diff import DiffReport, ItemDiff, RecordChange, diff_values, diff_with_backup
+from hasync.health.diff_render import colour_wanted
 from hasync.wire.client import ClientOptions
 from health_helpers import agent, assert_no_secret, edit, fresh_pair, run_cli, sync
 from nodes import Pair

@@ -23,7 +23,8 @@ from hasync.config.items import DEFAULT_ITEMS_DIR, SyncItemRegistry
 from hasync.config.pernode import Declarations
 from hasync.config.store import ConfigStore
 from hasync.health.checks import CheckContext, CheckResult, run_checks
-from hasync.health.diff import diff_with_backup, render_json, render_summary
+from hasync.health.diff import diff_with_backup
+from hasync.health.diff_render import render_json, render_summary
 from hasync.node import rollback as rollbackmod
 from hasync.payload.build import payload_for_items, shipped_declarations
 from hasync.sync.run import SyncOptions, SyncResult, SyncRun

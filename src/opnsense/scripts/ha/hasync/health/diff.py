@@ -33,14 +33,8 @@ per-run key, so equal secrets look equal within one output and nothing can be re
 from __future__ import annotations
 
 import bisect
-import difflib
-import hashlib
-import hmac
-import json
-import os
 import re
-import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +44,6 @@ from hasync.config.items import SyncItemRegistry, paths_overlap, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.config.tree import ATTRIBUTES, value_to_elements
 from hasync.config.vips import vip_key
-from hasync.core import schemas
 from hasync.core.errors import HaError, TransportError
 from hasync.core.secrets import is_secret_name, is_secret_path
 from hasync.payload import digest as digestmod
@@ -65,7 +58,7 @@ if TYPE_CHECKING:
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
 
-def _join(path: str, key: str) -> str:
+def join_path(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
@@ -246,9 +239,9 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
                     out[f"{prefix}@{name}"] = text
             elif key.endswith(ATTRIBUTES) and isinstance(item, dict):
                 for name, text in item.items():
-                    out[f"{_join(prefix, key[: -len(ATTRIBUTES)])}@{name}"] = text
+                    out[f"{join_path(prefix, key[: -len(ATTRIBUTES)])}@{name}"] = text
             else:
-                out.update(flatten(item, _join(prefix, key)))
+                out.update(flatten(item, join_path(prefix, key)))
         if not value:
             out[prefix] = ""
     elif isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
@@ -268,7 +261,7 @@ def _field_changes(old: Mapping[str, Any], new: Mapping[str, Any], base: str, sk
             continue
         before, after = old.get(name, MISSING), new.get(name, MISSING)
         if before != after:
-            changes.append(FieldChange(name or "(value)", before, after, is_secret_path(_join(base, name))))
+            changes.append(FieldChange(name or "(value)", before, after, is_secret_path(join_path(base, name))))
     return changes
 
 
@@ -482,7 +475,7 @@ def _walk(before: Any, after: Any, path: str, out: list[RecordChange]) -> None:
             old, new = before.get(key, MISSING), after.get(key, MISSING)
             if old == new:
                 continue
-            sub = _join(path, key)
+            sub = join_path(path, key)
             if key == ATTRIBUTES or key.endswith(ATTRIBUTES):
                 settings.extend(_field_changes(flatten({key: old}) if old is not MISSING else {},
                                                flatten({key: new}) if new is not MISSING else {}, path))
@@ -629,173 +622,3 @@ def diff_with_backup(store: ConfigStore, registry: SyncItemRegistry, client_opti
     root = store.load()
     peer = peer_from_settings(store.conf_dir, root, read_hasync(root), client_options)
     return build_diff(store, registry, peer, item_ids)
-
-
-# --- rendering --------------------------------------------------------------------------------
-
-COLOURS = {"added": "\033[32m", "removed": "\033[31m", "changed": "\033[33m", "moved": "\033[36m",
-           "header": "\033[1m", "note": "\033[35m"}
-RESET = "\033[0m"
-MARKS = {"added": "+", "removed": "-", "changed": "~", "moved": ">"}
-
-
-def _paint(enabled: bool) -> Callable[[str, str], str]:
-    def paint(text: str, kind: str) -> str:
-        return f"{COLOURS[kind]}{text}{RESET}" if enabled and kind in COLOURS else text
-
-    return paint
-
-
-def show_value(value: Any, limit: int = 160) -> str:
-    if value is MISSING:
-        return "(absent)"
-    if isinstance(value, (list, tuple)):
-        text = "[" + ", ".join(show_value(v, 40) for v in value) + "]"
-    else:
-        text = repr(str(value))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _declared_line(note: pernode.Note) -> str:
-    if note.kind == pernode.KEPT:
-        return f"{note.path}: {note.kind} (declared local)"
-    if is_secret_path(note.path):
-        return f"{note.path}: {note.kind} for the backup (secret)"
-    return f"{note.path}: {note.kind} for the backup: {show_value(note.old)} -> {show_value(note.new)}"
-
-
-def _field_line(change: FieldChange) -> str:
-    if change.secret:
-        return f"{change.field}: (secret) {change.change}"
-    return f"{change.field}: {show_value(change.old)} -> {show_value(change.new)}"
-
-
-def _position(change: RecordChange) -> str:
-    if change.kind == "added":
-        return f" (at #{change.new_position})"
-    if change.kind == "removed":
-        return f" (was #{change.old_position})"
-    if change.moved:
-        return f" moved #{change.old_position} -> #{change.new_position}"
-    return ""
-
-
-def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool = False) -> str:
-    paint = _paint(colour)
-    lines: list[str] = []
-    source = "live, from the backup's hasync.* methods" if report.source == "live" else "FALLBACK: snapshot"
-    lines.append(paint(f"opnsense-ha diff: this node -> backup {report.target} ({source})", "header"))
-    if report.note:
-        lines.append(paint(report.note, "note"))
-    for item in report.items:
-        counts = item.counts()
-        declared = [f"  = {_declared_line(note)}" for note in item.declared]
-        if item.status == "same":
-            lines.append(f"{item.id}: no differences" + (f" ({item.note})" if item.note else ""))
-            lines.extend(declared)
-            continue
-        if item.status == "unknown":
-            lines.append(paint(f"{item.id}: unknown: {item.note}", "changed"))
-            continue
-        summary = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
-        lines.append(paint(f"{item.id} ({item.description}): {summary}", "header"))
-        for change in item.changes:
-            kind = "moved" if change.kind == "moved" else change.kind
-            # a named record is known by its name; the others by their label and matching key
-            name = change.label if change.name or change.label == change.key or not change.key \
-                else f"{change.label} [{change.key}]"
-            lines.append(paint(f"  {MARKS[kind]} {change.path} {name}{_position(change)}", kind))
-            if change.kind == "changed" or (verbose_added and change.kind in ("added", "removed")):
-                lines.extend(f"      {_field_line(f)}" for f in change.fields)
-        lines.extend(paint(f"  ! {warning}", "note") for warning in item.warnings)
-        lines.extend(declared)
-    total = report.differences
-    lines.append(f"{total} of {len(report.items)} item(s) differ" if total else "no differences")
-    return "\n".join(lines)
-
-
-class SecretTokens:
-    """Per-run tokens for secret values: equal values, equal tokens; no key survives the run."""
-
-    def __init__(self) -> None:
-        self._key = secrets.token_bytes(32)
-
-    def token(self, value: str) -> str:
-        if value == "":
-            return ""
-        return "(secret " + hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()[:8] + ")"
-
-
-def _xml_lines(value: Any, tag: str, path: str, indent: int, tokens: SecretTokens) -> list[str]:
-    pad = "  " * indent
-    if isinstance(value, list):
-        return [line for item in value for line in _xml_lines(item, tag, path, indent, tokens)]
-    if isinstance(value, dict):
-        found = value.get(ATTRIBUTES)
-        attrs: dict[str, Any] = found if isinstance(found, dict) else {}
-        attr_text = "".join(f' {k}="{tokens.token(str(v)) if is_secret_name(k) else v}"' for k, v in attrs.items())
-        children = [(k, v) for k, v in value.items() if not k.endswith(ATTRIBUTES)]
-        if not children:
-            return [f"{pad}<{tag}{attr_text}/>"]
-        lines = [f"{pad}<{tag}{attr_text}>"]
-        for key, item in children:
-            lines.extend(_xml_lines(item, key, _join(path, key), indent + 1, tokens))
-        lines.append(f"{pad}</{tag}>")
-        return lines
-    text = str(value)
-    if is_secret_path(path):
-        text = tokens.token(text)
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace("\n", "&#10;")
-    return [f"{pad}<{tag}>{text}</{tag}>" if text else f"{pad}<{tag}/>"]
-
-
-def render_xml(value: Any, tokens: SecretTokens) -> list[str]:
-    if not isinstance(value, dict):
-        return []
-    return [line for key, item in value.items() for line in _xml_lines(item, key, key, 0, tokens)]
-
-
-def render_unified(report: DiffReport, colour: bool = False) -> str:
-    paint = _paint(colour)
-    tokens = SecretTokens()
-    lines: list[str] = []
-    if report.note:
-        lines.append(paint(report.note, "note"))
-    for item in report.items:
-        if item.status == "unknown":
-            lines.append(f"# {item.id}: unknown: {item.note}")
-            continue
-        if not item.changes:
-            continue
-        old = render_xml(item.before, tokens)
-        new = render_xml(item.after, tokens)
-        label = "snapshot of the last push" if report.fallback else "backup has"
-        for line in difflib.unified_diff(old, new, f"{item.id} ({label})", f"{item.id} (after sync)", lineterm=""):
-            if line.startswith(("+++", "---")):
-                lines.append(paint(line, "header"))
-            elif line.startswith("+"):
-                lines.append(paint(line, "added"))
-            elif line.startswith("-"):
-                lines.append(paint(line, "removed"))
-            elif line.startswith("@@"):
-                lines.append(paint(line, "moved"))
-            else:
-                lines.append(line)
-        lines.extend(f"# {item.id}: {warning}" for warning in item.warnings)
-    return "\n".join(lines)
-
-
-def render_json(report: DiffReport) -> str:
-    document = report.as_json()
-    schemas.validate("diff-result", document)
-    return json.dumps(document, indent=2)
-
-
-def colour_wanted(mode: str, stream: Any) -> bool:
-    """`auto`: colour only on a terminal and only without NO_COLOR (https://no-color.org)."""
-    if mode == "always":
-        return True
-    if mode == "never":
-        return False
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"

@@ -16,7 +16,8 @@ from hasync.cli.commands.common import add_client_options, client_options, item_
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core.errors import HaError
-from hasync.health.diff import colour_wanted, diff_with_backup, render_json, render_summary, render_unified
+from hasync.health.diff import diff_with_backup
+from hasync.health.diff_render import colour_wanted, render_json, render_summary, render_unified
 from hasync.wire.client import ClientOptions
 
 
