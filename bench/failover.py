@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from halab.lab import FW1, FW2, LAN_VIP, Lab, LabError, LabOptions, StreamRun, missing_binaries, probe_vip, start_stream
+from halab.lab import Lab, StreamRun, missing_binaries, probe_vip, start_stream
+from halab.topology import FW1, FW2, LAN_VIP, LabError, LabOptions
 from hasync.config.store import ConfigStore
 from hasync.failover.carp import CarpOps
 

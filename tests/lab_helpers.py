@@ -13,18 +13,8 @@ from typing import Any
 
 import pytest
 
-from halab.lab import (
-    FW1,
-    FW2,
-    LAN_VIP,
-    FirewallSpec,
-    Lab,
-    LabOptions,
-    StreamRun,
-    missing_binaries,
-    namespace_support,
-    probe_vip,
-)
+from halab.lab import Lab, StreamRun, missing_binaries, namespace_support, probe_vip
+from halab.topology import FW1, FW2, LAN_VIP, FirewallSpec, LabOptions
 
 ADVBASE = 1
 SYNCED_SKEW = 100  # what the sync adds to the backup's advskew (OPNsense's rule)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from halab.lab import FW1, FW2, LAN_VIP, NS_LAN, WAN_VIP, FirewallSpec, Lab, LabOptions, start_stream
+from halab.lab import Lab, start_stream
+from halab.topology import FW1, FW2, LAN_VIP, NS_LAN, WAN_VIP, FirewallSpec, LabOptions
 from hasync.failover.linux_render import vrrp_priority
 from lab_helpers import (
     ADVBASE,

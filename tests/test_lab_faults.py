@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from halab.lab import FIREWALLS, FW1, FW2, Lab, have_command, start_stream
+from halab.lab import Lab, have_command, start_stream
+from halab.topology import FIREWALLS, FW1, FW2
 from lab_helpers import (
     ADVBASE,
     DEFAULT,

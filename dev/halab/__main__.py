@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from halab.lab import LAB_DIR, Lab, LabError, LabOptions
+from halab.lab import Lab
+from halab.topology import LAB_DIR, LabError, LabOptions
 from hasync.core.errors import HaError
 
 
