@@ -37,6 +37,7 @@ test-reliability: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src dev tests bench fixtures
 	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider tests/architecture  # layers point down, no cycle, no late or private imports
 
 # The nodes go to ./demo-nodes of the directory make was started from (also with `make -C`), or DIR=path.
 demo: $(STAMP)
