@@ -31,8 +31,7 @@ test-lab: $(STAMP)
 	$(BIN)/pytest -q -m lab tests
 
 test-reliability: $(STAMP)
-	$(BIN)/pytest -q tests/test_crash_load.py tests/test_concurrency.py tests/test_hostile.py \
-		tests/test_secrets.py tests/test_network_faults.py
+	$(BIN)/pytest -q tests/resilience
 
 lint: $(STAMP)
 	$(BIN)/ruff check src dev tests bench fixtures

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEV_ROOT, PACKAGE_ROOT
+from support.paths import DEV_ROOT, PACKAGE_ROOT
 
 LAYERS: dict[str, int] = {
     "hasync.core": 0,
