@@ -28,7 +28,7 @@ stand in for a stock backup.
 
 `hasync.export_sections` hands out config sections, secrets included, to the authenticated sync
 account. That account can already overwrite the same sections (and the users in them), so this
-grants nothing new; the CLI never prints secret values (see `diffing`).
+grants nothing new; the CLI never prints secret values (see `core.secrets`).
 
 The extension also wraps `opnsense.restore_config_section`: before the merge it keeps a copy of a
 config.xml that is not in the config history (`rollback.preserve_current`, into

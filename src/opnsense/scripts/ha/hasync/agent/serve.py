@@ -1,6 +1,6 @@
 """Assemble a running backup agent from a conf dir: TLS material, auth, services, failover.
 
-Kept apart from `agent` (the HTTP mechanics) and `backup` (the methods) so the CLI, the demo,
+Kept apart from `server` (the HTTP mechanics) and the `*_methods` modules so the CLI, the demo,
 the lab and the tests all build the agent the same way.
 """
 

@@ -1,7 +1,7 @@
 """`opnsense-ha` command line: a thin shell over the library.
 
 Global options (`--conf-dir`, `--items-dir`) come before the subcommand, as in
-`opnsense-ha --conf-dir DIR serve ...`. Subcommands live in `hasync.commands.*`; each module's
+`opnsense-ha --conf-dir DIR serve ...`. Subcommands live in `hasync.cli.commands.*`; each module's
 `register(subparsers)` adds its parsers and sets `func` to a callable taking the parsed args and
 returning the exit code. `HaError`s become a one-line message on stderr and exit code 2.
 """

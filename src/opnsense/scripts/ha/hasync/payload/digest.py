@@ -224,7 +224,7 @@ def _is_nosync(value: Any) -> bool:
 
 
 def strip_nosync(value: Any, path: str = "") -> None:
-    """`payload.remove_nosync`, except where the merge drops the backup's nosync records anyway."""
+    """`build.remove_nosync`, except where the merge drops the backup's nosync records anyway."""
     if isinstance(value, dict):
         for key in list(value):
             item = value[key]

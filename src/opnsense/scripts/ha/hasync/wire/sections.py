@@ -78,7 +78,7 @@ RESTORE_METHOD = "opnsense.restore_config_section"
 def locate(root: etree._Element, dotted: str) -> list[etree._Element] | None:
     """The elements whose toArray value sits at `dotted`, or None when the path is missing.
 
-    `payload._copy_section` walks PHP's array form: every level above the last must be a dict
+    `build.copy_section` walks PHP's array form: every level above the last must be a dict
     there, which toArray makes only of a single element with children whose tag is not a list
     tag; the last level is the whole group of children with that tag.
     """
