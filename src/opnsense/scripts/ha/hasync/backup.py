@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import versions, xmlrpc
+from . import lockout, versions, xmlrpc
 from .agent import CallContext, Dispatcher, MethodFault
 from .errors import HaError, ServiceError
 from .failover import model
@@ -86,10 +86,15 @@ class BackupNode:
             )
         with self._merge_lock:
             description = revision_description(sections)
-            with self.store.transaction(description, username=f"{context.username}@{context.remote_addr}") as root:
+            who = f"{context.username}@{context.remote_addr}"
+            with self.store.transaction(description, username=who) as root:
+                accounts_before = lockout.accounts_copy(root)
                 report = merge_payload(
                     root, sections, self.registry, accept_unknown=self.accept_unknown_sections
                 )
+                # raises before anything is written if the request's credentials would stop working
+                lockout.guard_merge(accounts_before, root, context.authorization, allow=context.allow_lockout,
+                                    now=self.store.clock.time(), who=who)
             log.info("%s (from %s@%s)", description, context.username, context.remote_addr)
             for warning in report.warnings:
                 log.warning("%s", warning)

@@ -18,9 +18,10 @@ from typing import Any
 
 from . import fastpath, versions
 from .client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
-from .errors import HaError
+from .errors import AuthError, HaError
 from .failover.base import FailoverBackend
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
+from .lockout import ALLOW_LOCKOUT_HEADER, LOCKOUT_MARK
 from .store import ConfigStore
 
 log = logging.getLogger("hasync.sync")
@@ -55,6 +56,7 @@ class SyncOptions:
     client: ClientOptions = field(default_factory=ClientOptions)
     full: bool = False  # send every item without comparing digests first
     fast_path: bool = True  # compressed XML sections when the backup offers them (hasync.capabilities)
+    allow_lockout: bool = False  # merge even if the sync account loses its access (lockout.py)
 
 
 @dataclass
@@ -153,7 +155,7 @@ class SyncRun:
         try:
             self._run()
         except HaError as exc:
-            result.status = "error"
+            result.status = "lockout" if LOCKOUT_MARK in str(exc) else "error"
             result.message = str(exc)
             # OPNsense's own wording, so existing log filters and alerts keep matching
             log.error("An error occurred while attempting XMLRPC sync with username %s and %s: %s",
@@ -189,6 +191,8 @@ class SyncRun:
         peer = peer_from_settings(self.store.conf_dir, root, settings, self.options.client)
         result.target = peer.url
         self.username = peer.username
+        if self.options.allow_lockout:
+            peer.extra_headers[ALLOW_LOCKOUT_HEADER] = "1"
         try:
             self._talk(peer, plan)
         finally:
@@ -243,7 +247,16 @@ class SyncRun:
                                    item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
                                    prepared=plan.prepared)
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
-        self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
+        try:
+            self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
+        except AuthError:
+            if not self.options.allow_lockout:
+                raise
+            note = ("the backup no longer accepts the sync credentials (merged with --allow-lockout): its filter "
+                    "was not reloaded and no later call can reach it until its account is repaired there")
+            result.warnings.append(note)
+            log.warning("%s", note)
+            return
         if self.options.restart_services:
             restart_all(peer, self, result)
 

@@ -14,6 +14,9 @@ from ..store import ConfigStore
 from ..syncer import Step, SyncOptions, SyncRun, trust_store
 from .common import add_client_options, client_options, failover_backend, item_list
 
+#: sync's exit status by result status; anything else is 1 (error).
+EXIT_CODES = {"ok": 0, "error": 1, "lockout": 3}
+
 
 def register(subparsers: Any) -> None:
     sync = subparsers.add_parser("sync", help="push the selected config sections to the backup")
@@ -27,6 +30,9 @@ def register(subparsers: Any) -> None:
                       help="send every selected item (default: only items whose digests differ from the backup's)")
     sync.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                       help="always use OPNsense's XML-RPC call, even when the backup offers the fast path")
+    sync.add_argument("--allow-lockout", action="store_true",
+                      help="merge even if the sync account would lose its access to the backup (default: the "
+                           "backup refuses such a merge and this exits 3)")
     sync.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_client_options(sync)
     sync.set_defaults(func=run_sync)
@@ -54,6 +60,7 @@ def run_sync(args: argparse.Namespace) -> int:
         client=client_options(args, ClientOptions()),
         full=args.full,
         fast_path=args.fast_path,
+        allow_lockout=args.allow_lockout,
     )
     run = SyncRun(ConfigStore(args.conf_dir), registry, options,
                   failover=failover_backend(args.conf_dir) if args.pre_check_master else None,
@@ -67,7 +74,7 @@ def run_sync(args: argparse.Namespace) -> int:
         print(f"opnsense-ha: sync failed: {result.message}", file=sys.stderr)
     elif result.skipped:
         print(f"opnsense-ha: {result.skipped}", file=sys.stderr)
-    return 0 if result.status == "ok" else 1
+    return EXIT_CODES.get(result.status, 1)
 
 
 def run_trust(args: argparse.Namespace) -> int:
