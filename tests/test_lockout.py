@@ -197,3 +197,50 @@ def test_an_api_key_that_disappears_is_named_by_its_prefix_only(pair: Pair) -> N
     assert problem == (f"refused: after this merge API key '{key[:8]}...' of user 'hasync' would no longer exist; "
                        f"{lockout.LOCKOUT_MARK}")
     assert secret not in problem and secret_hash not in problem and key not in problem
+
+
+# --- diff flags it before any sync ---------------------------------------------------------------------
+
+
+def test_diff_flags_a_locking_change_before_any_sync(pair: Pair, agent: str) -> None:
+    edit_primary(pair, leave_group)
+    before = sha(pair.backup)
+    done = cli(pair.primary, "diff", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, done.stderr
+    assert report["lockout"] == REFUSALS["group"][1]
+    assert [item["id"] for item in report["items"] if item["lockout"]] == ["users"]
+    text = cli(pair.primary, "diff", "--color", "never")
+    assert f"LOCK-OUT: the backup would refuse this sync: {REFUSALS['group'][1]}" in text.stdout
+    assert sha(pair.backup) == before
+    # ... and the sync it warned about is indeed refused
+    code, result = sync_json(pair)
+    assert code == 3 and result["message"].endswith(REFUSALS["group"][1])
+
+
+def test_diff_does_not_flag_an_account_change_that_keeps_access(pair: Pair, agent: str) -> None:
+    """The control: a users change that leaves the sync account alone differs but is no lock-out."""
+    def rename_admins(root: etree._Element) -> None:
+        for description in root.iterfind("system/group/description"):
+            description.text = "changed"
+
+    edit_primary(pair, rename_admins)
+    done = cli(pair.primary, "diff", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and report["differences"] >= 1
+    assert report["lockout"] == "" and all(item["lockout"] == "" for item in report["items"])
+
+
+def test_diff_flags_it_from_the_snapshot_of_a_stock_backup(pair: Pair) -> None:
+    proc, url = start_agent(pair.backup, "--tls-cert", str(pair.cert_file), "--tls-key", str(pair.key_file),
+                            "--services-dir", str(pair.services_dir), "--state-dir", str(pair.state_dir),
+                            "--no-extensions")
+    try:
+        pair.point_primary_at(url.removesuffix("xmlrpc.php"))
+        assert cli(pair.primary, "sync").returncode == 0
+        edit_primary(pair, new_password)
+        report = json.loads(cli(pair.primary, "diff", "--json").stdout)
+        assert report["source"] == "snapshot"
+        assert report["lockout"] == REFUSALS["password"][1]
+    finally:
+        assert stop(proc) == 0

@@ -125,6 +125,16 @@ def explain(before: etree._Element, after: etree._Element, username: str, passwo
     return f"refused: after this merge {loss}; {LOCKOUT_MARK}"
 
 
+def lost_access(before: etree._Element, after: etree._Element, username: str, password: str, *,
+                now: float) -> str | None:
+    """`explain`, but only for credentials that do log in on `before`: the primary's `diff`
+    simulates one item at a time on a partial tree, so only a change *made by the merge* counts
+    (credentials that fail before it already fail today and are `check`'s business)."""
+    if not username or not password or not auth.verify_credentials(before, username, password, now=now).ok:
+        return None
+    return explain(before, after, username, password, now=now)
+
+
 def accounts_copy(root: etree._Element) -> etree._Element:
     """A small tree with copies of the users and groups: the 'before' of `explain` for a merge
     that changes `root` in place (a copy of the whole config would cost far more)."""
