@@ -33,6 +33,7 @@ log = logging.getLogger("hasync.agent")
 
 XMLRPC_PATH = "/xmlrpc.php"
 ALLOW_LOCKOUT_HEADER = "X-Opnsense-Ha-Allow-Lockout"  # see lockout.py
+CONFIRM_HEADER = "X-Opnsense-Ha-Confirm"  # see confirm.py
 DEFAULT_MAX_BODY = 128 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_BODY_DEADLINE = 120.0
@@ -69,6 +70,7 @@ class CallContext:
     # checks that these credentials still log in afterwards. Never printed (repr=False).
     authorization: str | None = field(default=None, repr=False, compare=False)
     allow_lockout: bool = False  # header lockout.ALLOW_LOCKOUT_HEADER: `sync --allow-lockout`
+    confirm: str = ""  # header confirm.CONFIRM_HEADER ("<seconds> <id>"): `sync --confirm`
 
 
 Handler = Callable[[Any, CallContext], Any]
@@ -379,7 +381,8 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             if body is None:
                 return
             context = CallContext(verdict.username, remote, self.headers.get("Authorization"),
-                                  self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1")
+                                  self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1",
+                                  self.headers.get(CONFIRM_HEADER, "").strip())
             self._send(200, self._dispatch(body, context))
         finally:
             budget.release(size)

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import confirm as confirmmod
 from . import fastpath, versions
 from .client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
-from .errors import AuthError, HaError
+from .errors import AuthError, HaError, RemoteFault
 from .failover.base import FailoverBackend
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
 from .lockout import ALLOW_LOCKOUT_HEADER, LOCKOUT_MARK
@@ -57,6 +58,7 @@ class SyncOptions:
     full: bool = False  # send every item without comparing digests first
     fast_path: bool = True  # compressed XML sections when the backup offers them (hasync.capabilities)
     allow_lockout: bool = False  # merge even if the sync account loses its access (lockout.py)
+    confirm: int | None = None  # commit-confirmed window in seconds (confirm.py); None: the setting, 0: off
 
 
 @dataclass
@@ -77,6 +79,7 @@ class SyncResult:
     bytes_received: int = 0
     transfer: str = ""  # "fast path", "XML-RPC", or "none" when the digests matched
     items_unchanged: list[str] = field(default_factory=list)
+    confirm: dict[str, Any] = field(default_factory=dict)  # commit-confirmed: id, state, deadline
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +99,7 @@ class SyncResult:
             "bytes_received": self.bytes_received,
             "transfer": self.transfer,
             "items_unchanged": self.items_unchanged,
+            "confirm": self.confirm,
         }
 
 
@@ -134,6 +138,7 @@ class SyncRun:
         self.progress = progress
         self.result = SyncResult(dry_run=options.dry_run)
         self.username = ""
+        self.confirmer: confirmmod.PrimaryConfirm | None = None  # set once a merge is sent armed
 
     def step(self, name: str, action: Callable[[], str]) -> None:
         started = time.monotonic()
@@ -157,6 +162,10 @@ class SyncRun:
         except HaError as exc:
             result.status = "lockout" if LOCKOUT_MARK in str(exc) else "error"
             result.message = str(exc)
+            if self.confirmer is not None and not isinstance(exc, RemoteFault):  # it may have merged
+                result.status = "unconfirmed"
+                result.message = self.confirmer.pending_message(f"if it merged; {exc}")
+                result.confirm["state"] = "unconfirmed"
             # OPNsense's own wording, so existing log filters and alerts keep matching
             log.error("An error occurred while attempting XMLRPC sync with username %s and %s: %s",
                       shown_user(self.username) if self.username else "(unknown)", result.target or "(no target)", exc)
@@ -238,7 +247,24 @@ class SyncRun:
             self.step("dry run", lambda: plan.dry_run(peer))
             return
 
-        self.step("restore_config_section", lambda: plan.send(peer))
+        seconds = self.options.confirm
+        if seconds is None:  # the setting for syncs without --confirm (cron); read now that we parse anyway
+            seconds = confirmmod.setting(plan.view.root)
+        confirmer = confirmmod.PrimaryConfirm(seconds) if seconds else None
+        if confirmer is not None:
+            self.step("confirm: backup can roll back", lambda: confirmer.prepare(peer))
+            confirmer.arm(peer)
+            self.confirmer = confirmer
+            result.confirm = {"id": confirmer.ident, "seconds": seconds, "state": "armed",
+                              "deadline": confirmmod.iso(confirmer.deadline)}
+        try:
+            self.step("restore_config_section", lambda: plan.send(peer))
+        except RemoteFault:
+            self.confirmer = None  # the backup refused the merge: nothing merged, nothing armed
+            raise
+        finally:
+            if confirmer is not None:
+                confirmer.disarm_header(peer)
         result.transfer = plan.transfer
         result.sections = plan.top_keys()
         from . import snapshot  # late import: snapshot builds on this module
@@ -259,6 +285,49 @@ class SyncRun:
             return
         if self.options.restart_services:
             restart_all(peer, self, result)
+        if confirmer is not None:
+            self._confirm(confirmer)
+
+    def _confirm(self, confirmer: confirmmod.PrimaryConfirm) -> None:
+        """Check the backup through a new connection built from the config as it is now; confirm if it holds."""
+        result = self.result
+
+        def fresh_peer() -> PeerClient:
+            root = self.store.load()
+            return peer_from_settings(self.store.conf_dir, root, read_hasync(root), self.options.client)
+
+        checked: list[tuple[PeerClient | None, str]] = []
+
+        def check() -> str:
+            checked.append(confirmer.verify(fresh_peer))
+            return checked[0][1] or "login, firmware_version, list_services ok; services that ran still run"
+
+        self.step("confirm: check backup", check)
+        peer, why = checked[0]
+        if why or peer is None:
+            result.status, result.confirm["state"] = "unconfirmed", "unconfirmed"
+            result.message = confirmer.pending_message(why)
+            log.error("%s", result.message)
+            return
+        replies: list[dict[str, Any]] = []
+
+        def send_confirm() -> str:
+            replies.append(confirmer.confirm(peer))
+            return str(replies[0].get("state", "unknown"))
+
+        self.step("hasync.confirm", send_confirm)
+        state = str(replies[0].get("state", "unknown"))
+        result.confirm["state"] = state
+        if state == confirmmod.CONFIRMED:
+            return
+        if state == confirmmod.ROLLED_BACK:
+            result.status = "rolled-back"
+            result.message = (f"rolled back: the confirm reached the backup after its deadline "
+                              f"({replies[0].get('deadline_iso', '?')}); it restored its pre-sync config")
+        else:
+            result.status = "unconfirmed"
+            result.message = confirmer.pending_message(f"the backup answered hasync.confirm with {state!r}")
+        log.error("%s", result.message)
 
 
 def restart_all(peer: PeerClient, run: SyncRun, result: SyncResult,

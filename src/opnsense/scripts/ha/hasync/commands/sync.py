@@ -15,7 +15,7 @@ from ..syncer import Step, SyncOptions, SyncRun, trust_store
 from .common import add_client_options, client_options, failover_backend, item_list
 
 #: sync's exit status by result status; anything else is 1 (error).
-EXIT_CODES = {"ok": 0, "error": 1, "lockout": 3}
+EXIT_CODES = {"ok": 0, "error": 1, "lockout": 3, "rolled-back": 4, "unconfirmed": 5}
 
 
 def register(subparsers: Any) -> None:
@@ -33,6 +33,10 @@ def register(subparsers: Any) -> None:
     sync.add_argument("--allow-lockout", action="store_true",
                       help="merge even if the sync account would lose its access to the backup (default: the "
                            "backup refuses such a merge and this exits 3)")
+    sync.add_argument("--confirm", type=int, default=None, metavar="SECONDS",
+                      help="commit-confirmed: the backup rolls the sync back after SECONDS unless this run "
+                           "confirms it after checking the backup (default: the syncconfirm setting; 0: off). "
+                           "Exit 4 rolled back, 5 not confirmed")
     sync.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_client_options(sync)
     sync.set_defaults(func=run_sync)
@@ -61,6 +65,7 @@ def run_sync(args: argparse.Namespace) -> int:
         full=args.full,
         fast_path=args.fast_path,
         allow_lockout=args.allow_lockout,
+        confirm=args.confirm,
     )
     run = SyncRun(ConfigStore(args.conf_dir), registry, options,
                   failover=failover_backend(args.conf_dir) if args.pre_check_master else None,
@@ -70,8 +75,13 @@ def run_sync(args: argparse.Namespace) -> int:
         document = result.as_json()
         schemas.validate("sync-result", document)
         print(json.dumps(document, indent=2))
+    elif result.status in ("rolled-back", "unconfirmed"):
+        print(f"opnsense-ha: sync {result.message}", file=sys.stderr)
     elif result.status != "ok":
         print(f"opnsense-ha: sync failed: {result.message}", file=sys.stderr)
+    elif result.confirm.get("state") == "confirmed":
+        print(f"opnsense-ha: sync confirmed (the backup would have rolled back at {result.confirm['deadline']})",
+              file=sys.stderr)
     elif result.skipped:
         print(f"opnsense-ha: {result.skipped}", file=sys.stderr)
     return EXIT_CODES.get(result.status, 1)

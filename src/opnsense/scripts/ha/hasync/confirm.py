@@ -1,0 +1,348 @@
+"""Commit-confirmed sync: the backup undoes a sync by itself unless the primary confirms it in time.
+
+Junos `commit confirmed`, VyOS `commit-confirm` and MikroTik safe mode apply a change and roll it
+back unless it is confirmed; here the change and the confirmation cross nodes.
+
+Backup side (`ArmedRollback`, one per agent, only with the `hasync.*` extensions):
+
+* A merge whose request carries `CONFIRM_HEADER: "<seconds> <id>"` is *armed*: just before the
+  merged config is written (under config.xml's lock, so nothing else can write in between), the
+  exact pre-sync bytes go to `<state>/confirm-before.xml` and the deadline to
+  `<state>/confirm-state.json`, both written atomically. Arming before the write means a crash
+  at any point leaves either nothing armed and nothing merged, or an armed rollback whose
+  "before" is exactly what the merge started from.
+* `hasync.confirm {id}` before the deadline settles it as *confirmed*. At the deadline (a timer;
+  and at agent start, for a deadline that passed while the agent was down) it is *rolled back*:
+  the pre-sync bytes are restored byte for byte through the store (history first, then the
+  in-place rewrite, as `rollback` does), then the filter, CARP VIPs and the services of the
+  changed sections are reconfigured (`rollback.reconfigure`) and a WARNING goes to syslog.
+* Exactly one outcome: the confirm, the timer and the start-up check all go through `_settle`,
+  under the node's merge lock and then this object's lock, and the outcome is decided by one
+  atomic rewrite of the state file. A confirm that arrives at or after the deadline carries out
+  the rollback itself and says so.
+* While a rollback is armed, another merge is refused (it would be lost by the rollback, or
+  confirm someone else's change).
+
+Primary side (`PrimaryConfirm`, driven by `syncer.SyncRun`): refuse on a backup without
+`hasync.confirm` before sending anything (a stock OPNsense backup cannot roll back by itself),
+note the running services, send the merge with the header, then check the backup through a new
+connection built from the config as it is now (login, `firmware_version`, `list_services`, every
+service that ran before still running) and confirm only if all of that holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from . import agent, xmlrpc
+from . import rollback as rollbackmod
+from .agent import CallContext, MethodFault
+from .errors import ConfigError, HaError, MergeError
+from .osiface import Clock, SystemClock
+from .store import parse_config_bytes
+
+if TYPE_CHECKING:
+    from .backup import BackupNode
+    from .client import PeerClient
+
+log = logging.getLogger("hasync.confirm")
+
+#: Request header of a merge that is to be confirmed: "<seconds> <id>".
+CONFIRM_HEADER = agent.CONFIRM_HEADER
+STATE_FILE = "confirm-state.json"
+BEFORE_FILE = "confirm-before.xml"
+MIN_SECONDS = 1
+MAX_SECONDS = 24 * 3600
+PAST_KEEP = 50
+FEATURE = "confirm"
+METHODS = ("hasync.confirm", "hasync.confirm_state")
+#: Config.xml path (on the primary) of the confirm window for syncs without --confirm, e.g. cron's.
+SETTING_PATH = "OPNsense/opnsenseha/syncconfirm"
+
+_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+ARMED, CONFIRMED, ROLLED_BACK = "armed", "confirmed", "rolled-back"
+
+
+def iso(stamp: float) -> str:
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_header(value: str) -> tuple[int, str]:
+    """`"<seconds> <id>"` -> (seconds, id); a clear MergeError for anything else."""
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not _ID.fullmatch(parts[1]):
+        raise MergeError(f"{CONFIRM_HEADER} must be '<seconds> <id>', got {value[:80]!r}")
+    seconds = int(parts[0])
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        raise MergeError(f"confirm window {seconds}s out of range ({MIN_SECONDS}..{MAX_SECONDS})")
+    return seconds, parts[1]
+
+
+def setting(root: etree._Element) -> int:
+    """The confirm window configured for syncs that do not pass --confirm (0: none)."""
+    text = (root.findtext(SETTING_PATH) or "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) > MAX_SECONDS:
+        raise HaError(f"{SETTING_PATH} = {text!r}: expected whole seconds 0..{MAX_SECONDS}")
+    return int(text)
+
+
+# --- persisted state ---------------------------------------------------------------------------------
+
+
+def read_state(state_dir: Path) -> dict[str, Any]:
+    """{"armed": entry or None, "past": [entries, oldest first]}; empty when absent or unreadable."""
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {"armed": None, "past": []}
+    armed = data.get("armed") if isinstance(data, dict) else None
+    past = data.get("past") if isinstance(data, dict) else None
+    return {"armed": armed if isinstance(armed, dict) else None,
+            "past": [p for p in past if isinstance(p, dict)] if isinstance(past, list) else []}
+
+
+def _write(path: Path, data: bytes) -> None:
+    from .snapshot import _write_atomic  # late: snapshot -> syncer -> this module
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_atomic(path, data)
+
+
+def _write_state(state_dir: Path, state: dict[str, Any]) -> None:
+    state["past"] = state["past"][-PAST_KEEP:]
+    _write(state_dir / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
+
+
+def public_state(state_dir: Path, now: float | None = None) -> dict[str, Any]:
+    """For `hasync.confirm_state`, `history`, `status` and `check`: the armed rollback and past outcomes."""
+    state = read_state(state_dir)
+    armed = state["armed"]
+    now = time.time() if now is None else now
+    if armed is not None:
+        armed = {**armed, "state": ARMED, "remaining": max(0.0, round(float(armed["deadline"]) - now, 1))}
+    return {"armed": armed or {}, "past": list(reversed(state["past"]))}
+
+
+def last_rolled_back(state_dir: Path) -> dict[str, Any] | None:
+    """The newest outcome if it is a rollback: `check` warns until the next good (confirmed) sync."""
+    past = read_state(state_dir)["past"]
+    return past[-1] if past and past[-1].get("state") == ROLLED_BACK else None
+
+
+# --- backup side ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmedRollback:
+    """The backup's armed rollback: armed by a merge, settled by a confirm or the deadline."""
+
+    node: BackupNode
+    state_dir: Path
+    clock: Clock = field(default_factory=SystemClock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _timer: threading.Timer | None = None
+
+    # called by BackupNode.restore_config_section inside its transaction, after the merge and the
+    # lock-out guard, just before the write; `before` is config.xml's bytes under the store lock
+    def before_write(self, context: CallContext, before: bytes) -> None:
+        with self.lock:
+            state = read_state(self.state_dir)
+            armed = state["armed"]
+            if armed is not None:
+                raise MergeError(
+                    f"refused: a sync from {armed.get('who', '?')} is awaiting confirmation until "
+                    f"{iso(float(armed['deadline']))} (commit-confirmed); it must be confirmed or rolled back first")
+            if not context.confirm:
+                return
+            seconds, ident = parse_header(context.confirm)
+            now = self.clock.time()
+            _write(self.state_dir / BEFORE_FILE, before)
+            state["armed"] = {"id": ident, "state": ARMED, "armed_at": round(now, 3),
+                              "deadline": round(now + seconds, 3), "deadline_iso": iso(now + seconds),
+                              "seconds": seconds, "who": f"{context.username}@{context.remote_addr}",
+                              "before_sha256": hashlib.sha256(before).hexdigest()}
+            _write_state(self.state_dir, state)
+        log.warning("sync from %s@%s is armed: it rolls back at %s unless the primary confirms it",
+                    context.username, context.remote_addr, iso(now + seconds))
+        self._schedule(now + seconds)
+
+    def resume(self) -> None:
+        """At agent start: carry out an armed rollback whose deadline passed, or wait for it."""
+        armed = read_state(self.state_dir)["armed"]
+        if armed is None:
+            return
+        deadline = float(armed["deadline"])
+        if self.clock.time() >= deadline:
+            log.warning("agent start: the sync from %s was not confirmed by %s; rolling it back now",
+                        armed.get("who", "?"), iso(deadline))
+            self.settle()
+        else:
+            log.warning("agent start: a sync from %s awaits confirmation until %s", armed.get("who", "?"),
+                        iso(deadline))
+            self._schedule(deadline)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _schedule(self, deadline: float) -> None:
+        self.stop()
+        timer = threading.Timer(max(0.0, deadline - self.clock.time()), self._on_deadline)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def _on_deadline(self) -> None:
+        try:
+            self.settle()
+        except Exception:  # a timer thread has no caller to tell: log, the next start retries
+            log.exception("the armed rollback failed; it is retried when the agent starts")
+
+    def settle(self, confirm_id: str | None = None) -> dict[str, Any]:
+        """Decide the armed sync: confirmed (a confirm before the deadline), rolled back (the
+        deadline passed, whoever calls), or still armed (a timer that fired early). Every path into
+        an outcome comes through here, under both locks, so there is exactly one."""
+        with self.node._merge_lock, self.lock:
+            state = read_state(self.state_dir)
+            armed = state["armed"]
+            if armed is None or (confirm_id is not None and armed.get("id") != confirm_id):
+                known = [p for p in state["past"] if confirm_id is not None and p.get("id") == confirm_id]
+                return known[-1] if known else {"state": "unknown", "id": confirm_id or ""}
+            now = self.clock.time()
+            deadline = float(armed["deadline"])
+            if now < deadline and confirm_id is None:
+                self._schedule(deadline)
+                return {**armed}
+            if now < deadline:
+                outcome = {**armed, "state": CONFIRMED, "settled_at": round(now, 3)}
+                state["armed"], state["past"] = None, [*state["past"], outcome]
+                _write_state(self.state_dir, state)  # the decision
+                self.stop()
+                log.info("sync from %s confirmed (%.1fs before its deadline)", armed.get("who", "?"), deadline - now)
+                return outcome
+            return self._roll_back(state, armed, now)
+
+    def _roll_back(self, state: dict[str, Any], armed: dict[str, Any], now: float) -> dict[str, Any]:
+        store = self.node.store
+        before = (self.state_dir / BEFORE_FILE).read_bytes()
+        if hashlib.sha256(before).hexdigest() != armed.get("before_sha256"):
+            raise HaError(f"{self.state_dir / BEFORE_FILE} does not hold the pre-sync config (hash mismatch); "
+                          "not rolling back, see `opnsense-ha history`")
+        with store.locked_bytes() as locked:
+            current = locked.data
+            if current != before:
+                locked.replace(before)  # history first, then config.xml in place (crash-safe)
+        outcome = {**armed, "state": ROLLED_BACK, "settled_at": round(now, 3)}
+        state["armed"], state["past"] = None, [*state["past"], outcome]
+        _write_state(self.state_dir, state)  # the decision
+        self.stop()
+        result = rollbackmod.RollbackResult("ok", "commit-confirmed rollback")
+        if current != before:
+            rollbackmod.reconfigure(result, _parse_or_empty(current), parse_config_bytes(before, "pre-sync config"),
+                                    self.node.registry, self.node.services, self.node.failover)
+        log.warning("sync from %s was not confirmed by %s: restored the pre-sync config byte for byte "
+                    "(sections %s; filter reloaded: %s; services restarted: %s)%s", armed.get("who", "?"),
+                    iso(float(armed["deadline"])), ", ".join(result.changed_sections) or "none",
+                    "yes" if result.filter_reloaded else "no", ", ".join(result.services_restarted) or "none",
+                    "".join(f"; {w}" for w in result.warnings))
+        return outcome
+
+    # --- hasync.* methods ---
+
+    def register(self, dispatcher: agent.Dispatcher) -> None:
+        dispatcher.register("hasync.confirm", self.confirm)
+        dispatcher.register("hasync.confirm_state", lambda _a, _c: public_state(self.state_dir, self.clock.time()))
+
+    def confirm(self, argument: Any, context: CallContext) -> dict[str, Any]:
+        ident = argument.get("id") if isinstance(argument, dict) else argument
+        if not isinstance(ident, str) or not _ID.fullmatch(ident):
+            raise MethodFault(xmlrpc.INVALID_PARAMS, "hasync.confirm expects {id: the id of the armed sync}")
+        outcome = self.settle(ident)
+        log.info("hasync.confirm %s from %s@%s: %s", ident, context.username, context.remote_addr, outcome["state"])
+        return outcome
+
+
+def _parse_or_empty(data: bytes) -> etree._Element:
+    try:
+        return parse_config_bytes(data, "config.xml")
+    except ConfigError:
+        return etree.Element("opnsense")
+
+
+# --- primary side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PrimaryConfirm:
+    """One commit-confirmed sync as the primary drives it."""
+
+    seconds: int
+    ident: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    running: list[str] = field(default_factory=list)
+    deadline: float = 0.0  # our estimate, for "the backup will roll back at"; the backup's own governs
+
+    def prepare(self, peer: PeerClient) -> str:
+        """Before the merge: the backup must be able to roll back; note the services running now."""
+        try:
+            methods = peer.call("system.listMethods")
+        except HaError as exc:
+            raise HaError(f"--confirm: cannot ask {peer.peer_key} which methods it offers: {exc}") from None
+        if not isinstance(methods, list) or "hasync.confirm" not in methods:
+            raise HaError(f"--confirm refused: {peer.url} is not an opnsense-ha agent with commit-confirmed "
+                          "sync (no hasync.confirm); a stock OPNsense backup cannot roll back by itself. Sync "
+                          "without --confirm, or install opnsense-ha on the backup")
+        self.running = running_services(peer.call("opnsense.list_services", [[]]))
+        return f"{len(self.running)} services running; window {self.seconds}s"
+
+    def arm(self, peer: PeerClient) -> None:
+        self.deadline = time.time() + self.seconds
+        peer.extra_headers[CONFIRM_HEADER] = f"{self.seconds} {self.ident}"
+
+    def disarm_header(self, peer: PeerClient) -> None:
+        peer.extra_headers.pop(CONFIRM_HEADER, None)
+
+    def verify(self, fresh_peer: Callable[[], PeerClient]) -> tuple[PeerClient | None, str]:
+        """(the new connection, '') if the backup passes every check, else (it or None, why not)."""
+        try:
+            peer = fresh_peer()
+            peer.call("opnsense.firmware_version")  # the login with the new config's credentials
+            now_running = set(running_services(peer.call("opnsense.list_services", [[]])))
+        except HaError as exc:
+            return None, f"the backup failed the check after the merge: {exc}"
+        stopped = [name for name in self.running if name not in now_running]
+        if stopped:
+            return peer, f"services that ran before the sync are not running now: {', '.join(stopped)}"
+        return peer, ""
+
+    def confirm(self, peer: PeerClient) -> dict[str, Any]:
+        reply = peer.call("hasync.confirm", [{"id": self.ident}])
+        return reply if isinstance(reply, dict) else {"state": "unknown"}
+
+    def pending_message(self, why: str) -> str:
+        return f"not confirmed: the backup will roll back at {iso(self.deadline)} ({why})"
+
+
+def running_services(listing: Any) -> list[str]:
+    """'name[id]' of every running service in an `opnsense.list_services` reply."""
+    out: list[str] = []
+    for service in listing if isinstance(listing, list) else []:
+        if isinstance(service, dict) and service.get("status") in (True, 1, "1", "true"):
+            name, ident = str(service.get("name", "")), str(service.get("id", "") or "")
+            out.append(f"{name}[{ident}]" if ident else name)
+    return out
