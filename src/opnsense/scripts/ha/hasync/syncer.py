@@ -282,6 +282,8 @@ class SyncRun:
                     "was not reloaded and no later call can reach it until its account is repaired there")
             result.warnings.append(note)
             log.warning("%s", note)
+            if confirmer is not None:  # the check will fail to log in: the backup rolls back by itself
+                self._confirm(confirmer)
             return
         if self.options.restart_services:
             restart_all(peer, self, result)

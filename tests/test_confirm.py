@@ -1,0 +1,391 @@
+"""Commit-confirmed sync (`sync --confirm SECONDS`): the backup rolls a sync back by itself unless
+the primary confirms it in time, also across an agent SIGKILL; exactly one outcome when the
+confirm and the deadline race.
+
+Real processes: the agent is `opnsense-ha serve` over TLS, the primary `opnsense-ha sync`. A
+fault proxy between them lets the merge through and then holds (the primary is then SIGKILLed)
+or resets its reply (the link is cut). Windows are a few seconds; waits only bound from above.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+
+from faultproxy import FaultProxy
+from hasync import confirm as confirmmod
+from hasync.agent import CallContext
+from hasync.client import ClientOptions, PeerClient
+from hasync.syncer import state_dir
+from nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair
+from test_cli_agent import cli, env, start_agent, stop
+from test_lockout import REFUSALS, edit_primary
+
+WINDOW = 3
+BOUND = 60.0  # generous upper bound for anything that should happen "within the window plus a few seconds"
+BIG = 30_000  # request bytes (TLS included) that only the bulked-up merge reaches
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Pair:
+    return make_pair(tmp_path)
+
+
+class Agent:
+    """`opnsense-ha serve` as a real process that a test may SIGKILL and start again."""
+
+    def __init__(self, pair: Pair, *extra: str) -> None:
+        self.pair, self.extra = pair, extra
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.logs = ""
+
+    def start(self, port: int | None = None) -> str:
+        args = ["--tls-cert", str(self.pair.cert_file), "--tls-key", str(self.pair.key_file),
+                "--services-dir", str(self.pair.services_dir), "--state-dir", str(self.pair.state_dir), *self.extra]
+        self.proc, self.url = start_agent(self.pair.backup, *args) if port is None else \
+            _start_on(self.pair.backup, port, *args)
+        return self.url
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=20)
+        self._collect()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            assert stop(self.proc) == 0
+            self._collect()
+
+    def _collect(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        self.logs += self.proc.stderr.read()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        self.proc = None
+
+
+def _start_on(conf_dir: Path, port: int, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hasync", "--conf-dir", str(conf_dir), "serve", "--listen", f"127.0.0.1:{port}",
+         "--allow-loopback", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise AssertionError(f"agent did not start: {line!r}")
+    return proc, line.strip().split("listening on ", 1)[1]
+
+
+@pytest.fixture
+def agent(pair: Pair) -> Iterator[Agent]:
+    node = Agent(pair)
+    node.start()
+    pair.point_primary_at(node.url.removesuffix("xmlrpc.php"))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def config(conf_dir: Path) -> bytes:
+    return (conf_dir / "config.xml").read_bytes()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_for(condition: Callable[[], bool], what: str, bound: float = BOUND) -> float:
+    """Poll until `condition` holds; the seconds it took. Fails only after the generous `bound`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > bound:
+            raise AssertionError(f"not within {bound}s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def confirm_state(pair: Pair) -> dict[str, Any]:
+    return confirmmod.read_state(state_dir(pair.backup))
+
+
+def bulk_up(pair: Pair) -> None:
+    """Make the merge the one big request (random aliases do not compress), for the fault proxy."""
+    def add(root: etree._Element) -> None:
+        aliases = root.find("OPNsense/Firewall/Alias/aliases")
+        assert aliases is not None
+        for index in range(300):
+            alias = etree.SubElement(aliases, "alias", uuid=f"00000000-0000-4000-8000-{index:012d}")
+            etree.SubElement(alias, "enabled").text = "1"
+            etree.SubElement(alias, "name").text = f"bulk{index}"
+            etree.SubElement(alias, "type").text = "host"
+            etree.SubElement(alias, "content").text = "10.9.0.1"
+            etree.SubElement(alias, "description").text = secrets.token_hex(40)
+
+    edit_primary(pair, add)
+
+
+def add_rule(root: etree._Element) -> None:
+    rules = root.find("filter")
+    assert rules is not None
+    etree.SubElement(etree.SubElement(rules, "rule"), "descr").text = secrets.token_hex(8)
+
+
+def primary_sync(pair: Pair, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "hasync", "--conf-dir", str(pair.primary), "sync", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+# --- confirmed, and the stock backup ------------------------------------------------------------------
+
+
+def test_a_confirmed_sync_stays(pair: Pair, agent: Agent) -> None:
+    pre = config(pair.backup)
+    done = cli(pair.primary, "sync", "--confirm", str(WINDOW), "--json")
+    result = json.loads(done.stdout)
+    assert done.returncode == 0, done.stderr
+    assert result["status"] == "ok" and result["confirm"]["state"] == "confirmed"
+    steps = [step["step"] for step in result["steps"]]
+    assert steps.index("restore_config_section") < steps.index("confirm: check backup") < steps.index("hasync.confirm")
+    post = config(pair.backup)
+    assert post != pre
+    time.sleep(WINDOW + 2)  # past the deadline: nothing happens to a confirmed sync
+    assert config(pair.backup) == post
+    state = confirm_state(pair)
+    assert state["armed"] is None
+    assert [(p["id"], p["state"]) for p in state["past"]] == [(result["confirm"]["id"], "confirmed")]
+
+
+def test_confirm_refuses_clearly_on_a_stock_backup(pair: Pair) -> None:
+    node = Agent(pair, "--no-extensions")
+    node.start()
+    try:
+        pair.point_primary_at(node.url.removesuffix("xmlrpc.php"))
+        pre = config(pair.backup)
+        done = cli(pair.primary, "sync", "--confirm", str(WINDOW), "--json")
+        result = json.loads(done.stdout)
+        assert done.returncode == 1
+        assert "--confirm refused" in result["message"] and "stock OPNsense backup cannot roll back" in \
+            result["message"]
+        assert config(pair.backup) == pre  # refused before anything was sent
+        assert cli(pair.primary, "sync").returncode == 0  # without --confirm it syncs as OPNsense does
+    finally:
+        node.stop()
+
+
+def test_the_setting_arms_cron_syncs_and_confirm_0_turns_it_off(pair: Pair, agent: Agent) -> None:
+    def set_window(root: etree._Element) -> None:
+        node = root
+        for tag in confirmmod.SETTING_PATH.split("/"):
+            found = node.find(tag)
+            node = found if found is not None else etree.SubElement(node, tag)
+        node.text = str(WINDOW)
+
+    edit_primary(pair, set_window)
+    result = json.loads(cli(pair.primary, "sync", "--json").stdout)
+    assert result["confirm"]["state"] == "confirmed" and result["confirm"]["seconds"] == WINDOW
+    edit_primary(pair, add_rule)
+    result = json.loads(cli(pair.primary, "sync", "--confirm", "0", "--json").stdout)
+    assert result["status"] == "ok" and result["confirm"] == {}
+
+
+# --- not confirmed: the primary killed, the link cut, the agent killed ---------------------------------
+
+
+def test_primary_killed_right_after_the_merge_is_rolled_back_byte_for_byte(pair: Pair, agent: Agent) -> None:
+    bulk_up(pair)
+    pre = config(pair.backup)
+    proxy = FaultProxy(agent.port, "stall_response", big=BIG)
+    try:
+        pair.point_primary_at(proxy.url)
+        primary = primary_sync(pair, "--confirm", str(WINDOW), "--no-fast-path")
+        wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed")
+        primary.kill()  # the primary dies with the merge's reply in flight: it never confirms
+        finish(primary)
+        armed = confirm_state(pair)["past"] or [confirm_state(pair)["armed"]]
+        took = wait_for(lambda: config(pair.backup) == pre, "rolled back")
+    finally:
+        proxy.close()
+    assert took < WINDOW + BOUND
+    state = confirm_state(pair)
+    assert state["armed"] is None and [p["state"] for p in state["past"]] == ["rolled-back"]
+    assert state["past"][0]["id"] == armed[0]["id"]
+    agent.stop()
+    assert "was not confirmed by" in agent.logs and "restored the pre-sync config byte for byte" in agent.logs
+    assert "filter reloaded: yes" in agent.logs  # reconfigured what the sync changed
+
+
+def test_link_cut_after_the_merge_reports_unconfirmed_and_rolls_back(pair: Pair, agent: Agent) -> None:
+    bulk_up(pair)
+    pre = config(pair.backup)
+    proxy = FaultProxy(agent.port, "reset_response", big=BIG)
+    try:
+        pair.point_primary_at(proxy.url)
+        # a longer window: the second sync below must land while it is still armed
+        code, out, err = finish(primary_sync(pair, "--confirm", str(4 * WINDOW), "--no-fast-path", "--json"))
+    finally:
+        proxy.close()
+    result = json.loads(out)
+    assert code == 5, err
+    assert result["status"] == "unconfirmed" and result["confirm"]["state"] == "unconfirmed"
+    assert result["message"].startswith("not confirmed: the backup will roll back at ")
+    assert config(pair.backup) != pre  # merged, armed ...
+    # ... and while armed, another sync is refused rather than lost in the rollback
+    pair.point_primary_at(agent.url.removesuffix("xmlrpc.php"))
+    edit_primary(pair, add_rule)
+    again = json.loads(cli(pair.primary, "sync", "--json").stdout)
+    assert again["status"] == "error" and "is awaiting confirmation until" in again["message"]
+    wait_for(lambda: config(pair.backup) == pre, "rolled back")
+    assert [p["state"] for p in confirm_state(pair)["past"]] == ["rolled-back"]
+
+
+@pytest.mark.parametrize("restart", ["after the deadline", "before the deadline"])
+def test_agent_sigkilled_while_armed_still_rolls_back(pair: Pair, agent: Agent, restart: str) -> None:
+    bulk_up(pair)
+    pre = config(pair.backup)
+    proxy = FaultProxy(agent.port, "stall_response", big=BIG)
+    try:
+        pair.point_primary_at(proxy.url)
+        primary = primary_sync(pair, "--confirm", str(WINDOW), "--no-fast-path")
+        wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed")
+        agent.kill()  # SIGKILL: no cleanup, the armed rollback only exists on disk
+        primary.kill()
+        finish(primary)
+    finally:
+        proxy.close()
+    armed = confirm_state(pair)["armed"]
+    assert armed is not None and config(pair.backup) != pre
+    if restart == "after the deadline":
+        wait_for(lambda: time.time() > float(armed["deadline"]) + 0.5, "deadline passed")
+        agent.start(agent.port)
+        assert config(pair.backup) == pre  # carried out at start, before the agent listens
+    else:
+        agent.start(agent.port)
+        assert config(pair.backup) != pre
+        wait_for(lambda: config(pair.backup) == pre, "rolled back by the restarted agent")
+    state = confirm_state(pair)
+    assert state["armed"] is None and [(p["id"], p["state"]) for p in state["past"]] == [(armed["id"], "rolled-back")]
+
+
+def test_lockout_allowed_under_confirm_heals_itself(pair: Pair, agent: Agent) -> None:
+    """--allow-lockout --confirm: the check after the merge cannot log in, so it is not confirmed
+    and the backup rolls back to the config that still lets the primary in."""
+    change, _message = REFUSALS["group"]
+    edit_primary(pair, change)
+    pre = config(pair.backup)
+    done = cli(pair.primary, "sync", "--allow-lockout", "--confirm", str(WINDOW), "--json")
+    result = json.loads(done.stdout)
+    assert done.returncode == 5, done.stderr
+    assert "not confirmed: the backup will roll back at" in result["message"]
+    assert "Authentication failed" in result["message"]
+    wait_for(lambda: config(pair.backup) == pre, "rolled back")
+    status = cli(pair.primary, "history", "--remote", "--json")
+    assert status.returncode == 0, status.stderr  # the primary can log in again
+
+
+# --- exactly one outcome when the confirm and the deadline race -----------------------------------------
+
+
+def _arm_and_race(pair: Pair, peer: PeerClient, payload: dict[str, Any], window: int, jitter: float) -> None:
+    pre = config(pair.backup)
+    ident = secrets.token_urlsafe(9)
+    peer.extra_headers[confirmmod.CONFIRM_HEADER] = f"{window} {ident}"
+    try:
+        assert peer.call("opnsense.restore_config_section", [payload]) is True
+    finally:
+        peer.extra_headers.clear()
+    post = config(pair.backup)
+    deadline = float(peer.call("hasync.confirm_state")["armed"]["deadline"])
+    time.sleep(max(0.0, deadline - time.time() + jitter))
+    reply = peer.call("hasync.confirm", [{"id": ident}])
+    wait_for(lambda: confirm_state(pair)["armed"] is None, "settled")
+    outcomes = [p for p in confirm_state(pair)["past"] if p["id"] == ident]
+    assert len(outcomes) == 1, outcomes
+    assert reply["state"] == outcomes[0]["state"], (reply, outcomes)
+    current = config(pair.backup)
+    if reply["state"] == "confirmed":
+        assert current == post
+    else:
+        assert reply["state"] == "rolled-back" and current == pre
+
+
+def test_confirm_and_deadline_race_gives_exactly_one_outcome(pair: Pair, agent: Agent) -> None:
+    runs = int(os.environ.get("HASYNC_RACE_RUNS", "24"))
+    peer = PeerClient(agent.url, SYNC_USER, SYNC_PASSWORD, ClientOptions(retries=0, total_timeout=30))
+    rng = random.Random(13)
+    seen: dict[str, int] = {}
+    for run in range(runs):
+        payload = {"filter": {"rule": [{"descr": f"race {run}", "type": "pass", "interface": "lan"}]}}
+        _arm_and_race(pair, peer, payload, 1, rng.uniform(-0.03, 0.03))
+        state = confirm_state(pair)["past"][-1]["state"]
+        seen[state] = seen.get(state, 0) + 1
+    print(f"race outcomes over {runs} runs: {seen}")
+    assert sum(seen.values()) == runs
+
+
+def test_settle_is_exclusive_under_threads(pair: Pair) -> None:
+    """In-process, many runs: the timer's settle and a confirm released together never both win."""
+    from hasync.serve import ServeOptions, build_server
+
+    server = build_server(ServeOptions(conf_dir=pair.backup, listen="127.0.0.1:0", tls_cert=pair.cert_file,
+                                       tls_key=pair.key_file, allow_loopback=True,
+                                       services_dir=pair.services_dir, state_dir=pair.state_dir))
+    try:
+        merge = server.dispatcher.methods["opnsense.restore_config_section"]
+        armed = server.dispatcher.methods["hasync.confirm"].__self__  # type: ignore[attr-defined]
+        runs = int(os.environ.get("HASYNC_RACE_RUNS_THREADS", "60"))
+        for run in range(runs):
+            pre = config(pair.backup)
+            ident = f"run-{run:04d}-{secrets.token_hex(4)}"
+            context = CallContext(SYNC_USER, "127.0.0.1", None, False, f"1 {ident}")
+            merge({"filter": {"rule": [{"descr": f"threads {run}"}]}}, context)
+            armed.stop()  # no timer: the two racers below are the only settlers
+            post = config(pair.backup)
+            deadline = float(confirm_state(pair)["armed"]["deadline"])
+            time.sleep(max(0.0, deadline - time.time() - 0.002))
+            barrier = threading.Barrier(2)
+            replies: list[dict[str, Any]] = []
+
+            def racer(confirm_id: str | None, barrier: threading.Barrier = barrier,
+                      replies: list[dict[str, Any]] = replies) -> None:
+                barrier.wait()
+                replies.append(armed.settle(confirm_id))
+
+            threads = [threading.Thread(target=racer, args=(ident,)), threading.Thread(target=racer, args=(None,))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+            outcomes = [p for p in confirm_state(pair)["past"] if p["id"] == ident]
+            if not outcomes:  # both ran before the deadline: the timer's early settle left it armed
+                replies.append(armed.settle(ident))
+                outcomes = [p for p in confirm_state(pair)["past"] if p["id"] == ident]
+            assert len(outcomes) == 1
+            assert config(pair.backup) == (post if outcomes[0]["state"] == "confirmed" else pre)
+    finally:
+        server.server_close()
