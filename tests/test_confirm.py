@@ -335,7 +335,7 @@ def _arm_and_race(pair: Pair, peer: PeerClient, payload: dict[str, Any], window:
 
 
 def test_confirm_and_deadline_race_gives_exactly_one_outcome(pair: Pair, agent: Agent) -> None:
-    runs = int(os.environ.get("HASYNC_RACE_RUNS", "24"))
+    runs = int(os.environ.get("HASYNC_RACE_RUNS", "16"))
     peer = PeerClient(agent.url, SYNC_USER, SYNC_PASSWORD, ClientOptions(retries=0, total_timeout=30))
     rng = random.Random(13)
     seen: dict[str, int] = {}
@@ -358,7 +358,9 @@ def test_settle_is_exclusive_under_threads(pair: Pair) -> None:
     try:
         merge = server.dispatcher.methods["opnsense.restore_config_section"]
         armed = server.dispatcher.methods["hasync.confirm"].__self__  # type: ignore[attr-defined]
-        runs = int(os.environ.get("HASYNC_RACE_RUNS_THREADS", "60"))
+        runs = int(os.environ.get("HASYNC_RACE_RUNS_THREADS", "200"))
+        rng = random.Random(7)
+        seen: dict[str, int] = {}
         for run in range(runs):
             pre = config(pair.backup)
             ident = f"run-{run:04d}-{secrets.token_hex(4)}"
@@ -366,15 +368,18 @@ def test_settle_is_exclusive_under_threads(pair: Pair) -> None:
             merge({"filter": {"rule": [{"descr": f"threads {run}"}]}}, context)
             armed.stop()  # no timer: the two racers below are the only settlers
             post = config(pair.backup)
-            deadline = float(confirm_state(pair)["armed"]["deadline"])
-            time.sleep(max(0.0, deadline - time.time() - 0.002))
+            # bring the deadline to a few milliseconds from now, so the racers straddle it
+            state = confirm_state(pair)
+            state["armed"]["deadline"] = time.time() + rng.uniform(0.0, 0.004)
+            (state_dir(pair.backup) / confirmmod.STATE_FILE).write_text(json.dumps(state))
+            time.sleep(0.002)
             barrier = threading.Barrier(2)
-            replies: list[dict[str, Any]] = []
+            replies: dict[str, dict[str, Any]] = {}
 
             def racer(confirm_id: str | None, barrier: threading.Barrier = barrier,
-                      replies: list[dict[str, Any]] = replies) -> None:
+                      replies: dict[str, dict[str, Any]] = replies) -> None:
                 barrier.wait()
-                replies.append(armed.settle(confirm_id))
+                replies["confirm" if confirm_id else "deadline"] = armed.settle(confirm_id)
 
             threads = [threading.Thread(target=racer, args=(ident,)), threading.Thread(target=racer, args=(None,))]
             for thread in threads:
@@ -383,9 +388,13 @@ def test_settle_is_exclusive_under_threads(pair: Pair) -> None:
                 thread.join(timeout=30)
             outcomes = [p for p in confirm_state(pair)["past"] if p["id"] == ident]
             if not outcomes:  # both ran before the deadline: the timer's early settle left it armed
-                replies.append(armed.settle(ident))
+                replies["confirm"] = armed.settle(ident)
                 outcomes = [p for p in confirm_state(pair)["past"] if p["id"] == ident]
             assert len(outcomes) == 1
             assert config(pair.backup) == (post if outcomes[0]["state"] == "confirmed" else pre)
+            assert replies["confirm"]["state"] == outcomes[0]["state"]  # the primary is told what happened
+            seen[outcomes[0]["state"]] = seen.get(outcomes[0]["state"], 0) + 1
+        print(f"in-process race outcomes over {runs} runs: {seen}")
+        assert len(seen) == 2  # both sides won sometimes: the race was real
     finally:
         server.server_close()
