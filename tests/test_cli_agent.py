@@ -160,5 +160,5 @@ def test_status_text_and_json(pair: Pair, agent: str) -> None:
     assert text.returncode == 0, text.stderr
     assert "SERVICE" in text.stdout and "unbound" in text.stdout
     document = json.loads(cli(pair.primary, "status", "--json").stdout)
-    assert set(document) == {"version", "services"}
+    assert set(document) == {"version", "services", "confirm"}  # confirm: the agent has commit-confirmed sync
     assert "_my_version" in document["version"]["firmware"]

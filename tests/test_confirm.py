@@ -398,3 +398,51 @@ def test_settle_is_exclusive_under_threads(pair: Pair) -> None:
         assert len(seen) == 2  # both sides won sometimes: the race was real
     finally:
         server.server_close()
+
+
+# --- status, history and check show it ------------------------------------------------------------------
+
+
+def check_confirm(conf_dir: Path) -> dict[str, Any]:
+    done = cli(conf_dir, "check", "--only", "confirm", "--json", "--no-syslog")
+    document = json.loads(done.stdout)
+    [result] = document["checks"]
+    return result
+
+
+def test_status_history_and_check_show_armed_and_rolled_back(pair: Pair, agent: Agent) -> None:
+    assert check_confirm(pair.primary)["status"] == "OK"
+    bulk_up(pair)
+    pre = config(pair.backup)
+    window = 4 * WINDOW  # long enough to look at it while armed
+    proxy = FaultProxy(agent.port, "stall_response", big=BIG)
+    try:
+        pair.point_primary_at(proxy.url)
+        primary = primary_sync(pair, "--confirm", str(window), "--no-fast-path")
+        wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed")
+        armed = confirm_state(pair)["armed"]
+        status = json.loads(cli(pair.primary, "status", "--json").stdout)  # small requests pass the proxy
+        assert status["confirm"]["armed"]["state"] == "armed"
+        assert status["confirm"]["armed"]["deadline_iso"] == confirmmod.iso(armed["deadline"])
+        text = cli(pair.primary, "history", "--remote").stdout
+        deadline = confirmmod.iso(armed["deadline"])
+        assert f"commit-confirmed: ARMED, sync from hasync@127.0.0.1 rolls back at {deadline}" in text
+        assert check_confirm(pair.primary)["status"] == "OK"  # armed and not overdue: nothing wrong yet
+        primary.kill()
+        finish(primary)
+        wait_for(lambda: config(pair.backup) == pre, "rolled back")
+    finally:
+        proxy.close()
+    pair.point_primary_at(agent.url.removesuffix("xmlrpc.php"))
+    on_primary, on_backup = check_confirm(pair.primary), check_confirm(pair.backup)
+    for result in (on_primary, on_backup):
+        assert result["status"] == "WARNING", result
+        assert "was not confirmed by" in result["message"] and "was rolled back" in result["message"]
+    text = cli(pair.primary, "history", "--remote").stdout
+    assert "commit-confirmed: sync from hasync@127.0.0.1 at" in text and "ROLLED-BACK" in text
+    local = json.loads(cli(pair.backup, "history", "--json").stdout)
+    assert [p["state"] for p in local["confirm"]["past"]] == ["rolled-back"]
+    # the next good sync clears the warning
+    assert cli(pair.primary, "sync").returncode == 0
+    assert check_confirm(pair.primary)["status"] == "OK"
+    assert check_confirm(pair.backup)["status"] == "OK"

@@ -50,7 +50,7 @@ from lxml import etree
 from . import agent, xmlrpc
 from . import rollback as rollbackmod
 from .agent import CallContext, MethodFault
-from .errors import ConfigError, HaError, MergeError
+from .errors import ConfigError, HaError, MergeError, RemoteFault
 from .osiface import Clock, SystemClock
 from .store import parse_config_bytes
 
@@ -106,15 +106,18 @@ def setting(root: etree._Element) -> int:
 
 
 def read_state(state_dir: Path) -> dict[str, Any]:
-    """{"armed": entry or None, "past": [entries, oldest first]}; empty when absent or unreadable."""
+    """{"armed": entry or None, "past": [entries, oldest first], "last_merge": time of a merge
+    without confirm after a rollback}; empty when absent or unreadable."""
     try:
         data = json.loads((state_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
-        return {"armed": None, "past": []}
+        return {"armed": None, "past": [], "last_merge": 0.0}
     armed = data.get("armed") if isinstance(data, dict) else None
     past = data.get("past") if isinstance(data, dict) else None
+    last_merge = data.get("last_merge") if isinstance(data, dict) else None
     return {"armed": armed if isinstance(armed, dict) else None,
-            "past": [p for p in past if isinstance(p, dict)] if isinstance(past, list) else []}
+            "past": [p for p in past if isinstance(p, dict)] if isinstance(past, list) else [],
+            "last_merge": float(last_merge) if isinstance(last_merge, int | float) else 0.0}
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -136,13 +139,61 @@ def public_state(state_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     if armed is not None:
         armed = {**armed, "state": ARMED, "remaining": max(0.0, round(float(armed["deadline"]) - now, 1))}
-    return {"armed": armed or {}, "past": list(reversed(state["past"]))}
+    # never an empty struct: XML-RPC (IXR) sends that as an empty array
+    return {"armed": armed or {"state": "none"}, "past": list(reversed(state["past"])),
+            "last_merge": state["last_merge"]}
 
 
-def last_rolled_back(state_dir: Path) -> dict[str, Any] | None:
-    """The newest outcome if it is a rollback: `check` warns until the next good (confirmed) sync."""
-    past = read_state(state_dir)["past"]
-    return past[-1] if past and past[-1].get("state") == ROLLED_BACK else None
+def with_state(document: dict[str, Any], state_dir: Path) -> dict[str, Any]:
+    """`history`'s document (local or `hasync.history`) with the commit-confirmed state added."""
+    document["confirm"] = public_state(state_dir)
+    return document
+
+
+def fetch_state(peer: PeerClient) -> dict[str, Any] | None:
+    """The backup's `hasync.confirm_state`; None when it has none (stock OPNsense, older agent)."""
+    try:
+        reply = peer.call("hasync.confirm_state")
+    except RemoteFault:
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+def health(document: dict[str, Any], now: float) -> tuple[bool, str]:
+    """(healthy, message) for `check`: a sync that was rolled back for want of a confirm is a
+    WARNING until the next sync merges (confirmed or not), so it cannot go unnoticed."""
+    armed = document.get("armed") or {}
+    past = [p for p in document.get("past") or [] if isinstance(p, dict)]  # newest first
+    if armed.get("state") == ARMED:
+        deadline = float(armed.get("deadline", 0))
+        if now > deadline + 60:
+            return False, (f"a commit-confirmed sync from {armed.get('who', '?')} was due to roll back at "
+                           f"{iso(deadline)} and still has not: is the agent running?")
+        return True, f"a sync from {armed.get('who', '?')} awaits confirmation until {iso(deadline)}"
+    if past and past[0].get("state") == ROLLED_BACK:
+        last = past[0]
+        settled = float(last.get("settled_at", 0))
+        if float(document.get("last_merge", 0)) <= settled:
+            return False, (f"the sync from {last.get('who', '?')} at {iso(float(last.get('armed_at', 0)))} was not "
+                           f"confirmed by {iso(float(last.get('deadline', 0)))} and was rolled back; the backup runs "
+                           "its pre-sync config until the next good sync (see `opnsense-ha history --remote`)")
+        return True, "the last commit-confirmed sync was rolled back, but a sync has merged since"
+    if past:
+        return True, f"last commit-confirmed sync {past[0].get('state')} at {iso(float(past[0].get('settled_at', 0)))}"
+    return True, "no commit-confirmed sync recorded"
+
+
+def describe(document: dict[str, Any], limit: int = 5) -> list[str]:
+    """Text lines for `status` and `history`: the armed rollback, then the newest outcomes."""
+    lines: list[str] = []
+    armed = document.get("armed") or {}
+    if armed.get("state") == ARMED:
+        lines.append(f"commit-confirmed: ARMED, sync from {armed.get('who', '?')} rolls back at "
+                     f"{iso(float(armed.get('deadline', 0)))} ({armed.get('remaining', '?')}s left) unless confirmed")
+    for entry in (document.get("past") or [])[:limit]:
+        lines.append(f"commit-confirmed: sync from {entry.get('who', '?')} at {iso(float(entry.get('armed_at', 0)))} "
+                     f"{str(entry.get('state', '?')).upper()} at {iso(float(entry.get('settled_at', 0)))}")
+    return lines
 
 
 # --- backup side ----------------------------------------------------------------------------------
@@ -169,6 +220,9 @@ class ArmedRollback:
                     f"refused: a sync from {armed.get('who', '?')} is awaiting confirmation until "
                     f"{iso(float(armed['deadline']))} (commit-confirmed); it must be confirmed or rolled back first")
             if not context.confirm:
+                if state["past"] and state["past"][-1].get("state") == ROLLED_BACK:
+                    state["last_merge"] = round(self.clock.time(), 3)  # clears `check`'s warning
+                    _write_state(self.state_dir, state)
                 return
             seconds, ident = parse_header(context.confirm)
             now = self.clock.time()

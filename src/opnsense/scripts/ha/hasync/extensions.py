@@ -244,9 +244,7 @@ class Extensions:
         return carp_facts(CarpOps(self.node.store, self.node.failover))
 
     def history(self, _argument: Any, _context: CallContext) -> dict[str, Any]:
-        document = rollbackmod.history_document(self.node.store, self.state_dir)
-        document["confirm"] = confirmmod.public_state(self.state_dir)
-        return document
+        return confirmmod.with_state(rollbackmod.history_document(self.node.store, self.state_dir), self.state_dir)
 
     def rollback(self, argument: Any, context: CallContext) -> dict[str, Any]:
         options = argument if isinstance(argument, dict) else {}
