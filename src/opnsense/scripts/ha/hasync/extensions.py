@@ -19,6 +19,8 @@ hasync.carp_status         none                  `carp_facts` (VIP states, demot
                                                  maintenance, state sync)
 hasync.history             none                  `rollback.history_document`
 hasync.rollback            ``{force: bool}``     `rollback.RollbackResult.as_json`
+hasync.confirm             ``{id}``              the commit-confirmed outcome (`confirm`)
+hasync.confirm_state       none                  `confirm.public_state`: armed rollback, past
 =========================  ====================  =============================================
 
 A client learns what a peer supports from `system.listMethods` (`discover`): a stock OPNsense
