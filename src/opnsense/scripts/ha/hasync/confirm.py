@@ -57,6 +57,7 @@ from .store import parse_config_bytes
 if TYPE_CHECKING:
     from .backup import BackupNode
     from .client import PeerClient
+    from .syncer import SyncResult
 
 log = logging.getLogger("hasync.confirm")
 
@@ -350,6 +351,8 @@ class PrimaryConfirm:
     ident: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     running: list[str] = field(default_factory=list)
     deadline: float = 0.0  # our estimate, for "the backup will roll back at"; the backup's own governs
+    merged: bool = False  # the backup acknowledged the merge
+    state: str = ARMED
 
     def prepare(self, peer: PeerClient) -> str:
         """Before the merge: the backup must be able to roll back; note the services running now."""
@@ -390,6 +393,53 @@ class PrimaryConfirm:
 
     def pending_message(self, why: str) -> str:
         return f"not confirmed: the backup will roll back at {iso(self.deadline)} ({why})"
+
+    def as_json(self) -> dict[str, Any]:
+        """`confirm` of the sync result (schema sync-result)."""
+        return {"id": self.ident, "seconds": self.seconds, "state": self.state, "deadline": iso(self.deadline)}
+
+    def failed(self, result: SyncResult, exc: Exception) -> None:
+        """The run broke after the armed merge was sent: the backup will roll back (if it merged)."""
+        self._unconfirmed(result, str(exc) if self.merged else f"if it merged; {exc}")
+
+    def _unconfirmed(self, result: SyncResult, why: str) -> None:
+        self.state = result.status = "unconfirmed"
+        result.message = self.pending_message(why)
+        result.confirm = self.as_json()
+        log.error("%s", result.message)
+
+    def finish(self, step: Callable[[str, Callable[[], str]], None], fresh_peer: Callable[[], PeerClient],
+               result: SyncResult) -> None:
+        """After the merge (and filter_configure): check the backup, confirm if it holds, record the outcome."""
+        checked: list[tuple[PeerClient | None, str]] = []
+
+        def check() -> str:
+            checked.append(self.verify(fresh_peer))
+            return checked[0][1] or "login, firmware_version, list_services ok; services that ran still run"
+
+        step("confirm: check backup", check)
+        peer, why = checked[0]
+        if why or peer is None:
+            self._unconfirmed(result, why)
+            return
+        replies: list[dict[str, Any]] = []
+
+        def send_confirm() -> str:
+            replies.append(self.confirm(peer))
+            return str(replies[0].get("state", "unknown"))
+
+        step("hasync.confirm", send_confirm)
+        self.state = str(replies[0].get("state", "unknown"))
+        result.confirm = self.as_json()
+        if self.state == CONFIRMED:
+            return
+        if self.state == ROLLED_BACK:
+            result.status = ROLLED_BACK
+            result.message = (f"rolled back: the confirm reached the backup after its deadline "
+                              f"({replies[0].get('deadline_iso', '?')}); it restored its pre-sync config")
+            log.error("%s", result.message)
+        else:
+            self._unconfirmed(result, f"the backup answered hasync.confirm with {self.state!r}")
 
 
 def running_services(listing: Any) -> list[str]:

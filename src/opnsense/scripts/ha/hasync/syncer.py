@@ -163,9 +163,7 @@ class SyncRun:
             result.status = "lockout" if LOCKOUT_MARK in str(exc) else "error"
             result.message = str(exc)
             if self.confirmer is not None and not isinstance(exc, RemoteFault):  # it may have merged
-                result.status = "unconfirmed"
-                result.message = self.confirmer.pending_message(f"if it merged; {exc}")
-                result.confirm["state"] = "unconfirmed"
+                self.confirmer.failed(result, exc)
             # OPNsense's own wording, so existing log filters and alerts keep matching
             log.error("An error occurred while attempting XMLRPC sync with username %s and %s: %s",
                       shown_user(self.username) if self.username else "(unknown)", result.target or "(no target)", exc)
@@ -255,8 +253,7 @@ class SyncRun:
             self.step("confirm: backup can roll back", lambda: confirmer.prepare(peer))
             confirmer.arm(peer)
             self.confirmer = confirmer
-            result.confirm = {"id": confirmer.ident, "seconds": seconds, "state": "armed",
-                              "deadline": confirmmod.iso(confirmer.deadline)}
+            result.confirm = confirmer.as_json()
         try:
             self.step("restore_config_section", lambda: plan.send(peer))
         except RemoteFault:
@@ -265,6 +262,8 @@ class SyncRun:
         finally:
             if confirmer is not None:
                 confirmer.disarm_header(peer)
+        if confirmer is not None:
+            confirmer.merged = True
         result.transfer = plan.transfer
         result.sections = plan.top_keys()
         from . import snapshot  # late import: snapshot builds on this module
@@ -291,45 +290,11 @@ class SyncRun:
             self._confirm(confirmer)
 
     def _confirm(self, confirmer: confirmmod.PrimaryConfirm) -> None:
-        """Check the backup through a new connection built from the config as it is now; confirm if it holds."""
-        result = self.result
-
-        def fresh_peer() -> PeerClient:
+        def fresh_peer() -> PeerClient:  # the credentials of the config as it is now, a new connection
             root = self.store.load()
             return peer_from_settings(self.store.conf_dir, root, read_hasync(root), self.options.client)
 
-        checked: list[tuple[PeerClient | None, str]] = []
-
-        def check() -> str:
-            checked.append(confirmer.verify(fresh_peer))
-            return checked[0][1] or "login, firmware_version, list_services ok; services that ran still run"
-
-        self.step("confirm: check backup", check)
-        peer, why = checked[0]
-        if why or peer is None:
-            result.status, result.confirm["state"] = "unconfirmed", "unconfirmed"
-            result.message = confirmer.pending_message(why)
-            log.error("%s", result.message)
-            return
-        replies: list[dict[str, Any]] = []
-
-        def send_confirm() -> str:
-            replies.append(confirmer.confirm(peer))
-            return str(replies[0].get("state", "unknown"))
-
-        self.step("hasync.confirm", send_confirm)
-        state = str(replies[0].get("state", "unknown"))
-        result.confirm["state"] = state
-        if state == confirmmod.CONFIRMED:
-            return
-        if state == confirmmod.ROLLED_BACK:
-            result.status = "rolled-back"
-            result.message = (f"rolled back: the confirm reached the backup after its deadline "
-                              f"({replies[0].get('deadline_iso', '?')}); it restored its pre-sync config")
-        else:
-            result.status = "unconfirmed"
-            result.message = confirmer.pending_message(f"the backup answered hasync.confirm with {state!r}")
-        log.error("%s", result.message)
+        confirmer.finish(self.step, fresh_peer, self.result)
 
 
 def restart_all(peer: PeerClient, run: SyncRun, result: SyncResult,
