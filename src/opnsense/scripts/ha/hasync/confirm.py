@@ -32,6 +32,7 @@ service that ran before still running) and confirm only if all of that holds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -288,7 +289,7 @@ class ArmedRollback:
                 outcome = {**armed, "state": CONFIRMED, "settled_at": round(now, 3)}
                 state["armed"], state["past"] = None, [*state["past"], outcome]
                 _write_state(self.state_dir, state)  # the decision
-                self.stop()
+                self._forget_before()
                 log.info("sync from %s confirmed (%.1fs before its deadline)", armed.get("who", "?"), deadline - now)
                 return outcome
             return self._roll_back(state, armed, now)
@@ -306,7 +307,7 @@ class ArmedRollback:
         outcome = {**armed, "state": ROLLED_BACK, "settled_at": round(now, 3)}
         state["armed"], state["past"] = None, [*state["past"], outcome]
         _write_state(self.state_dir, state)  # the decision
-        self.stop()
+        self._forget_before()
         result = rollbackmod.RollbackResult("ok", "commit-confirmed rollback")
         if current != before:
             rollbackmod.reconfigure(result, _parse_or_empty(current), parse_config_bytes(before, "pre-sync config"),
@@ -317,6 +318,12 @@ class ArmedRollback:
                     "yes" if result.filter_reloaded else "no", ", ".join(result.services_restarted) or "none",
                     "".join(f"; {w}" for w in result.warnings))
         return outcome
+
+    def _forget_before(self) -> None:
+        """Settled: no timer, and no copy of the old config (with its secrets) left lying around."""
+        self.stop()
+        with contextlib.suppress(OSError):
+            (self.state_dir / BEFORE_FILE).unlink()
 
     # --- hasync.* methods ---
 
