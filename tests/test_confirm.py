@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,10 @@ class Agent:
         self.logs = ""
 
     def start(self, port: int | None = None) -> str:
-        args = ["--tls-cert", str(self.pair.cert_file), "--tls-key", str(self.pair.key_file),
-                "--services-dir", str(self.pair.services_dir), "--state-dir", str(self.pair.state_dir), *self.extra]
-        self.proc, self.url = start_agent(self.pair.backup, *args) if port is None else \
-            _start_on(self.pair.backup, port, *args)
+        self.proc, self.url = start_agent(
+            self.pair.backup, "--tls-cert", str(self.pair.cert_file), "--tls-key", str(self.pair.key_file),
+            "--services-dir", str(self.pair.services_dir), "--state-dir", str(self.pair.state_dir), *self.extra,
+            port=port)
         return self.url
 
     @property
@@ -82,18 +83,6 @@ class Agent:
             if stream is not None:
                 stream.close()
         self.proc = None
-
-
-def _start_on(conf_dir: Path, port: int, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hasync", "--conf-dir", str(conf_dir), "serve", "--listen", f"127.0.0.1:{port}",
-         "--allow-loopback", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise AssertionError(f"agent did not start: {line!r}")
-    return proc, line.strip().split("listening on ", 1)[1]
 
 
 @pytest.fixture
@@ -217,24 +206,34 @@ def test_the_setting_arms_cron_syncs_and_confirm_0_turns_it_off(pair: Pair, agen
 # --- not confirmed: the primary killed, the link cut, the agent killed ---------------------------------
 
 
-def test_primary_killed_right_after_the_merge_is_rolled_back_byte_for_byte(pair: Pair, agent: Agent) -> None:
+@contextmanager
+def merge_held(pair: Pair, agent: Agent, window: int) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """A `sync --confirm` whose merge reaches the backup while a proxy holds the reply: the merge
+    is armed and the primary blocked, so a test can kill it (or the agent) right after the merge.
+    Yields the primary process and the armed state; the primary is SIGKILLed on the way out."""
     bulk_up(pair)
     pre = config(pair.backup)
     proxy = FaultProxy(agent.port, "stall_response", big=BIG)
+    pair.point_primary_at(proxy.url)
+    primary = primary_sync(pair, "--confirm", str(window), "--no-fast-path")
     try:
-        pair.point_primary_at(proxy.url)
-        primary = primary_sync(pair, "--confirm", str(WINDOW), "--no-fast-path")
         wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed")
-        primary.kill()  # the primary dies with the merge's reply in flight: it never confirms
-        finish(primary)
-        armed = confirm_state(pair)["past"] or [confirm_state(pair)["armed"]]
-        took = wait_for(lambda: config(pair.backup) == pre, "rolled back")
+        yield primary, confirm_state(pair)["armed"]
     finally:
+        primary.kill()
+        finish(primary)
         proxy.close()
+        pair.point_primary_at(agent.url.removesuffix("xmlrpc.php"))
+
+
+def test_primary_killed_right_after_the_merge_is_rolled_back_byte_for_byte(pair: Pair, agent: Agent) -> None:
+    pre = config(pair.backup)
+    with merge_held(pair, agent, WINDOW) as (primary, armed):
+        primary.kill()  # the primary dies with the merge's reply in flight: it never confirms
+        took = wait_for(lambda: config(pair.backup) == pre, "rolled back")
     assert took < WINDOW + BOUND
     state = confirm_state(pair)
-    assert state["armed"] is None and [p["state"] for p in state["past"]] == ["rolled-back"]
-    assert state["past"][0]["id"] == armed[0]["id"]
+    assert state["armed"] is None and [(p["id"], p["state"]) for p in state["past"]] == [(armed["id"], "rolled-back")]
     agent.stop()
     assert "was not confirmed by" in agent.logs and "restored the pre-sync config byte for byte" in agent.logs
     assert "filter reloaded: yes" in agent.logs  # reconfigured what the sync changed
@@ -266,20 +265,12 @@ def test_link_cut_after_the_merge_reports_unconfirmed_and_rolls_back(pair: Pair,
 
 @pytest.mark.parametrize("restart", ["after the deadline", "before the deadline"])
 def test_agent_sigkilled_while_armed_still_rolls_back(pair: Pair, agent: Agent, restart: str) -> None:
-    bulk_up(pair)
     pre = config(pair.backup)
-    proxy = FaultProxy(agent.port, "stall_response", big=BIG)
-    try:
-        pair.point_primary_at(proxy.url)
-        primary = primary_sync(pair, "--confirm", str(WINDOW), "--no-fast-path")
-        wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed")
+    # restarting before the deadline needs room for the restart itself, even on a loaded machine
+    window = WINDOW if restart == "after the deadline" else 5 * WINDOW
+    with merge_held(pair, agent, window) as (_primary, armed):
         agent.kill()  # SIGKILL: no cleanup, the armed rollback only exists on disk
-        primary.kill()
-        finish(primary)
-    finally:
-        proxy.close()
-    armed = confirm_state(pair)["armed"]
-    assert armed is not None and config(pair.backup) != pre
+    assert confirm_state(pair)["armed"] == armed and config(pair.backup) != pre
     if restart == "after the deadline":
         wait_for(lambda: time.time() > float(armed["deadline"]) + 0.5, "deadline passed")
         agent.start(agent.port)
@@ -412,15 +403,8 @@ def check_confirm(conf_dir: Path) -> dict[str, Any]:
 
 def test_status_history_and_check_show_armed_and_rolled_back(pair: Pair, agent: Agent) -> None:
     assert check_confirm(pair.primary)["status"] == "OK"
-    bulk_up(pair)
     pre = config(pair.backup)
-    window = 4 * WINDOW  # long enough to look at it while armed
-    proxy = FaultProxy(agent.port, "stall_response", big=BIG)
-    try:
-        pair.point_primary_at(proxy.url)
-        primary = primary_sync(pair, "--confirm", str(window), "--no-fast-path")
-        wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed")
-        armed = confirm_state(pair)["armed"]
+    with merge_held(pair, agent, 4 * WINDOW) as (_primary, armed):  # long enough to look at it while armed
         status = json.loads(cli(pair.primary, "status", "--json").stdout)  # small requests pass the proxy
         assert status["confirm"]["armed"]["state"] == "armed"
         assert status["confirm"]["armed"]["deadline_iso"] == confirmmod.iso(armed["deadline"])
@@ -428,12 +412,7 @@ def test_status_history_and_check_show_armed_and_rolled_back(pair: Pair, agent: 
         deadline = confirmmod.iso(armed["deadline"])
         assert f"commit-confirmed: ARMED, sync from hasync@127.0.0.1 rolls back at {deadline}" in text
         assert check_confirm(pair.primary)["status"] == "OK"  # armed and not overdue: nothing wrong yet
-        primary.kill()
-        finish(primary)
-        wait_for(lambda: config(pair.backup) == pre, "rolled back")
-    finally:
-        proxy.close()
-    pair.point_primary_at(agent.url.removesuffix("xmlrpc.php"))
+    wait_for(lambda: config(pair.backup) == pre, "rolled back")
     on_primary, on_backup = check_confirm(pair.primary), check_confirm(pair.backup)
     for result in (on_primary, on_backup):
         assert result["status"] == "WARNING", result
