@@ -425,3 +425,25 @@ def test_status_history_and_check_show_armed_and_rolled_back(pair: Pair, agent: 
     assert cli(pair.primary, "sync").returncode == 0
     assert check_confirm(pair.primary)["status"] == "OK"
     assert check_confirm(pair.backup)["status"] == "OK"
+
+
+def test_a_damaged_pre_sync_copy_never_keeps_the_agent_down(pair: Pair) -> None:
+    """The copy to restore does not match its recorded hash: no rollback (it would restore the wrong
+    bytes), the agent still starts, and `check` on the backup says the rollback is overdue."""
+    directory = state_dir(pair.backup)
+    directory.mkdir(parents=True)
+    (directory / confirmmod.BEFORE_FILE).write_bytes(b"<opnsense>not the pre-sync config</opnsense>")
+    deadline = time.time() - 120
+    (directory / confirmmod.STATE_FILE).write_text(json.dumps({"armed": {
+        "id": "damaged-copy", "state": "armed", "armed_at": deadline - 5, "deadline": deadline, "seconds": 5,
+        "who": "hasync@127.0.0.1", "before_sha256": "0" * 64}, "past": []}))
+    current = config(pair.backup)
+    node = Agent(pair)
+    node.start()
+    try:
+        assert config(pair.backup) == current
+        result = check_confirm(pair.backup)
+        assert result["status"] == "WARNING" and "was due to roll back at" in result["message"]
+    finally:
+        node.stop()
+    assert "the armed rollback failed" in node.logs and "hash mismatch" in node.logs

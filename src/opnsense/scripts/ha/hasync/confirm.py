@@ -247,7 +247,10 @@ class ArmedRollback:
         if self.clock.time() >= deadline:
             log.warning("agent start: the sync from %s was not confirmed by %s; rolling it back now",
                         armed.get("who", "?"), iso(deadline))
-            self.settle()
+            try:
+                self.settle()
+            except (HaError, OSError) as exc:  # the agent must still start; `check` reports it overdue
+                log.error("agent start: the armed rollback failed: %s", exc)
         else:
             log.warning("agent start: a sync from %s awaits confirmation until %s", armed.get("who", "?"),
                         iso(deadline))
@@ -296,7 +299,11 @@ class ArmedRollback:
 
     def _roll_back(self, state: dict[str, Any], armed: dict[str, Any], now: float) -> dict[str, Any]:
         store = self.node.store
-        before = (self.state_dir / BEFORE_FILE).read_bytes()
+        try:
+            before = (self.state_dir / BEFORE_FILE).read_bytes()
+        except OSError as exc:
+            raise HaError(f"cannot read the pre-sync config {self.state_dir / BEFORE_FILE}: {exc.strerror or exc}; "
+                          "not rolling back, see `opnsense-ha history`") from None
         if hashlib.sha256(before).hexdigest() != armed.get("before_sha256"):
             raise HaError(f"{self.state_dir / BEFORE_FILE} does not hold the pre-sync config (hash mismatch); "
                           "not rolling back, see `opnsense-ha history`")
