@@ -447,3 +447,34 @@ def test_a_damaged_pre_sync_copy_never_keeps_the_agent_down(pair: Pair) -> None:
     finally:
         node.stop()
     assert "the armed rollback failed" in node.logs and "hash mismatch" in node.logs
+
+
+class PrimaryDied(Exception):
+    """Raised from the primary's progress callback: the primary stops right after the merge."""
+
+
+def test_rollback_takes_down_the_carp_vips_the_sync_brought_up(pair: Pair) -> None:
+    """Reconfiguration through the real FreeBSD backend over the fake kernel (as test_rollback):
+    the unconfirmed sync's CARP VIPs go away again with the rollback."""
+    from hasync.items import SyncItemRegistry
+    from hasync.store import ConfigStore
+    from hasync.syncer import Step, SyncOptions, SyncRun
+    from health_helpers import agent as inprocess_agent
+    from health_helpers import backend
+    from test_rollback import bare_backup_kernel, vhids
+
+    def die_after_merge(step: Step) -> None:
+        if step.step == "restore_config_section":
+            raise PrimaryDied
+
+    pre = config(pair.backup)
+    kernel = bare_backup_kernel()
+    with inprocess_agent(pair, backend(pair.backup, kernel)):
+        run = SyncRun(ConfigStore(pair.primary), SyncItemRegistry.load(), SyncOptions(confirm=2),
+                      progress=die_after_merge)
+        with pytest.raises(PrimaryDied):
+            run.run()
+        assert vhids(kernel) == {"eth0": [2], "eth1": [1]}  # the merge brought the CARP VIPs up
+        wait_for(lambda: config(pair.backup) == pre, "rolled back")
+        wait_for(lambda: vhids(kernel) == {}, "VIPs taken down")  # reconfiguration follows the restore
+    assert [p["state"] for p in confirm_state(pair)["past"]] == ["rolled-back"]
