@@ -30,10 +30,15 @@ from faultproxy import FaultProxy
 from hasync import confirm as confirmmod
 from hasync.agent import CallContext
 from hasync.client import ClientOptions, PeerClient
-from hasync.syncer import state_dir
+from hasync.items import SyncItemRegistry
+from hasync.store import ConfigStore
+from hasync.syncer import Step, SyncOptions, SyncRun, state_dir
+from health_helpers import agent as inprocess_agent
+from health_helpers import backend
 from nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair
 from test_cli_agent import cli, env, start_agent, stop
 from test_lockout import REFUSALS, edit_primary
+from test_rollback import bare_backup_kernel, vhids
 
 WINDOW = 3
 BOUND = 60.0  # generous upper bound for anything that should happen "within the window plus a few seconds"
@@ -456,13 +461,6 @@ class PrimaryDied(Exception):
 def test_rollback_takes_down_the_carp_vips_the_sync_brought_up(pair: Pair) -> None:
     """Reconfiguration through the real FreeBSD backend over the fake kernel (as test_rollback):
     the unconfirmed sync's CARP VIPs go away again with the rollback."""
-    from hasync.items import SyncItemRegistry
-    from hasync.store import ConfigStore
-    from hasync.syncer import Step, SyncOptions, SyncRun
-    from health_helpers import agent as inprocess_agent
-    from health_helpers import backend
-    from test_rollback import bare_backup_kernel, vhids
-
     def die_after_merge(step: Step) -> None:
         if step.step == "restore_config_section":
             raise PrimaryDied
