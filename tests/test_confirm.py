@@ -123,6 +123,12 @@ def confirm_state(pair: Pair) -> dict[str, Any]:
     return confirmmod.read_state(state_dir(pair.backup))
 
 
+def wait_rolled_back(pair: Pair, pre: bytes, what: str) -> float:
+    """Until config.xml is `pre` again *and* the outcome is recorded: the agent restores first and
+    records second (a crash in between repeats the restore at the next start)."""
+    return wait_for(lambda: config(pair.backup) == pre and confirm_state(pair)["armed"] is None, what)
+
+
 def bulk_up(pair: Pair) -> None:
     """Make the merge the one big request (random aliases do not compress), for the fault proxy."""
     def add(root: etree._Element) -> None:
@@ -235,7 +241,7 @@ def test_primary_killed_right_after_the_merge_is_rolled_back_byte_for_byte(pair:
     pre = config(pair.backup)
     with merge_held(pair, agent, WINDOW) as (primary, armed):
         primary.kill()  # the primary dies with the merge's reply in flight: it never confirms
-        took = wait_for(lambda: config(pair.backup) == pre, "rolled back")
+        took = wait_rolled_back(pair, pre, "rolled back")
     assert took < WINDOW + BOUND
     state = confirm_state(pair)
     assert state["armed"] is None and [(p["id"], p["state"]) for p in state["past"]] == [(armed["id"], "rolled-back")]
@@ -264,7 +270,7 @@ def test_link_cut_after_the_merge_reports_unconfirmed_and_rolls_back(pair: Pair,
     edit_primary(pair, add_rule)
     again = json.loads(cli(pair.primary, "sync", "--json").stdout)
     assert again["status"] == "error" and "is awaiting confirmation until" in again["message"]
-    wait_for(lambda: config(pair.backup) == pre, "rolled back")
+    wait_rolled_back(pair, pre, "rolled back")
     assert [p["state"] for p in confirm_state(pair)["past"]] == ["rolled-back"]
 
 
@@ -283,7 +289,7 @@ def test_agent_sigkilled_while_armed_still_rolls_back(pair: Pair, agent: Agent, 
     else:
         agent.start(agent.port)
         assert config(pair.backup) != pre
-        wait_for(lambda: config(pair.backup) == pre, "rolled back by the restarted agent")
+        wait_rolled_back(pair, pre, "rolled back by the restarted agent")
     state = confirm_state(pair)
     assert state["armed"] is None and [(p["id"], p["state"]) for p in state["past"]] == [(armed["id"], "rolled-back")]
 
@@ -299,7 +305,7 @@ def test_lockout_allowed_under_confirm_heals_itself(pair: Pair, agent: Agent) ->
     assert done.returncode == 5, done.stderr
     assert "not confirmed: the backup will roll back at" in result["message"]
     assert "Authentication failed" in result["message"]
-    wait_for(lambda: config(pair.backup) == pre, "rolled back")
+    wait_rolled_back(pair, pre, "rolled back")
     status = cli(pair.primary, "history", "--remote", "--json")
     assert status.returncode == 0, status.stderr  # the primary can log in again
 
@@ -417,7 +423,7 @@ def test_status_history_and_check_show_armed_and_rolled_back(pair: Pair, agent: 
         deadline = confirmmod.iso(armed["deadline"])
         assert f"commit-confirmed: ARMED, sync from hasync@127.0.0.1 rolls back at {deadline}" in text
         assert check_confirm(pair.primary)["status"] == "OK"  # armed and not overdue: nothing wrong yet
-    wait_for(lambda: config(pair.backup) == pre, "rolled back")
+    wait_rolled_back(pair, pre, "rolled back")
     on_primary, on_backup = check_confirm(pair.primary), check_confirm(pair.backup)
     for result in (on_primary, on_backup):
         assert result["status"] == "WARNING", result
@@ -473,6 +479,6 @@ def test_rollback_takes_down_the_carp_vips_the_sync_brought_up(pair: Pair) -> No
         with pytest.raises(PrimaryDied):
             run.run()
         assert vhids(kernel) == {"eth0": [2], "eth1": [1]}  # the merge brought the CARP VIPs up
-        wait_for(lambda: config(pair.backup) == pre, "rolled back")
+        wait_rolled_back(pair, pre, "rolled back")
         wait_for(lambda: vhids(kernel) == {}, "VIPs taken down")  # reconfiguration follows the restore
     assert [p["state"] for p in confirm_state(pair)["past"]] == ["rolled-back"]
