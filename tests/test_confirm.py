@@ -242,6 +242,7 @@ def test_primary_killed_right_after_the_merge_is_rolled_back_byte_for_byte(pair:
     with merge_held(pair, agent, WINDOW) as (primary, armed):
         primary.kill()  # the primary dies with the merge's reply in flight: it never confirms
         took = wait_rolled_back(pair, pre, "rolled back")
+    print(f"rolled back {took:.2f}s after the primary was killed (window {WINDOW}s)")
     assert took < WINDOW + BOUND
     state = confirm_state(pair)
     assert state["armed"] is None and [(p["id"], p["state"]) for p in state["past"]] == [(armed["id"], "rolled-back")]
@@ -372,9 +373,8 @@ def test_settle_is_exclusive_under_threads(pair: Pair) -> None:
             post = config(pair.backup)
             # bring the deadline to a few milliseconds from now, so the racers straddle it
             state = confirm_state(pair)
-            state["armed"]["deadline"] = time.time() + rng.uniform(0.0, 0.004)
+            state["armed"]["deadline"] = time.time() + rng.uniform(0.0, 0.012)
             (state_dir(pair.backup) / confirmmod.STATE_FILE).write_text(json.dumps(state))
-            time.sleep(0.002)
             barrier = threading.Barrier(2)
             replies: dict[str, dict[str, Any]] = {}
 
