@@ -12,6 +12,7 @@ import pytest
 from lxml import etree
 
 from fakekernel import FakeKernel
+from hasync import confirm as confirmmod
 from hasync import rollback as rollbackmod
 from hasync.items import SyncItemRegistry
 from hasync.osiface import SubprocessRunner
@@ -132,7 +133,7 @@ def test_history_marks_the_sync_and_the_target(pair: Pair, capsys: Any) -> None:
         remote = json.loads(out)
         code, text, _ = run_cli(capsys, pair.primary, "history", "--remote")
     local = rollbackmod.history_document(ConfigStore(pair.backup), state_dir(pair.backup))
-    assert remote == local
+    assert remote == confirmmod.with_state(local, state_dir(pair.backup))
     entries = remote["entries"]
     assert [e["sync"] for e in entries] == [True, False]
     assert [e["current"] for e in entries] == [True, False]

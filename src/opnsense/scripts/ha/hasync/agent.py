@@ -32,6 +32,8 @@ from .errors import HaError, MergeError, ServiceError
 log = logging.getLogger("hasync.agent")
 
 XMLRPC_PATH = "/xmlrpc.php"
+ALLOW_LOCKOUT_HEADER = "X-Opnsense-Ha-Allow-Lockout"  # see lockout.py
+CONFIRM_HEADER = "X-Opnsense-Ha-Confirm"  # see confirm.py
 DEFAULT_MAX_BODY = 128 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_BODY_DEADLINE = 120.0
@@ -64,6 +66,11 @@ class CallContext:
 
     username: str
     remote_addr: str
+    # The request's Authorization header, for the lock-out guard (`lockout.guard_merge`): a merge
+    # checks that these credentials still log in afterwards. Never printed (repr=False).
+    authorization: str | None = field(default=None, repr=False, compare=False)
+    allow_lockout: bool = False  # header lockout.ALLOW_LOCKOUT_HEADER: `sync --allow-lockout`
+    confirm: str = ""  # header confirm.CONFIRM_HEADER ("<seconds> <id>"): `sync --confirm`
 
 
 Handler = Callable[[Any, CallContext], Any]
@@ -373,7 +380,10 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             body = self._read_body()
             if body is None:
                 return
-            self._send(200, self._dispatch(body, CallContext(verdict.username, remote)))
+            context = CallContext(verdict.username, remote, self.headers.get("Authorization"),
+                                  self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1",
+                                  self.headers.get(CONFIRM_HEADER, "").strip())
+            self._send(200, self._dispatch(body, context))
         finally:
             budget.release(size)
 

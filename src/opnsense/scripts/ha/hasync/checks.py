@@ -27,6 +27,8 @@ statesync            pfsync `syncok` / conntrackd running and its link up, where
 sync_loop            the backup has `hasync.synchronizetoip` set                          WARNING
 tls_expiry           the backup agent's TLS certificate expires within 30 days            WARNING
                      (expired: CRITICAL)
+confirm              the backup rolled back a commit-confirmed sync nobody confirmed,     WARNING
+                     and no sync merged since (on the backup: its own state file)
 ===================  ===================================================================  =========
 
 Once the peer is found unreachable no further call is made to it, so a check of a dead pair
@@ -47,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import confirm as confirmmod
 from . import digest as digestmod
 from . import schemas, versions
 from . import snapshot as snapshotmod
@@ -79,6 +82,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("statesync", "state sync working"),
     ("sync_loop", "backup has no sync target"),
     ("tls_expiry", "agent TLS certificate valid for 30 days or more"),
+    ("confirm", "no commit-confirmed sync rolled back since the last good sync"),
 )
 CHECK_IDS = tuple(check_id for check_id, _ in CHECKS)
 _NAMES = dict(CHECKS)
@@ -539,6 +543,26 @@ def check_tls_expiry(ctx: CheckContext, facts: _Facts) -> CheckResult:
                                          f"({days:.0f} days)", data)
 
 
+def check_confirm(ctx: CheckContext, facts: _Facts) -> CheckResult:
+    if not facts.primary:  # the backup itself: the state its agent keeps
+        from .syncer import state_dir
+
+        document = confirmmod.public_state(state_dir(ctx.store.conf_dir), ctx.clock())
+    elif not facts.reachable:
+        return _unreachable("confirm", facts)
+    elif not facts.has("hasync.confirm_state"):
+        return CheckResult("confirm", OK, "not applicable: the backup has no commit-confirmed sync (stock "
+                                          "OPNsense or --no-extensions)", {"applicable": False})
+    else:
+        assert facts.peer is not None
+        document = as_struct(facts.peer.call("hasync.confirm_state"))
+    healthy, message = confirmmod.health(document, ctx.clock())
+    past = document.get("past") or []
+    data = {"armed": (document.get("armed") or {}).get("state") == confirmmod.ARMED,
+            "last": str(past[0].get("state", "")) if past else ""}
+    return CheckResult("confirm", OK if healthy else WARNING, message, data)
+
+
 _FUNCTIONS: dict[str, Callable[[CheckContext, _Facts], CheckResult]] = {
     "peer": check_peer,
     "version": check_version,
@@ -550,6 +574,7 @@ _FUNCTIONS: dict[str, Callable[[CheckContext, _Facts], CheckResult]] = {
     "statesync": check_statesync,
     "sync_loop": check_sync_loop,
     "tls_expiry": check_tls_expiry,
+    "confirm": check_confirm,
 }
 
 

@@ -40,6 +40,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from . import digest as digestmod
-from . import pernode
+from . import lockout, pernode
 from . import snapshot as snapshotmod
 from .errors import HaError, TransportError
 from .extensions import PeerFeatures, as_struct, discover, stock_note
@@ -152,6 +153,7 @@ class ItemDiff:
     before: Any = ""
     after: Any = ""
     declared: list[pernode.Note] = field(default_factory=list)
+    lockout: str = ""  # the backup would refuse this sync: it locks the sync account out (lockout.py)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -173,6 +175,7 @@ class ItemDiff:
             "changes": [change.as_json() for change in self.changes],
             "warnings": self.warnings,
             "declared": [_declared_json(note) for note in self.declared],
+            "lockout": self.lockout,
         }
 
 
@@ -215,6 +218,11 @@ class DiffReport:
         return sum(1 for item in self.items if item.differs)
 
     @property
+    def lockout(self) -> str:
+        """Why a sync of these items would be refused as a lock-out ('' when it would not)."""
+        return "; ".join(item.lockout for item in self.items if item.lockout)
+
+    @property
     def exit_code(self) -> int:
         """diff(1): 0 no difference, 1 differences, 2 trouble."""
         if self.status != "ok":
@@ -232,6 +240,7 @@ class DiffReport:
             "differences": self.differences if self.status == "ok" else 0,
             "items": [item.as_json() for item in self.items],
             "message": self.message,
+            "lockout": self.lockout,
         }
 
 
@@ -533,22 +542,35 @@ def _walk(before: Any, after: Any, path: str, out: list[RecordChange]) -> None:
 # --- comparing with the backup ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SyncLogin:
+    """The credentials a sync would use (hasync.username/password), for the lock-out check."""
+
+    username: str
+    password: str = field(repr=False)
+
+
 def simulate(before_raw: Mapping[str, Any], payload_part: Mapping[str, Any], registry: SyncItemRegistry,
-             sections: list[str]) -> tuple[Any, Any, list[str]]:
-    """(before, after, merge warnings): the backup's sections before and after the real merge."""
+             sections: list[str], login: SyncLogin | None = None) -> tuple[Any, Any, list[str], str]:
+    """(before, after, merge warnings, lock-out): the backup's sections before and after the real
+    merge, and, given the sync's `login`, the backup's refusal if the merge would lock it out."""
     tree = etree.Element("opnsense")
     for key, value in before_raw.items():
         tree.extend(value_to_elements(key, value))
     before = digestmod.normalize(digestmod.tree_item_value(tree, sections))
+    accounts = lockout.accounts_copy(tree) if login is not None else None
     report = merge_payload(tree, dict(payload_part), registry, accept_unknown=True)
     after = digestmod.normalize(digestmod.tree_item_value(tree, sections))
     warnings = [w for w in report.warnings if "--accept-unknown-sections" not in w]
-    return before, after, warnings
+    refusal = ""
+    if login is not None and accounts is not None:
+        refusal = lockout.lost_access(accounts, tree, login.username, login.password, now=time.time()) or ""
+    return before, after, warnings, refusal
 
 
 def _compare_item(item: ItemDiff, before_raw: Mapping[str, Any], payload_part: Mapping[str, Any],
-                  registry: SyncItemRegistry, sections: list[str]) -> None:
-    before, after, warnings = simulate(before_raw, payload_part, registry, sections)
+                  registry: SyncItemRegistry, sections: list[str], login: SyncLogin | None = None) -> None:
+    before, after, warnings, item.lockout = simulate(before_raw, payload_part, registry, sections, login)
     item.before, item.after = before, after
     item.changes = diff_values(before, after)
     item.warnings = warnings
@@ -585,6 +607,8 @@ def build_diff(
     values = digestmod.primary_item_values(root, registry, ids, rewritten)
     local = digestmod.item_digests(values, registry)
     features = features or discover(peer)
+    settings = read_hasync(root)
+    login = SyncLogin(settings.effective_username, settings.password)
     report = DiffReport(target=peer.url)
     items = {item_id: ItemDiff(item_id, registry.get(item_id).description, primary_digest=local[item_id],
                                declared=declared_notes(values[item_id], rewritten, registry, item_id))
@@ -608,7 +632,7 @@ def build_diff(
                 if "value" not in entry:
                     raise TransportError(f"hasync.export_sections did not return item {item_id}")
                 _compare_item(item, as_struct(entry["value"]), values[item_id], registry,
-                              registry.get(item_id).sections)
+                              registry.get(item_id).sections, login)
         return report
     report.source = "snapshot"
     snap = snapshotmod.load(store.conf_dir)
@@ -641,7 +665,7 @@ def build_diff(
             item.status = "unknown"
             item.note = "the snapshot lacks this item's values; run `opnsense-ha sync` to refresh it"
             continue
-        _compare_item(item, pushed, values[item_id], registry, registry.get(item_id).sections)
+        _compare_item(item, pushed, values[item_id], registry, registry.get(item_id).sections, login)
     return report
 
 
@@ -733,6 +757,9 @@ def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool
                 lines.extend(f"      {_field_line(f)}" for f in change.fields)
         lines.extend(paint(f"  ! {warning}", "note") for warning in item.warnings)
         lines.extend(declared)
+        if item.lockout:
+            lines.append(paint(f"  LOCK-OUT: the backup would refuse this sync: {item.lockout} "
+                               "(sync --allow-lockout forces it)", "removed"))
     total = report.differences
     lines.append(f"{total} of {len(report.items)} item(s) differ" if total else "no differences")
     return "\n".join(lines)
@@ -806,6 +833,8 @@ def render_unified(report: DiffReport, colour: bool = False) -> str:
             else:
                 lines.append(line)
         lines.extend(f"# {item.id}: {warning}" for warning in item.warnings)
+        if item.lockout:
+            lines.append(paint(f"# {item.id}: LOCK-OUT: the backup would refuse this sync: {item.lockout}", "removed"))
     return "\n".join(lines)
 
 

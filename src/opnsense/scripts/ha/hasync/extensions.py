@@ -19,6 +19,8 @@ hasync.carp_status         none                  `carp_facts` (VIP states, demot
                                                  maintenance, state sync)
 hasync.history             none                  `rollback.history_document`
 hasync.rollback            ``{force: bool}``     `rollback.RollbackResult.as_json`
+hasync.confirm             ``{id}``              the commit-confirmed outcome (`confirm`)
+hasync.confirm_state       none                  `confirm.public_state`: armed rollback, past
 =========================  ====================  =============================================
 
 A client learns what a peer supports from `system.listMethods` (`discover`): a stock OPNsense
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, xmlrpc
+from . import confirm as confirmmod
 from . import digest as digestmod
 from . import rollback as rollbackmod
 from .agent import CallContext, Dispatcher, MethodFault
@@ -69,6 +72,7 @@ METHODS: tuple[str, ...] = (
     "hasync.carp_status",
     "hasync.history",
     "hasync.rollback",
+    *confirmmod.METHODS,
 )
 MAX_ITEMS_PER_CALL = 1000
 
@@ -173,7 +177,9 @@ class Extensions:
         self.node = node
         self.state_dir = state_dir or default_state_dir(node.conf_dir)
         self.features: set[str] = {"digest", "export_sections", "carp_status", "history", "rollback",
-                                   "preserve_before_merge"}
+                                   "preserve_before_merge", confirmmod.FEATURE}
+        self.armed = confirmmod.ArmedRollback(node, self.state_dir)
+        node.merge_hook = self.armed
 
     def methods(self) -> dict[str, Callable[[Any, CallContext], Any]]:
         return {
@@ -188,6 +194,7 @@ class Extensions:
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         for name, handler in self.methods().items():
             dispatcher.register(name, handler)
+        self.armed.register(dispatcher)
         merge = dispatcher.methods.get("opnsense.restore_config_section")
         if merge is not None:
             dispatcher.register("opnsense.restore_config_section", self._preserving(merge))
@@ -239,7 +246,7 @@ class Extensions:
         return carp_facts(CarpOps(self.node.store, self.node.failover))
 
     def history(self, _argument: Any, _context: CallContext) -> dict[str, Any]:
-        return rollbackmod.history_document(self.node.store, self.state_dir)
+        return confirmmod.with_state(rollbackmod.history_document(self.node.store, self.state_dir), self.state_dir)
 
     def rollback(self, argument: Any, context: CallContext) -> dict[str, Any]:
         options = argument if isinstance(argument, dict) else {}

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .. import confirm as confirmmod
 from ..client import ClientOptions
 from ..errors import HaError
 from ..items import SyncItemRegistry
@@ -66,6 +67,7 @@ def run_status(args: argparse.Namespace) -> int:
         remote = _remote(args)
         version = remote.version()
         services = remote.services()
+        confirm = confirmmod.fetch_state(remote.peer())  # None on a stock backup
     except HaError as exc:
         if args.json:
             print(json.dumps(error_document(exc), indent=2))
@@ -73,7 +75,10 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"The backup firewall is not accessible: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"version": version["response"], "services": services["response"]}, indent=2))
+        document = {"version": version["response"], "services": services["response"]}
+        if confirm is not None:
+            document["confirm"] = confirm
+        print(json.dumps(document, indent=2))
         return 0
     firmware = version["response"].get("firmware", {})
     print(f"backup firmware {firmware.get('version', '?')} (this node {firmware.get('_my_version', '?')})")
@@ -82,4 +87,6 @@ def run_status(args: argparse.Namespace) -> int:
         state = "running" if service.get("status") else ("n/a" if service.get("nocheck") else "stopped")
         print(f"{service.get('name', ''):<24} {service.get('id', '') or '':<6} {state:<8} "
               f"{service.get('description', '')}")
+    for line in confirmmod.describe(confirm or {}):
+        print(line)
     return 0

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import confirm as confirmmod
 from .. import rollback as rollbackmod
 from ..client import ClientOptions, PeerClient
 from ..errors import HaError
@@ -115,7 +116,8 @@ def run_history(args: argparse.Namespace) -> int:
         document = _remote(args, "hasync.history", [])
     else:
         store = ConfigStore(args.conf_dir)
-        document = rollbackmod.history_document(store, state_dir(store.conf_dir))
+        document = confirmmod.with_state(rollbackmod.history_document(store, state_dir(store.conf_dir)),
+                                         state_dir(store.conf_dir))
     if args.json:
         print(json.dumps(document, indent=2))
         return 0
@@ -137,4 +139,6 @@ def run_history(args: argparse.Namespace) -> int:
               f"{entry.get('description', '')}{mark}")
     plan = as_struct(document.get("rollback", {}))
     print(f"rollback: {plan.get('reason', '')}")
+    for line in confirmmod.describe(as_struct(document.get("confirm", {}))):
+        print(line)
     return 0
