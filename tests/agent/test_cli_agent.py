@@ -33,8 +33,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_agent(conf_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
+def start_agent(conf_dir: Path, *extra: str, port: int | None = None) -> tuple[subprocess.Popen[str], str]:
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "hasync", "--conf-dir", str(conf_dir), "serve", "--listen", f"127.0.0.1:{port}",
          "--allow-loopback", *extra],
@@ -160,5 +160,5 @@ def test_status_text_and_json(pair: Pair, agent: str) -> None:
     assert text.returncode == 0, text.stderr
     assert "SERVICE" in text.stdout and "unbound" in text.stdout
     document = json.loads(cli(pair.primary, "status", "--json").stdout)
-    assert set(document) == {"version", "services"}
+    assert set(document) == {"version", "services", "confirm"}  # confirm: the agent has commit-confirmed sync
     assert "_my_version" in document["version"]["firmware"]

@@ -22,6 +22,7 @@ from hasync.core.osiface import SubprocessRunner
 from hasync.services.backends import ServicesDirBackend
 from hasync.wire import xmlrpc
 from hasync.wire.client import ClientOptions, PeerClient
+from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER
 from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 from support.paths import SHARED
 
@@ -63,7 +64,8 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
             backend.stop(service["name"], service.get("id", ""))
 
 
-def post(server: AgentServer, body: bytes, user: str = SYNC_USER, password: str = SYNC_PASSWORD) -> bytes:
+def post(server: AgentServer, body: bytes, user: str = SYNC_USER, password: str = SYNC_PASSWORD,
+         extra: dict[str, str] | None = None) -> bytes:
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -73,7 +75,8 @@ def post(server: AgentServer, body: bytes, user: str = SYNC_USER, password: str 
     try:
         auth = base64.b64encode(f"{user}:{password}".encode()).decode()
         conn.request("POST", "/xmlrpc.php", body=body,
-                     headers={"Authorization": f"Basic {auth}", "Content-Type": "text/xml", "User-Agent": "XML_RPC"})
+                     headers={"Authorization": f"Basic {auth}", "Content-Type": "text/xml", "User-Agent": "XML_RPC",
+                              **(extra or {})})
         response = conn.getresponse()
         assert response.status == 200
         return response.read()
@@ -84,7 +87,16 @@ def post(server: AgentServer, body: bytes, user: str = SYNC_USER, password: str 
 def test_agent_answers_php_requests_with_php_shapes(pair: Pair) -> None:
     with running_agent(pair) as server:
         for request_name, response_name in PAIRS:
-            ours = xmlrpc.loads_response(post(server, wire(request_name)))
+            extra = {}
+            if "restore_config_section" in request_name:
+                # PHP's sample replaces the users with root alone: as sent by a stock primary, the
+                # lock-out guard refuses it (the sync user 'hasync' would be gone) and writes nothing
+                before = (pair.backup / "config.xml").read_bytes()
+                with pytest.raises(xmlrpc.Fault, match="user 'hasync' would no longer exist; the primary would"):
+                    xmlrpc.loads_response(post(server, wire(request_name)))
+                assert (pair.backup / "config.xml").read_bytes() == before
+                extra = {ALLOW_LOCKOUT_HEADER: "1"}  # as `sync --allow-lockout` sends it
+            ours = xmlrpc.loads_response(post(server, wire(request_name), extra=extra))
             theirs = xmlrpc.loads_response(wire(response_name))
             if request_name == "request-list_services.xml":
                 assert isinstance(ours, list) and ours

@@ -15,9 +15,10 @@ from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core.osiface import SubprocessRunner
 from hasync.core.paths import state_dir
+from hasync.node import confirm_state as confirmmod
 from hasync.node import rollback as rollbackmod
 from hasync.services.backends import ServicesDirBackend
-from support.fakekernel import FakeKernel
+from support.fakekernel import bare_backup_kernel, vhids
 from support.health import agent, backend, edit, fresh_pair, run_cli, sync
 from support.nodes import Pair
 
@@ -29,21 +30,6 @@ def pair(tmp_path: Path) -> Pair:
 
 def config_bytes(conf_dir: Path) -> bytes:
     return (conf_dir / "config.xml").read_bytes()
-
-
-def bare_backup_kernel() -> FakeKernel:
-    """The backup before its first sync: interfaces and pfsync, no CARP vhid yet."""
-    kernel = FakeKernel()
-    kernel.add_interface("eth0", address="198.51.100.3/24")
-    kernel.add_interface("eth1", address="10.77.1.3/24")
-    kernel.add_interface("eth2", address="10.77.3.2/30")
-    kernel.run(["ifconfig", "pfsync0", "syncdev", "eth2", "syncpeer", "10.77.3.1", "version", "1400", "-defer", "up"])
-    kernel.complete_bulk()
-    return kernel
-
-
-def vhids(kernel: FakeKernel) -> dict[str, list[int]]:
-    return {name: sorted(iface.carp) for name, iface in kernel.interfaces.items() if iface.carp}
 
 
 # --- the round trip -------------------------------------------------------------------------------
@@ -132,7 +118,7 @@ def test_history_marks_the_sync_and_the_target(pair: Pair, capsys: Any) -> None:
         remote = json.loads(out)
         code, text, _ = run_cli(capsys, pair.primary, "history", "--remote")
     local = rollbackmod.history_document(ConfigStore(pair.backup), state_dir(pair.backup))
-    assert remote == local
+    assert remote == confirmmod.with_state(local, state_dir(pair.backup))
     entries = remote["entries"]
     assert [e["sync"] for e in entries] == [True, False]
     assert [e["current"] for e in entries] == [True, False]

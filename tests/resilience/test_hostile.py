@@ -236,7 +236,7 @@ KNOWN_METHODS = [
     "opnsense.stop_service", "opnsense.restart_service", "opnsense.test", "system.listMethods",
     "system.getCapabilities", "system.multicall", "hasync.capabilities", "hasync.digest",
     "hasync.export_sections", "hasync.carp_status", "hasync.history", "hasync.rollback",
-    "hasync.restore_sections_xml", "hasync.sync_probe",
+    "hasync.restore_sections_xml", "hasync.sync_probe", "hasync.confirm", "hasync.confirm_state",
 ]
 SECTION_WORDS = ["zz_unknown", "hasync", "interfaces", "system", "filter", "aliases", "nat", "virtualip",
                  "OPNsense", "1bad", "a b", "@attributes", "x" * 300, "revision", "../etc", ""]

@@ -478,3 +478,18 @@ def _is_write(argv: tuple[str, ...]) -> bool:
     if argv[0] == "ifconfig":
         return len(argv) > 2
     return True
+
+
+def bare_backup_kernel() -> FakeKernel:
+    """The backup before its first sync: interfaces and pfsync, no CARP vhid yet."""
+    kernel = FakeKernel()
+    kernel.add_interface("eth0", address="198.51.100.3/24")
+    kernel.add_interface("eth1", address="10.77.1.3/24")
+    kernel.add_interface("eth2", address="10.77.3.2/30")
+    kernel.run(["ifconfig", "pfsync0", "syncdev", "eth2", "syncpeer", "10.77.3.1", "version", "1400", "-defer", "up"])
+    kernel.complete_bulk()
+    return kernel
+
+
+def vhids(kernel: FakeKernel) -> dict[str, list[int]]:
+    return {name: sorted(iface.carp) for name, iface in kernel.interfaces.items() if iface.carp}

@@ -202,7 +202,7 @@ def _text(node: etree._Element | None, tag: str) -> str:
     return (child.text or "").strip() if child is not None else ""
 
 
-def _list_values(node: etree._Element, tag: str) -> list[str]:
+def list_values(node: etree._Element, tag: str) -> list[str]:
     """Values of a repeated tag, also split on commas (newer OPNsense stores `a,b` in one element)."""
     values: list[str] = []
     for child in node.findall(tag):
@@ -256,12 +256,12 @@ def find_api_key(root: etree._Element, key: str) -> tuple[etree._Element, str] |
 
 def user_privileges(root: etree._Element, user: etree._Element) -> set[str]:
     """The user's own `priv` plus the `priv` of each group whose `member` list holds the user's uid."""
-    privileges = set(_list_values(user, "priv"))
+    privileges = set(list_values(user, "priv"))
     uid = _text(user, "uid")
     if uid:
         for group in root.findall("./system/group"):
-            if uid in _list_values(group, "member"):
-                privileges.update(_list_values(group, "priv"))
+            if uid in list_values(group, "member"):
+                privileges.update(list_values(group, "priv"))
     return privileges
 
 

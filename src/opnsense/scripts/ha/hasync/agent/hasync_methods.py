@@ -19,6 +19,8 @@ hasync.carp_status         none                  `carp_facts` (VIP states, demot
                                                  maintenance, state sync)
 hasync.history             none                  `rollback.history_document`
 hasync.rollback            ``{force: bool}``     `rollback.RollbackResult.as_json`
+hasync.confirm             ``{id}``              the commit-confirmed outcome (`confirm`)
+hasync.confirm_state       none                  `confirm.public_state`: armed rollback, past
 =========================  ====================  =============================================
 
 A client learns what a peer supports from `system.listMethods` (`wire.discovery.discover`): a stock OPNsense
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hasync import __version__
+from hasync.agent.confirm import ArmedRollback
 from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import read_hasync
 from hasync.core import paths
@@ -52,6 +55,7 @@ from hasync.core.errors import HaError
 from hasync.failover import model
 from hasync.failover.base import PfsyncState
 from hasync.failover.carp import CarpOps, pfsync_differences
+from hasync.node import confirm_state as confirmmod
 from hasync.node import rollback as rollbackmod
 from hasync.payload import digest as digestmod
 from hasync.wire import xmlrpc
@@ -69,6 +73,7 @@ METHODS: tuple[str, ...] = (
     "hasync.carp_status",
     "hasync.history",
     "hasync.rollback",
+    *confirmmod.METHODS,
 )
 MAX_ITEMS_PER_CALL = 1000
 
@@ -171,7 +176,9 @@ class Extensions:
         self.node = node
         self.state_dir = state_dir or paths.state_dir(node.conf_dir)
         self.features: set[str] = {"digest", "export_sections", "carp_status", "history", "rollback",
-                                   "preserve_before_merge"}
+                                   "preserve_before_merge", confirmmod.FEATURE}
+        self.armed = ArmedRollback(node, self.state_dir)
+        node.merge_hook = self.armed
 
     def methods(self) -> dict[str, Callable[[Any, CallContext], Any]]:
         return {
@@ -186,6 +193,7 @@ class Extensions:
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         for name, handler in self.methods().items():
             dispatcher.register(name, handler)
+        self.armed.register(dispatcher)
         merge = dispatcher.methods.get("opnsense.restore_config_section")
         if merge is not None:
             dispatcher.register("opnsense.restore_config_section", self._preserving(merge))
@@ -237,12 +245,12 @@ class Extensions:
         return carp_facts(CarpOps(self.node.store, self.node.failover))
 
     def history(self, _argument: Any, _context: CallContext) -> dict[str, Any]:
-        return rollbackmod.history_document(self.node.store, self.state_dir)
+        return confirmmod.with_state(rollbackmod.history_document(self.node.store, self.state_dir), self.state_dir)
 
     def rollback(self, argument: Any, context: CallContext) -> dict[str, Any]:
         options = argument if isinstance(argument, dict) else {}
         force = options.get("force") in (True, 1, "1", "true", "yes")
-        with self.node._merge_lock:  # never interleave with a merge
+        with self.node.merge_lock:  # never interleave with a merge
             try:
                 result = rollbackmod.rollback(
                     self.node.store, self.node.registry, state_dir=self.state_dir,

@@ -13,8 +13,9 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from hasync.agent import lockout
 from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
@@ -29,6 +30,10 @@ from hasync.wire import xmlrpc
 from hasync.wire.xmlrpc import MethodFault
 
 log = logging.getLogger("hasync.backup")
+
+
+class MergeHook(Protocol):
+    def before_write(self, context: CallContext, before: bytes) -> None: ...
 
 
 class BackupNode:
@@ -50,8 +55,11 @@ class BackupNode:
         self.failover = failover
         self.accept_unknown_sections = accept_unknown_sections
         self._versions = version_provider or (lambda: versions.local_versions(store.conf_dir))
-        self._merge_lock = threading.Lock()  # one merge at a time, on top of the file lock
+        self.merge_lock = threading.Lock()  # one merge at a time, on top of the file lock
         self.last_report: MergeReport | None = None
+        # commit-confirmed sync (confirm.ArmedRollback, set by the extensions): arms a rollback
+        # just before a merge is written; None on a stock-like agent
+        self.merge_hook: MergeHook | None = None
 
     @property
     def conf_dir(self) -> Path:
@@ -87,12 +95,19 @@ class BackupNode:
                 "restore_config_section expects one struct of config sections, got "
                 f"{type(sections).__name__ if sections != [] else 'an empty array'}",
             )
-        with self._merge_lock:
+        with self.merge_lock:
             description = revision_description(sections)
-            with self.store.transaction(description, username=f"{context.username}@{context.remote_addr}") as root:
+            who = f"{context.username}@{context.remote_addr}"
+            with self.store.transaction(description, username=who) as root:
+                accounts_before = lockout.accounts_copy(root)
                 report = merge_payload(
                     root, sections, self.registry, accept_unknown=self.accept_unknown_sections
                 )
+                # raises before anything is written if the request's credentials would stop working
+                lockout.guard_merge(accounts_before, root, context.authorization, allow=context.allow_lockout,
+                                    now=self.store.clock.time(), who=who)
+                if self.merge_hook is not None:  # config.xml's bytes, still under the store's lock
+                    self.merge_hook.before_write(context, self.store.config_path.read_bytes())
             log.info("%s (from %s@%s)", description, context.username, context.remote_addr)
             for warning in report.warnings:
                 log.warning("%s", warning)

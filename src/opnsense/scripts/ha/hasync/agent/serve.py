@@ -113,6 +113,7 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         extensions = Extensions(node)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)
+        extensions.armed.resume()  # a commit-confirmed sync whose deadline passed while we were down
     context = tls_context(options, store, state_dir)
     try:
         return AgentServer(

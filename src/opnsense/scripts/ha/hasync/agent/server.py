@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from hasync.core.errors import HaError, MergeError, ServiceError
 from hasync.wire import xmlrpc
+from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER, CONFIRM_HEADER
 from hasync.wire.xmlrpc import MethodFault
 
 log = logging.getLogger("hasync.agent")
@@ -56,6 +57,11 @@ class CallContext:
 
     username: str
     remote_addr: str
+    # The request's Authorization header, for the lock-out guard (`lockout.guard_merge`): a merge
+    # checks that these credentials still log in afterwards. Never printed (repr=False).
+    authorization: str | None = field(default=None, repr=False, compare=False)
+    allow_lockout: bool = False  # header lockout.ALLOW_LOCKOUT_HEADER: `sync --allow-lockout`
+    confirm: str = ""  # header confirm.CONFIRM_HEADER ("<seconds> <id>"): `sync --confirm`
 
 
 Handler = Callable[[Any, CallContext], Any]
@@ -365,7 +371,10 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             body = self._read_body()
             if body is None:
                 return
-            self._send(200, self._dispatch(body, CallContext(verdict.username, remote)))
+            context = CallContext(verdict.username, remote, self.headers.get("Authorization"),
+                                  self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1",
+                                  self.headers.get(CONFIRM_HEADER, "").strip())
+            self._send(200, self._dispatch(body, context))
         finally:
             budget.release(size)
 

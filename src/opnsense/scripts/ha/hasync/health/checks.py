@@ -27,6 +27,8 @@ statesync            pfsync `syncok` / conntrackd running and its link up, where
 sync_loop            the backup has `hasync.synchronizetoip` set                          WARNING
 tls_expiry           the backup agent's TLS certificate expires within 30 days            WARNING
                      (expired: CRITICAL)
+confirm              the backup rolled back a commit-confirmed sync nobody confirmed,     WARNING
+                     and no sync merged since (on the backup: its own state file)
 ===================  ===================================================================  =========
 
 Once the peer is found unreachable no further call is made to it, so a check of a dead pair
@@ -52,8 +54,10 @@ from hasync.config.items import HasyncSettings, SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import schemas, versions
 from hasync.core.errors import HaError
+from hasync.core.paths import state_dir
 from hasync.failover.base import FailoverBackend
 from hasync.failover.carp import CarpOps
+from hasync.node import confirm_state as confirmmod
 from hasync.payload import digest as digestmod
 from hasync.sync import snapshot as snapshotmod
 from hasync.sync.run import peer_from_settings
@@ -81,6 +85,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("statesync", "state sync working"),
     ("sync_loop", "backup has no sync target"),
     ("tls_expiry", "agent TLS certificate valid for 30 days or more"),
+    ("confirm", "no commit-confirmed sync rolled back since the last good sync"),
 )
 CHECK_IDS = tuple(check_id for check_id, _ in CHECKS)
 _NAMES = dict(CHECKS)
@@ -540,6 +545,25 @@ def check_tls_expiry(ctx: CheckContext, facts: _Facts) -> CheckResult:
                                          f"({days:.0f} days)", data)
 
 
+def check_confirm(ctx: CheckContext, facts: _Facts) -> CheckResult:
+    if not facts.primary:  # the backup itself: the state its agent keeps
+
+        document = confirmmod.public_state(state_dir(ctx.store.conf_dir), ctx.clock())
+    elif not facts.reachable:
+        return _unreachable("confirm", facts)
+    elif not facts.has("hasync.confirm_state"):
+        return CheckResult("confirm", OK, "not applicable: the backup has no commit-confirmed sync (stock "
+                                          "OPNsense or --no-extensions)", {"applicable": False})
+    else:
+        assert facts.peer is not None
+        document = as_struct(facts.peer.call("hasync.confirm_state"))
+    healthy, message = confirmmod.health(document, ctx.clock())
+    past = document.get("past") or []
+    data = {"armed": (document.get("armed") or {}).get("state") == confirmmod.ARMED,
+            "last": str(past[0].get("state", "")) if past else ""}
+    return CheckResult("confirm", OK if healthy else WARNING, message, data)
+
+
 _FUNCTIONS: dict[str, Callable[[CheckContext, _Facts], CheckResult]] = {
     "peer": check_peer,
     "version": check_version,
@@ -551,6 +575,7 @@ _FUNCTIONS: dict[str, Callable[[CheckContext, _Facts], CheckResult]] = {
     "statesync": check_statesync,
     "sync_loop": check_sync_loop,
     "tls_expiry": check_tls_expiry,
+    "confirm": check_confirm,
 }
 
 

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import bisect
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from hasync.agent import lockout
 from hasync.config.items import SyncItemRegistry, paths_overlap, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.config.tree import ATTRIBUTES, value_to_elements
@@ -123,6 +125,7 @@ class ItemDiff:
     before: Any = ""
     after: Any = ""
     declared: list[pernode.Note] = field(default_factory=list)
+    lockout: str = ""  # the backup would refuse this sync: it locks the sync account out (lockout.py)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -144,6 +147,7 @@ class ItemDiff:
             "changes": [change.as_json() for change in self.changes],
             "warnings": self.warnings,
             "declared": [_declared_json(note) for note in self.declared],
+            "lockout": self.lockout,
         }
 
 
@@ -186,6 +190,11 @@ class DiffReport:
         return sum(1 for item in self.items if item.differs)
 
     @property
+    def lockout(self) -> str:
+        """Why a sync of these items would be refused as a lock-out ('' when it would not)."""
+        return "; ".join(item.lockout for item in self.items if item.lockout)
+
+    @property
     def exit_code(self) -> int:
         """diff(1): 0 no difference, 1 differences, 2 trouble."""
         if self.status != "ok":
@@ -203,6 +212,7 @@ class DiffReport:
             "differences": self.differences if self.status == "ok" else 0,
             "items": [item.as_json() for item in self.items],
             "message": self.message,
+            "lockout": self.lockout,
         }
 
 
@@ -504,22 +514,35 @@ def _walk(before: Any, after: Any, path: str, out: list[RecordChange]) -> None:
 # --- comparing with the backup ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SyncLogin:
+    """The credentials a sync would use (hasync.username/password), for the lock-out check."""
+
+    username: str
+    password: str = field(repr=False)
+
+
 def simulate(before_raw: Mapping[str, Any], payload_part: Mapping[str, Any], registry: SyncItemRegistry,
-             sections: list[str]) -> tuple[Any, Any, list[str]]:
-    """(before, after, merge warnings): the backup's sections before and after the real merge."""
+             sections: list[str], login: SyncLogin | None = None) -> tuple[Any, Any, list[str], str]:
+    """(before, after, merge warnings, lock-out): the backup's sections before and after the real
+    merge, and, given the sync's `login`, the backup's refusal if the merge would lock it out."""
     tree = etree.Element("opnsense")
     for key, value in before_raw.items():
         tree.extend(value_to_elements(key, value))
     before = digestmod.normalize(digestmod.tree_item_value(tree, sections))
+    accounts = lockout.accounts_copy(tree) if login is not None else None
     report = merge_payload(tree, dict(payload_part), registry, accept_unknown=True)
     after = digestmod.normalize(digestmod.tree_item_value(tree, sections))
     warnings = [w for w in report.warnings if "--accept-unknown-sections" not in w]
-    return before, after, warnings
+    refusal = ""
+    if login is not None and accounts is not None:
+        refusal = lockout.lost_access(accounts, tree, login.username, login.password, now=time.time()) or ""
+    return before, after, warnings, refusal
 
 
 def _compare_item(item: ItemDiff, before_raw: Mapping[str, Any], payload_part: Mapping[str, Any],
-                  registry: SyncItemRegistry, sections: list[str]) -> None:
-    before, after, warnings = simulate(before_raw, payload_part, registry, sections)
+                  registry: SyncItemRegistry, sections: list[str], login: SyncLogin | None = None) -> None:
+    before, after, warnings, item.lockout = simulate(before_raw, payload_part, registry, sections, login)
     item.before, item.after = before, after
     item.changes = diff_values(before, after)
     item.warnings = warnings
@@ -556,6 +579,8 @@ def build_diff(
     values = digestmod.primary_item_values(root, registry, ids, rewritten)
     local = digestmod.item_digests(values, registry)
     features = features or discover(peer)
+    settings = read_hasync(root)
+    login = SyncLogin(settings.effective_username, settings.password)
     report = DiffReport(target=peer.url)
     items = {item_id: ItemDiff(item_id, registry.get(item_id).description, primary_digest=local[item_id],
                                declared=declared_notes(values[item_id], rewritten, registry, item_id))
@@ -579,7 +604,7 @@ def build_diff(
                 if "value" not in entry:
                     raise TransportError(f"hasync.export_sections did not return item {item_id}")
                 _compare_item(item, as_struct(entry["value"]), values[item_id], registry,
-                              registry.get(item_id).sections)
+                              registry.get(item_id).sections, login)
         return report
     report.source = "snapshot"
     snap = snapshotmod.load(store.conf_dir)
@@ -612,7 +637,7 @@ def build_diff(
             item.status = "unknown"
             item.note = "the snapshot lacks this item's values; run `opnsense-ha sync` to refresh it"
             continue
-        _compare_item(item, pushed, values[item_id], registry, registry.get(item_id).sections)
+        _compare_item(item, pushed, values[item_id], registry, registry.get(item_id).sections, login)
     return report
 
 

@@ -100,6 +100,9 @@ def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool
                 lines.extend(f"      {_field_line(f)}" for f in change.fields)
         lines.extend(paint(f"  ! {warning}", "note") for warning in item.warnings)
         lines.extend(declared)
+        if item.lockout:
+            lines.append(paint(f"  LOCK-OUT: the backup would refuse this sync: {item.lockout} "
+                               "(sync --allow-lockout forces it)", "removed"))
     total = report.differences
     lines.append(f"{total} of {len(report.items)} item(s) differ" if total else "no differences")
     return "\n".join(lines)
@@ -173,6 +176,8 @@ def render_unified(report: DiffReport, colour: bool = False) -> str:
             else:
                 lines.append(line)
         lines.extend(f"# {item.id}: {warning}" for warning in item.warnings)
+        if item.lockout:
+            lines.append(paint(f"# {item.id}: LOCK-OUT: the backup would refuse this sync: {item.lockout}", "removed"))
     return "\n".join(lines)
 
 

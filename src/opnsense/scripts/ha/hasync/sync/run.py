@@ -19,13 +19,16 @@ from typing import Any
 from hasync.config.items import HasyncSettings, SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import versions
-from hasync.core.errors import HaError
+from hasync.core.errors import AuthError, HaError, RemoteFault
 from hasync.core.paths import state_dir
 from hasync.failover.base import FailoverBackend
+from hasync.node import confirm_state as confirmmod
 from hasync.payload import pernode
 from hasync.sync import snapshot
+from hasync.sync.confirm import PrimaryConfirm
 from hasync.sync.plan import ConfigView, SyncPlan
 from hasync.wire.client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
+from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER, LOCKOUT_MARK
 
 log = logging.getLogger("hasync.sync")
 
@@ -51,6 +54,8 @@ class SyncOptions:
     client: ClientOptions = field(default_factory=ClientOptions)
     full: bool = False  # send every item without comparing digests first
     fast_path: bool = True  # compressed XML sections when the backup offers them (hasync.capabilities)
+    allow_lockout: bool = False  # merge even if the sync account loses its access (lockout.py)
+    confirm: int | None = None  # commit-confirmed window in seconds (confirm.py); None: the setting, 0: off
 
 
 @dataclass
@@ -71,6 +76,7 @@ class SyncResult:
     bytes_received: int = 0
     transfer: str = ""  # "fast path", "XML-RPC", or "none" when the digests matched
     items_unchanged: list[str] = field(default_factory=list)
+    confirm: dict[str, Any] = field(default_factory=dict)  # commit-confirmed: id, state, deadline
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +96,7 @@ class SyncResult:
             "bytes_received": self.bytes_received,
             "transfer": self.transfer,
             "items_unchanged": self.items_unchanged,
+            "confirm": self.confirm,
         }
 
 
@@ -128,6 +135,7 @@ class SyncRun:
         self.progress = progress
         self.result = SyncResult(dry_run=options.dry_run)
         self.username = ""
+        self.confirmer: PrimaryConfirm | None = None  # set once a merge is sent armed
 
     def step(self, name: str, action: Callable[[], str]) -> None:
         started = time.monotonic()
@@ -149,8 +157,10 @@ class SyncRun:
         try:
             self._run()
         except HaError as exc:
-            result.status = "error"
+            result.status = "lockout" if LOCKOUT_MARK in str(exc) else "error"
             result.message = str(exc)
+            if self.confirmer is not None and not isinstance(exc, RemoteFault):  # it may have merged
+                self.confirmer.failed(result, exc)
             # OPNsense's own wording, so existing log filters and alerts keep matching
             log.error("An error occurred while attempting XMLRPC sync with username %s and %s: %s",
                       shown_user(self.username) if self.username else "(unknown)", result.target or "(no target)", exc)
@@ -185,6 +195,8 @@ class SyncRun:
         peer = peer_from_settings(self.store.conf_dir, root, settings, self.options.client)
         result.target = peer.url
         self.username = peer.username
+        if self.options.allow_lockout:
+            peer.extra_headers[ALLOW_LOCKOUT_HEADER] = "1"
         try:
             self._talk(peer, plan)
         finally:
@@ -245,16 +257,54 @@ class SyncRun:
             self.step("dry run", lambda: plan.dry_run(peer))
             return
 
-        self.step("restore_config_section", lambda: plan.send(peer))
+        seconds = self.options.confirm
+        if seconds is None:  # the setting for syncs without --confirm (cron); read now that we parse anyway
+            seconds = confirmmod.setting(plan.view.root)
+        confirmer = PrimaryConfirm(seconds) if seconds else None
+        if confirmer is not None:
+            self.step("confirm: backup can roll back", lambda: confirmer.prepare(peer))
+            confirmer.arm(peer)
+            self.confirmer = confirmer
+            result.confirm = confirmer.as_json()
+        try:
+            self.step("restore_config_section", lambda: plan.send(peer))
+        except RemoteFault:
+            self.confirmer = None  # the backup refused the merge: nothing merged, nothing armed
+            raise
+        finally:
+            if confirmer is not None:
+                confirmer.disarm_header(peer)
+        if confirmer is not None:
+            confirmer.merged = True
         result.transfer = plan.transfer
         result.sections = plan.top_keys()
         snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
                                    item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
                                    prepared=plan.prepared)
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
-        self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
+        try:
+            self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
+        except AuthError:
+            if not self.options.allow_lockout:
+                raise
+            note = ("the backup no longer accepts the sync credentials (merged with --allow-lockout): its filter "
+                    "was not reloaded and no later call can reach it until its account is repaired there")
+            result.warnings.append(note)
+            log.warning("%s", note)
+            if confirmer is not None:  # the check will fail to log in: the backup rolls back by itself
+                self._confirm(confirmer)
+            return
         if self.options.restart_services:
             restart_all(peer, self, result)
+        if confirmer is not None:
+            self._confirm(confirmer)
+
+    def _confirm(self, confirmer: PrimaryConfirm) -> None:
+        def fresh_peer() -> PeerClient:  # the credentials of the config as it is now, a new connection
+            root = self.store.load()
+            return peer_from_settings(self.store.conf_dir, root, read_hasync(root), self.options.client)
+
+        confirmer.finish(self.step, fresh_peer, self.result)
 
 
 def restart_all(peer: PeerClient, run: SyncRun, result: SyncResult,

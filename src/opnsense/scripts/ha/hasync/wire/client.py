@@ -152,6 +152,7 @@ class PeerClient:
         self.peer_key = f"{self.host}:{self.port}"
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.extra_headers: dict[str, str] = {}  # e.g. the agent's allow-lockout header (no secrets)
 
     def __repr__(self) -> str:
         return f"PeerClient({self.url!r}, user={shown_user(self.username)!r})"
@@ -253,6 +254,8 @@ class PeerClient:
             conn.putheader("Content-Type", "text/xml")
             conn.putheader("Content-Length", str(len(body)))
             conn.putheader("Authorization", self._auth_header)
+            for name, value in self.extra_headers.items():
+                conn.putheader(name, value)
             conn.endheaders()
             conn.send(body)
             self.bytes_sent += len(body)

@@ -13,6 +13,8 @@ from hasync.cli.commands.sync import print_step
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core.errors import HaError
+from hasync.node import confirm_state as confirmmod
+from hasync.sync.confirm import fetch_state
 from hasync.sync.status import Remote, error_document
 from hasync.wire.client import ClientOptions
 
@@ -66,6 +68,7 @@ def run_status(args: argparse.Namespace) -> int:
         remote = _remote(args)
         version = remote.version()
         services = remote.services()
+        confirm = fetch_state(remote.peer())  # None on a stock backup
     except HaError as exc:
         if args.json:
             print(json.dumps(error_document(exc), indent=2))
@@ -73,7 +76,10 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"The backup firewall is not accessible: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"version": version["response"], "services": services["response"]}, indent=2))
+        document = {"version": version["response"], "services": services["response"]}
+        if confirm is not None:
+            document["confirm"] = confirm
+        print(json.dumps(document, indent=2))
         return 0
     firmware = version["response"].get("firmware", {})
     print(f"backup firmware {firmware.get('version', '?')} (this node {firmware.get('_my_version', '?')})")
@@ -82,4 +88,6 @@ def run_status(args: argparse.Namespace) -> int:
         state = "running" if service.get("status") else ("n/a" if service.get("nocheck") else "stopped")
         print(f"{service.get('name', ''):<24} {service.get('id', '') or '':<6} {state:<8} "
               f"{service.get('description', '')}")
+    for line in confirmmod.describe(confirm or {}):
+        print(line)
     return 0

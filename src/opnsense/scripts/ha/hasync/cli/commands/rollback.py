@@ -23,6 +23,7 @@ from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core.errors import HaError
 from hasync.core.paths import state_dir
+from hasync.node import confirm_state as confirmmod
 from hasync.node import rollback as rollbackmod
 from hasync.services.backends import ServiceBackend
 from hasync.sync.run import peer_from_settings
@@ -115,7 +116,8 @@ def run_history(args: argparse.Namespace) -> int:
         document = _remote(args, "hasync.history", [])
     else:
         store = ConfigStore(args.conf_dir)
-        document = rollbackmod.history_document(store, state_dir(store.conf_dir))
+        document = confirmmod.with_state(rollbackmod.history_document(store, state_dir(store.conf_dir)),
+                                         state_dir(store.conf_dir))
     if args.json:
         print(json.dumps(document, indent=2))
         return 0
@@ -137,4 +139,6 @@ def run_history(args: argparse.Namespace) -> int:
               f"{entry.get('description', '')}{mark}")
     plan = as_struct(document.get("rollback", {}))
     print(f"rollback: {plan.get('reason', '')}")
+    for line in confirmmod.describe(as_struct(document.get("confirm", {}))):
+        print(line)
     return 0

@@ -14,6 +14,9 @@ from hasync.core import schemas
 from hasync.sync.run import Step, SyncOptions, SyncRun, trust_store
 from hasync.wire.client import ClientOptions
 
+#: sync's exit status by result status; anything else is 1 (error).
+EXIT_CODES = {"ok": 0, "error": 1, "lockout": 3, "rolled-back": 4, "unconfirmed": 5}
+
 
 def register(subparsers: Any) -> None:
     sync = subparsers.add_parser("sync", help="push the selected config sections to the backup")
@@ -27,6 +30,13 @@ def register(subparsers: Any) -> None:
                       help="send every selected item (default: only items whose digests differ from the backup's)")
     sync.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                       help="always use OPNsense's XML-RPC call, even when the backup offers the fast path")
+    sync.add_argument("--allow-lockout", action="store_true",
+                      help="merge even if the sync account would lose its access to the backup (default: the "
+                           "backup refuses such a merge and this exits 3)")
+    sync.add_argument("--confirm", type=int, default=None, metavar="SECONDS",
+                      help="commit-confirmed: the backup rolls the sync back after SECONDS unless this run "
+                           "confirms it after checking the backup (default: the syncconfirm setting; 0: off). "
+                           "Exit 4 rolled back, 5 not confirmed")
     sync.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_client_options(sync)
     sync.set_defaults(func=run_sync)
@@ -54,6 +64,8 @@ def run_sync(args: argparse.Namespace) -> int:
         client=client_options(args, ClientOptions()),
         full=args.full,
         fast_path=args.fast_path,
+        allow_lockout=args.allow_lockout,
+        confirm=args.confirm,
     )
     run = SyncRun(ConfigStore(args.conf_dir), registry, options,
                   failover=failover_backend(args.conf_dir) if args.pre_check_master else None,
@@ -63,11 +75,16 @@ def run_sync(args: argparse.Namespace) -> int:
         document = result.as_json()
         schemas.validate("sync-result", document)
         print(json.dumps(document, indent=2))
+    elif result.status in ("rolled-back", "unconfirmed"):
+        print(f"opnsense-ha: sync {result.message}", file=sys.stderr)
     elif result.status != "ok":
         print(f"opnsense-ha: sync failed: {result.message}", file=sys.stderr)
+    elif result.confirm.get("state") == "confirmed":
+        print(f"opnsense-ha: sync confirmed (the backup would have rolled back at {result.confirm['deadline']})",
+              file=sys.stderr)
     elif result.skipped:
         print(f"opnsense-ha: {result.skipped}", file=sys.stderr)
-    return 0 if result.status == "ok" else 1
+    return EXIT_CODES.get(result.status, 1)
 
 
 def run_trust(args: argparse.Namespace) -> int:
