@@ -1,4 +1,4 @@
-"""Agent extension methods (`hasync.*`) and how a client finds out whether a peer has them.
+"""Agent extension methods (`hasync.*`): what OPNsense's XML-RPC cannot tell a primary.
 
 Our agent answers every `opnsense.*` method exactly like OPNsense, so any primary can sync to it.
 The `hasync.` namespace adds what OPNsense's XML-RPC cannot tell a primary, and never collides

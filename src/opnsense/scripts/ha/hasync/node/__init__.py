@@ -1,1 +1,2 @@
-"""Changes to this node beyond config.xml: reconfiguring after a change, rollback."""
+"""Changes to this node beyond a merge: reconfiguring after one, rollback, commit-confirm state,
+the offline apply of a payload file."""
