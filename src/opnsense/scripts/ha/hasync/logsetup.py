@@ -10,19 +10,26 @@ import logging
 import logging.handlers
 import os
 
-SYSLOG_SOCKET = "/dev/log"
+# FreeBSD's syslogd (and OPNsense's syslog-ng) listen on /var/run/log; Linux has /dev/log.
+SYSLOG_SOCKETS = ("/var/run/log", "/dev/log")
 IDENT = "opnsense-ha"
+
+
+def syslog_socket() -> str:
+    """This system's local syslog socket: the first of SYSLOG_SOCKETS that exists (else /dev/log)."""
+    return next((path for path in SYSLOG_SOCKETS if os.path.exists(path)), SYSLOG_SOCKETS[-1])
 
 
 def setup_syslog(logger: logging.Logger | None = None) -> None:
     """Send `logger` (default: `hasync`) to the local syslog if there is one; idempotent."""
     logger = logger or logging.getLogger("hasync")
-    if not os.path.exists(SYSLOG_SOCKET):
+    socket_path = syslog_socket()
+    if not os.path.exists(socket_path):
         return
     if any(isinstance(h, logging.handlers.SysLogHandler) for h in logger.handlers):
         return
     try:
-        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET,
+        handler = logging.handlers.SysLogHandler(address=socket_path,
                                                  facility=logging.handlers.SysLogHandler.LOG_USER)
     except OSError:
         return
