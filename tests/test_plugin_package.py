@@ -1,0 +1,347 @@
+"""The repository is an opnsense/plugins plugin: BSD make with their `Mk/` installs it, configd runs it.
+
+The tracked files (`git ls-files`, so no caches or virtualenvs) are copied to `<tmp>/sysutils/
+opnsense-ha/` beside copies of opnsense/plugins' `Mk/`, `Templates/` and `Scripts/` from
+`../shared/anchors/opnsense-plugins`, in a fresh git repository as in a plugins checkout; then
+`bmake install DESTDIR=<root>` and `bmake plist` run exactly as OPNsense's build runs them. The
+installed tree is checked by rule (every file of `src/` under /usr/local, scripts executable,
+nothing of the development tree), not against a frozen list. OPNsense's real configd (from
+`../shared/anchors/opnsense-core`) then runs the *installed* `actions_ha.conf` against a node.
+
+Skips cleanly without `../shared`, bmake, git or php.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, REPO, SHARED
+
+_plugins = SHARED / "anchors" / "opnsense-plugins"
+_core_service = SHARED / "anchors" / "opnsense-core" / "src" / "opnsense" / "service"
+PLUGINS = _plugins if (_plugins / "Mk" / "plugins.mk").is_file() else None
+CORE_SERVICE = _core_service if (_core_service / "configd.py").is_file() else None
+BMAKE = shutil.which("bmake")
+PHP = shutil.which("php")
+PLUGIN_DIR = "opnsense-ha"
+
+# PyPI name -> FreeBSD port (origin); PLUGIN_DEPENDS names the package py${PLUGIN_PYTHON}-<port name>.
+FREEBSD_PORTS = {
+    "lxml": "devel/py-lxml",
+    "jsonschema": "devel/py-jsonschema",
+    "bcrypt": "security/py-bcrypt",
+    "passlib": "security/py-passlib",
+    "cryptography": "security/py-cryptography",
+}
+# Development-only parts of the repository: none of it may reach a firewall.
+NEVER_INSTALLED = re.compile(r"(^|/)(tests|bench|fixtures|__pycache__|\.venv|[^/]*\.egg-info|\.pytest_cache"
+                             r"|\.mypy_cache|\.ruff_cache|\.hypothesis)(/|$)|\.pyc$")
+
+needs_bmake = pytest.mark.skipif(
+    PLUGINS is None or BMAKE is None or shutil.which("git") is None,
+    reason="needs ../shared/anchors/opnsense-plugins, bmake (Debian: apt-get install bmake) and git",
+)
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    return [name for name in out.decode().split("\0") if name and (REPO / name).exists()]
+
+
+def bmake(plugin: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BMAKE), "-C", str(plugin), "PLUGIN_PYTHON=311", "PLUGIN_PHP=82", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+class Installed:
+    def __init__(self, plugin: Path, root: Path, plist: list[str]) -> None:
+        self.plugin, self.root, self.plist = plugin, root, plist
+        self.local = root / "usr" / "local"
+
+    def files(self) -> set[str]:
+        return {"/" + str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    if PLUGINS is None or BMAKE is None or shutil.which("git") is None:
+        pytest.skip("needs ../shared/anchors/opnsense-plugins, bmake and git")
+    tree = tmp_path_factory.mktemp("plugins")
+    for part in ("Mk", "Templates", "Scripts"):
+        shutil.copytree(PLUGINS / part, tree / part)
+    plugin = tree / "sysutils" / PLUGIN_DIR
+    for name in tracked_files():
+        target = plugin / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)  # keeps the mode: the package's executables are git's
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=tree, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=tree, check=True)
+    subprocess.run([*git, "commit", "-qm", "plugins checkout"], cwd=tree, check=True)
+    root = tree / "root"
+    proc = bmake(plugin, "install", f"DESTDIR={root}")
+    assert proc.returncode == 0, proc.stderr
+    proc = bmake(plugin, "plist")
+    assert proc.returncode == 0, proc.stderr
+    return Installed(plugin, root, proc.stdout.split())
+
+
+@needs_bmake
+def test_install_puts_every_src_file_under_usr_local_and_nothing_else(installed: Installed) -> None:
+    expected = {f"/usr/local/{name[len('src/'):]}" for name in tracked_files() if name.startswith("src/")}
+    expected.add(f"/usr/local/opnsense/version/{PLUGIN_DIR}")  # written by plugins.mk
+    assert installed.files() == expected
+    assert set(installed.plist) == expected  # the package's file list is what was installed
+
+
+@needs_bmake
+def test_runtime_parts_are_installed_and_development_parts_are_not(installed: Installed) -> None:
+    files = installed.files()
+    scripts = {p.name for p in (REPO / "src/opnsense/scripts/ha").glob("ha_*.py")}
+    assert {"ha_sync.py", "ha_serve.py", "ha_check.py"} <= scripts
+    required = {f"/usr/local/opnsense/scripts/ha/{name}" for name in scripts} | {
+        "/usr/local/opnsense/scripts/ha/hasync/__init__.py",
+        "/usr/local/opnsense/scripts/ha/hasync/cli.py",
+        "/usr/local/opnsense/scripts/ha/hasync/daemonize.py",
+        "/usr/local/opnsense/service/conf/actions.d/actions_ha.conf",
+        "/usr/local/etc/inc/plugins.inc.d/opnsense_ha.inc",
+        "/usr/local/etc/rc.d/opnsense_ha",
+        "/usr/local/etc/rc.syshook.d/early/85-opnsense-ha",
+        "/usr/local/etc/rc.syshook.d/carp/20-opnsense-ha",
+        "/usr/local/sbin/opnsense-ha",
+        "/usr/local/opnsense/service/templates/OPNsense/HaSync/+TARGETS",
+    }
+    assert required <= files, sorted(required - files)
+    # the package data the engine loads at run time
+    assert any(f.startswith("/usr/local/opnsense/scripts/ha/hasync/items.d/") and f.endswith(".json") for f in files)
+    assert any(f.startswith("/usr/local/opnsense/scripts/ha/hasync/schemas/") for f in files)
+    leaked = sorted(f for f in files if NEVER_INSTALLED.search(f))
+    assert not leaked, leaked
+    assert all(f.startswith("/usr/local/") for f in files)
+
+
+@needs_bmake
+def test_programs_are_executable_and_data_is_not(installed: Installed) -> None:
+    for name in installed.files():
+        path = installed.root / name.lstrip("/")
+        executable = bool(path.stat().st_mode & stat.S_IXUSR)
+        has_shebang = path.read_bytes()[:2] == b"#!"
+        assert executable == has_shebang, f"{name}: executable={executable}, shebang={has_shebang}"
+        assert not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH), f"{name} is group/world-writable"
+
+
+def test_control_the_executable_rule_sees_a_lost_mode(tmp_path: Path) -> None:
+    """Control for the rule above: a hook without its x bit (as from a mode-losing copy) is caught."""
+    hook = tmp_path / "20-x"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o644)
+    assert not hook.stat().st_mode & stat.S_IXUSR and hook.read_bytes()[:2] == b"#!"
+
+
+@needs_bmake
+def test_version_file_and_metadata(installed: Installed) -> None:
+    version = json.loads((installed.local / "opnsense/version" / PLUGIN_DIR).read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert version["product_name"] == PLUGIN_DIR
+    assert version["product_version"].split("_")[0] == project["version"]  # one version for both
+    assert version["product_id"] in (f"os-{PLUGIN_DIR}", f"os-{PLUGIN_DIR}-devel")
+    proc = bmake(installed.plugin, "-V", "${PLUGIN_DEPENDS}")
+    depends = proc.stdout.split()
+    runtime = [re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]]
+    assert sorted(runtime) == sorted(FREEBSD_PORTS), "every runtime dependency needs a known FreeBSD port"
+    assert sorted(depends) == sorted(f"py311-{FREEBSD_PORTS[name].split('/py-')[1]}" for name in runtime)
+    readme = (REPO / "README.md").read_text()
+    for name, port in FREEBSD_PORTS.items():
+        assert port in readme, f"README does not name the port of {name}"
+    descr = (REPO / "pkg-descr").read_text()
+    assert "Plugin Changelog" in descr and f"\n{project['version']}\n" in descr
+
+
+@needs_bmake
+def test_plist_skips_nothing_that_install_copies(installed: Installed) -> None:
+    """`make package` builds its plist with `plist`: a file installed but not listed would be left
+    behind by `pkg delete`; every listed file must be installed, or `pkg create` fails."""
+    assert sorted(installed.plist) == sorted(installed.files())
+
+
+# ------------------------------------------------------------------------------------------
+# static checks of the non-Python parts: sh -n, php -l
+# ------------------------------------------------------------------------------------------
+
+SHELL_SCRIPTS = [p for p in (REPO / "src" / "etc").rglob("*") if p.is_file() and p.read_bytes()[:9] == b"#!/bin/sh"]
+
+
+def test_shell_scripts_exist() -> None:
+    names = {p.name for p in SHELL_SCRIPTS}
+    assert {"opnsense_ha", "85-opnsense-ha", "20-opnsense-ha"} <= names
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse(script: Path) -> None:
+    sh = shutil.which("dash") or shutil.which("sh")  # a POSIX sh, as FreeBSD's /bin/sh
+    assert sh is not None
+    proc = subprocess.run([sh, "-n", str(script)], capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_sh_n_catches_a_syntax_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\nif true; then\n")
+    sh = shutil.which("dash") or shutil.which("sh")
+    assert subprocess.run([str(sh), "-n", str(broken)], capture_output=True, timeout=10).returncode != 0
+
+
+needs_php = pytest.mark.skipif(PHP is None, reason="needs php-cli (Debian: apt-get install php-cli)")
+INC = REPO / "src" / "etc" / "inc" / "plugins.inc.d" / "opnsense_ha.inc"
+
+# The two OPNsense functions the .inc calls, as small as they can be: gettext() is PHP's own (or
+# identity), and Config::getInstance()->object() is config.xml as SimpleXML.
+PHP_STUBS = r"""<?php
+namespace OPNsense\Core {
+    class Config {
+        private static $instance = null;
+        public static function getInstance() { return self::$instance ?? (self::$instance = new Config()); }
+        public function object() { return simplexml_load_file(getenv('CONFIG_XML')); }
+    }
+}
+namespace {
+    if (!function_exists('gettext')) { function gettext($text) { return $text; } }
+    require_once getenv('PLUGIN_INC');
+    echo json_encode(['services' => opnsense_ha_services(), 'syslog' => opnsense_ha_syslog()]);
+}
+"""
+
+
+@needs_php
+def test_inc_is_valid_php() -> None:
+    proc = subprocess.run([str(PHP), "-l", str(INC)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def run_inc(tmp_path: Path, agent_enabled: str | None) -> dict[str, object]:
+    config = (FIXTURES / "configs" / "backup.xml").read_text()
+    if agent_enabled is not None:
+        section = f"<OPNsense><hasync_agent><enabled>{agent_enabled}</enabled></hasync_agent></OPNsense>"
+        config = config.replace("</opnsense>", section + "</opnsense>", 1)
+    (tmp_path / "config.xml").write_text(config)
+    (tmp_path / "run.php").write_text(PHP_STUBS)
+    env = {**os.environ, "CONFIG_XML": str(tmp_path / "config.xml"), "PLUGIN_INC": str(INC)}
+    proc = subprocess.run([str(PHP), str(tmp_path / "run.php")], capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+@needs_php
+def test_inc_registers_the_agent_as_a_service_when_enabled(tmp_path: Path) -> None:
+    result = run_inc(tmp_path, "1")
+    [service] = result["services"]  # type: ignore[misc]
+    assert service["name"] == "opnsense-ha" and service["description"]
+    assert service["pidfile"] == "/var/run/opnsense_ha.pid"
+    # the configd recipes name real actions of our actions_ha.conf
+    actions = configparser.RawConfigParser()
+    actions.read(REPO / "src/opnsense/service/conf/actions.d/actions_ha.conf")
+    for verb in ("start", "stop", "restart"):
+        [command] = service["configd"][verb]
+        topic, action = command.split(" ", 1)
+        assert topic == "ha" and actions.has_section(action), command
+    # the pid file is the one the rc.d script writes
+    assert 'pidfile="/var/run/${name}.pid"' in (REPO / "src/etc/rc.d/opnsense_ha").read_text()
+    assert result["syslog"] == {"hasync": {"facility": ["opnsense-ha"]}}
+
+
+@needs_php
+@pytest.mark.parametrize("enabled", [None, "0"])
+def test_inc_lists_no_service_where_the_agent_is_off(tmp_path: Path, enabled: str | None) -> None:
+    assert run_inc(tmp_path, enabled)["services"] == []
+
+
+# ------------------------------------------------------------------------------------------
+# OPNsense's configd running the installed actions
+# ------------------------------------------------------------------------------------------
+
+
+def configd_call(sock_path: Path, command: str, timeout: float = 120) -> str:
+    """configd_ctl.py's exchange: send the command, read until configd's end marker."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(sock_path))
+        sock.sendall(command.encode())
+        data = b""
+        while not data.endswith(b"\n\n\n") and b"\x00\x00\x00" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.replace(b"\x00\x00\x00", b"").decode().strip()
+
+
+@pytest.fixture
+def configd(installed: Installed, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    if CORE_SERVICE is None or importlib.util.find_spec("jinja2") is None:
+        pytest.skip("needs ../shared/anchors/opnsense-core and jinja2 (the dev extra) for OPNsense's configd")
+    service = tmp_path / "service"
+    shutil.copytree(CORE_SERVICE, service, ignore=shutil.ignore_patterns("actions_*.conf", "__pycache__"))
+    node = tmp_path / "node"
+    node.mkdir()
+    shutil.copy(FIXTURES / "configs" / "backup.xml", node / "config.xml")
+    sock_path = tmp_path / "configd.sock"
+    (service / "conf" / "configd.conf").write_text(
+        "[main]\n"
+        f"socket_filename:{sock_path}\n"
+        f"pid_filename:{tmp_path / 'configd.pid'}\n\n"
+        "[environment]\n"
+        f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}\n"
+        f"OPNSENSE_HA_CONF_DIR={node}\n"
+        "OPNSENSE_HA_FAILOVER=none\n"
+        "PYTHONDONTWRITEBYTECODE=1\n"
+    )
+    # The installed file, unchanged but for two facts of this machine: the package root is
+    # DESTDIR, and there is no /usr/local/bin/python3 for the scripts' #! line.
+    actions = (installed.local / "opnsense/service/conf/actions.d/actions_ha.conf").read_text()
+    actions = re.sub(r"/usr/local/(opnsense/scripts/ha/\S+\.py)",
+                     lambda m: f"{sys.executable} {installed.local / m.group(1)}", actions)
+    (service / "conf" / "actions.d").mkdir(exist_ok=True)
+    (service / "conf" / "actions.d" / "actions_ha.conf").write_text(actions)
+    log = tmp_path / "configd.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(service / "configd.py"), "console"], cwd=service,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"configd did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield sock_path, node
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@needs_bmake
+def test_real_configd_runs_the_installed_actions(configd: tuple[Path, Path]) -> None:
+    sock_path, _node = configd
+    options = json.loads(configd_call(sock_path, "ha options"))
+    assert "aliases" in options  # the sync items, read by the installed hasync package
+    carp = json.loads(configd_call(sock_path, "ha carp_status"))
+    assert isinstance(carp, dict)
+    check = json.loads(configd_call(sock_path, "ha check"))
+    assert "status" in check or "checks" in check
+    assert configd_call(sock_path, "ha no_such_action").startswith("Action not")
