@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, REPO, SHARED
+from hasync.commands.agent import AgentSettings
+from hasync.store import parse_config_bytes, serialize
 
 _plugins = SHARED / "anchors" / "opnsense-plugins"
 _core_service = SHARED / "anchors" / "opnsense-core" / "src" / "opnsense" / "service"
@@ -236,11 +238,10 @@ def test_inc_is_valid_php() -> None:
 
 
 def run_inc(tmp_path: Path, agent_enabled: str | None) -> dict[str, object]:
-    config = (FIXTURES / "configs" / "backup.xml").read_text()
-    if agent_enabled is not None:
-        section = f"<OPNsense><hasync_agent><enabled>{agent_enabled}</enabled></hasync_agent></OPNsense>"
-        config = config.replace("</opnsense>", section + "</opnsense>", 1)
-    (tmp_path / "config.xml").write_text(config)
+    root = parse_config_bytes((FIXTURES / "configs" / "backup.xml").read_bytes(), "backup.xml")
+    if agent_enabled is not None:  # written as `opnsense-ha agent set` writes it
+        AgentSettings(enabled=agent_enabled == "1").write(root)
+    (tmp_path / "config.xml").write_bytes(serialize(root))
     (tmp_path / "run.php").write_text(PHP_STUBS)
     env = {**os.environ, "CONFIG_XML": str(tmp_path / "config.xml"), "PLUGIN_INC": str(INC)}
     proc = subprocess.run([str(PHP), str(tmp_path / "run.php")], capture_output=True, text=True, timeout=30, env=env)
