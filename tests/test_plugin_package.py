@@ -346,3 +346,87 @@ def test_real_configd_runs_the_installed_actions(configd: tuple[Path, Path]) -> 
     check = json.loads(configd_call(sock_path, "ha check"))
     assert "status" in check or "checks" in check
     assert configd_call(sock_path, "ha no_such_action").startswith("Action not")
+
+
+# ------------------------------------------------------------------------------------------
+# the agent's settings: config.xml -> OPNsense's template engine -> rc.conf.d -> sh
+# ------------------------------------------------------------------------------------------
+
+
+def render_rc_conf(installed: Installed, tmp_path: Path, config: Path) -> dict[str, str]:
+    """Render the installed OPNsense/HaSync template with configd's own Template class, then read
+    the result the way rc.subr does: sourced by sh."""
+    if CORE_SERVICE is None or importlib.util.find_spec("jinja2") is None:
+        pytest.skip("needs ../shared/anchors/opnsense-core and jinja2 (the dev extra) for OPNsense's templates")
+    service = tmp_path / "service"
+    shutil.copytree(CORE_SERVICE / "modules", service / "modules", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(installed.local / "opnsense/service/templates", service / "templates")
+    out = tmp_path / "out"
+    code = ("import sys; from modules.template import Template; from modules.config import Config; "
+            "t = Template(sys.argv[2]); t.set_config(Config(sys.argv[1]).get()); print(t.generate('OPNsense/HaSync'))")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(config), str(out) + "/"], cwd=service,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rendered = out / "etc/rc.conf.d/opnsense_ha"
+    assert rendered.is_file(), proc.stdout
+    shell = ('. "$1"; printf "%s\\n%s\\n%s\\n" "$opnsense_ha_enable" "$opnsense_ha_listen" "$opnsense_ha_certref"')
+    sh = shutil.which("dash") or shutil.which("sh")
+    proc = subprocess.run([str(sh), "-c", shell, "sh", str(rendered)], capture_output=True, text=True, timeout=10,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    enable, listen, certref = proc.stdout.split("\n")[:3]
+    return {"enable": enable, "listen": listen, "certref": certref}
+
+
+def agent_cli(conf_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hasync", "--conf-dir", str(conf_dir), "agent", *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO / "src/opnsense/scripts/ha")
+
+
+@needs_bmake
+def test_agent_settings_reach_rc_conf_d(installed: Installed, tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    shutil.copy(FIXTURES / "configs" / "backup.xml", node / "config.xml")
+    assert render_rc_conf(installed, tmp_path / "r0", node / "config.xml") == {
+        "enable": "NO", "listen": "0.0.0.0:8443", "certref": ""}  # nothing set: off, the defaults
+    refid = next(c.findtext("refid") for c in parse_config_bytes((node / "config.xml").read_bytes(), "x")
+                 .iterfind("cert") if c.findtext("prv"))
+    proc = agent_cli(node, "set", "--enable", "--listen", "10.0.0.2", "--port", "9443", "--cert-ref", refid)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"enabled": True, "listen": "10.0.0.2", "port": 9443, "certref": refid}
+    assert render_rc_conf(installed, tmp_path / "r1", node / "config.xml") == {
+        "enable": "YES", "listen": "10.0.0.2:9443", "certref": refid}
+    assert agent_cli(node, "set", "--listen", "fd00::2", "--cert-ref", "").returncode == 0
+    assert render_rc_conf(installed, tmp_path / "r2", node / "config.xml") == {
+        "enable": "YES", "listen": "[fd00::2]:9443", "certref": ""}
+
+
+@needs_bmake
+def test_rc_conf_d_quotes_what_config_xml_holds(installed: Installed, tmp_path: Path) -> None:
+    """config.xml can be edited by hand: nothing in it may run as shell code when rc.d sources the file."""
+    canary = tmp_path / "canary"
+    root = parse_config_bytes((FIXTURES / "configs" / "backup.xml").read_bytes(), "backup.xml")
+    hostile = f"x'\"; touch {canary}; $(touch {canary}) `touch {canary}`"
+    AgentSettings(enabled=True, listen="", certref=hostile).write(root)
+    (tmp_path / "config.xml").write_bytes(serialize(root))
+    values = render_rc_conf(installed, tmp_path / "r", tmp_path / "config.xml")
+    assert values["certref"] == hostile and not canary.exists()
+
+
+def test_agent_set_refuses_bad_values_and_leaves_config_untouched(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "configs" / "backup.xml", tmp_path / "config.xml")
+    before = (tmp_path / "config.xml").read_bytes()
+    for args, message in ((["--listen", "10.0.0.300"], "not an IP address"), (["--port", "70000"], "out of range"),
+                          (["--cert-ref", "nosuchref"], "no certificate")):
+        proc = agent_cli(tmp_path, "set", "--enable", *args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert (tmp_path / "config.xml").read_bytes() == before
+    assert json.loads(agent_cli(tmp_path, "show").stdout)["enabled"] is False
+    # control: a good value is written, with a revision naming the change
+    assert agent_cli(tmp_path, "set", "--enable").returncode == 0
+    assert (tmp_path / "config.xml").read_bytes() != before
+    written = parse_config_bytes((tmp_path / "config.xml").read_bytes(), "x")
+    assert written.findtext("OPNsense/hasync_agent/enabled") == "1"
+    assert "agent settings" in (written.findtext("revision/description") or "")
