@@ -188,3 +188,31 @@ def test_a_program_that_never_gets_ready_is_killed_not_left_running(tmp_path: Pa
     assert result.returncode == 1 and "not ready within 1s" in result.stderr
     assert time.monotonic() - started < 20 and not pidfile.exists()
     assert subprocess.run(["pgrep", "-f", SLOW_PROGRAM], capture_output=True).returncode == 1  # none left
+
+
+def test_log_lines_reach_freebsds_syslog_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FreeBSD's syslogd (and OPNsense's syslog-ng) listen on /var/run/log, Linux on /dev/log: the
+    named `hasync` log only gets lines if we write to the socket that exists."""
+    import logging
+
+    from hasync import logsetup
+
+    freebsd, linux = tmp_path / "var-run-log", tmp_path / "dev-log"
+    monkeypatch.setattr(logsetup, "SYSLOG_SOCKETS", (str(freebsd), str(linux)))
+    assert logsetup.syslog_socket() == str(linux)  # neither exists: the Linux default
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(freebsd))
+        server.settimeout(5)
+        assert logsetup.syslog_socket() == str(freebsd)
+        logger = logging.getLogger("hasync.test-syslog")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logsetup.setup_syslog(logger)
+        try:
+            logger.info("agent started")
+            line = server.recv(4096).decode()
+        finally:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+                handler.close()
+    assert f"opnsense-ha[{os.getpid()}]: agent started" in line

@@ -430,3 +430,40 @@ def test_agent_set_refuses_bad_values_and_leaves_config_untouched(tmp_path: Path
     written = parse_config_bytes((tmp_path / "config.xml").read_bytes(), "x")
     assert written.findtext("OPNsense/hasync_agent/enabled") == "1"
     assert "agent settings" in (written.findtext("revision/description") or "")
+
+
+# ------------------------------------------------------------------------------------------
+# the installed command line and CARP hook
+# ------------------------------------------------------------------------------------------
+
+
+@needs_bmake
+def test_installed_carp_hook_runs_the_admins_scripts_through_the_installed_cli(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """OPNsense runs rc.syshook.d/carp/20-opnsense-ha with `<vhid>@<if> <STATE>`; it hands the event
+    to the installed `opnsense-ha`, which finds its package relative to itself and runs the admin's
+    scripts with the validated arguments."""
+    hook_dir = tmp_path / "carp.d"
+    hook_dir.mkdir()
+    seen = tmp_path / "seen"
+    script = hook_dir / "10-record"
+    script.write_text(f'#!/bin/sh\necho "$1 $2" >> {seen}\n')
+    script.chmod(0o755)
+    hook = (installed.local / "etc/rc.syshook.d/carp/20-opnsense-ha").read_text()
+    assert "/usr/local/sbin/opnsense-ha carp event --hook-dir /usr/local/etc/opnsense-ha/carp.d" in hook
+    # this machine's facts: the package root is DESTDIR, python3 is this interpreter
+    hook = hook.replace("/usr/local/sbin/opnsense-ha", f"{sys.executable} {installed.local / 'sbin/opnsense-ha'}")
+    hook = hook.replace("/usr/local/etc/opnsense-ha/carp.d", str(hook_dir))
+    (tmp_path / "hook").write_text(hook)
+    sh = shutil.which("dash") or shutil.which("sh")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OPNSENSE_HA_FAILOVER": "none"}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([str(sh), str(tmp_path / "hook"), "1@em0", "MASTER"], capture_output=True, text=True,
+                         timeout=60, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert seen.read_text() == "1@em0 MASTER\n"
+    # a malformed event never reaches the scripts
+    bad = subprocess.run([str(sh), str(tmp_path / "hook"), "1@em0; reboot", "MASTER"], capture_output=True,
+                         text=True, timeout=60, env=env, cwd=tmp_path)
+    assert bad.returncode != 0 and seen.read_text() == "1@em0 MASTER\n"
