@@ -13,4 +13,8 @@ PLUGIN_DEPENDS=		py${PLUGIN_PYTHON}-lxml \
 PLUGIN_MAINTAINER=	maintainers@users.noreply.r-seed-99023a66.example
 PLUGIN_WWW=		https://r-seed-99023a66.example/opnsense-ha
 
+.if !exists(${.CURDIR}/../../Mk/plugins.mk)
+.error This is an opnsense/plugins plugin: place it as <category>/opnsense-ha/ in a checkout of opnsense/plugins (README: Deploy on OPNsense). Development targets (test, demo, lint, bench): GNU make (gmake).
+.endif
+
 .include "../../Mk/plugins.mk"
