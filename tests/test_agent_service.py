@@ -200,6 +200,9 @@ def test_log_lines_reach_freebsds_syslog_socket(tmp_path: Path, monkeypatch: pyt
     freebsd, linux = tmp_path / "var-run-log", tmp_path / "dev-log"
     monkeypatch.setattr(logsetup, "SYSLOG_SOCKETS", (str(freebsd), str(linux)))
     assert logsetup.syslog_socket() == str(linux)  # neither exists: the Linux default
+    freebsd.mkdir()  # a directory of that name (some Linux systems) is no syslog
+    assert logsetup.syslog_socket() == str(linux)
+    freebsd.rmdir()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(str(freebsd))
         server.settimeout(5)

@@ -6,9 +6,11 @@ logger gives one syslog line per event, whichever command runs, as OPNsense's to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
+import stat
 
 # FreeBSD's syslogd (and OPNsense's syslog-ng) listen on /var/run/log; Linux has /dev/log.
 SYSLOG_SOCKETS = ("/var/run/log", "/dev/log")
@@ -16,8 +18,13 @@ IDENT = "opnsense-ha"
 
 
 def syslog_socket() -> str:
-    """This system's local syslog socket: the first of SYSLOG_SOCKETS that exists (else /dev/log)."""
-    return next((path for path in SYSLOG_SOCKETS if os.path.exists(path)), SYSLOG_SOCKETS[-1])
+    """This system's local syslog socket: the first of SYSLOG_SOCKETS that is a socket (else
+    /dev/log). Only a socket counts: on some Linux systems /var/run/log is a directory."""
+    for path in SYSLOG_SOCKETS:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+    return SYSLOG_SOCKETS[-1]
 
 
 def setup_syslog(logger: logging.Logger | None = None) -> None:
