@@ -467,3 +467,50 @@ def test_installed_carp_hook_runs_the_admins_scripts_through_the_installed_cli(
     bad = subprocess.run([str(sh), str(tmp_path / "hook"), "1@em0; reboot", "MASTER"], capture_output=True,
                          text=True, timeout=60, env=env, cwd=tmp_path)
     assert bad.returncode != 0 and seen.read_text() == "1@em0 MASTER\n"
+
+
+# ------------------------------------------------------------------------------------------
+# package scripts (+POST_INSTALL, +PRE_DEINSTALL) as `make package` generates them
+# ------------------------------------------------------------------------------------------
+
+# plugins.mk lists template folders with BSD find: `-s` (walk in lexical order) and `-depth 2`
+# (exactly two levels down). The stand-in gives GNU find the same: it drops `-s` and sorts the
+# output, and spells `-depth N` as `-mindepth N -maxdepth N`.
+FIND_S = """#!/bin/sh
+depth=
+for arg in "$@"; do
+    shift
+    if [ -n "$depth" ]; then set -- "$@" -mindepth "$arg" -maxdepth "$arg"; depth=; continue; fi
+    case "$arg" in -s) ;; -depth) depth=1 ;; *) set -- "$@" "$arg" ;; esac
+done
+/usr/bin/find "$@" | LC_ALL=C sort
+"""
+
+
+@needs_bmake
+def test_package_scripts_reload_configd_and_templates_and_handle_the_agent(
+    installed: Installed, tmp_path: Path
+) -> None:
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "find").write_text(FIND_S)
+    (shim / "find").chmod(0o755)
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    proc = subprocess.run(
+        [str(BMAKE), "-C", str(installed.plugin), "PLUGIN_PYTHON=311", "PLUGIN_PHP=82", "scripts", f"DESTDIR={meta}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    post_install = (meta / "+POST_INSTALL").read_text()
+    lines = [line for line in post_install.splitlines() if line.strip() and not line.startswith("#")]
+    assert "/usr/local/etc/rc.d/configd restart" in lines[0]  # our actions_ha.conf is loaded
+    assert "configctl template reload OPNsense/HaSync" in post_install  # rc.conf.d from config.xml
+    assert "configctl template reload OPNsense/Syslog" in post_install  # the hasync log target
+    # only then, on an upgrade, the running agent is restarted onto the new code
+    assert post_install.index("OPNsense/HaSync") < post_install.index("opnsense_ha restart")
+    pre_deinstall = (meta / "+PRE_DEINSTALL").read_text()
+    assert "/usr/local/etc/rc.d/opnsense_ha onestop" in pre_deinstall
+    sh = shutil.which("dash") or shutil.which("sh")
+    for script in (meta / "+POST_INSTALL", meta / "+PRE_DEINSTALL"):
+        assert subprocess.run([str(sh), "-n", str(script)], capture_output=True, timeout=10).returncode == 0
