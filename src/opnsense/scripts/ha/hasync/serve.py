@@ -66,8 +66,8 @@ def tls_context(options: ServeOptions, store: ConfigStore, state_dir: Path) -> s
     """Files from the command line, else a config.xml certificate by refid, else the web GUI
     certificate, else a kept self-signed one."""
     if options.plain_http:
-        if options.tls_cert or options.tls_key:
-            raise HaError("--plain-http and --tls-cert/--tls-key exclude each other")
+        if options.tls_cert or options.tls_key or options.cert_ref:
+            raise HaError("--plain-http and --tls-cert/--tls-key/--cert-ref exclude each other")
         log.warning("serving plain HTTP: credentials and config travel unencrypted (--plain-http)")
         return None
     if bool(options.tls_cert) != bool(options.tls_key):
