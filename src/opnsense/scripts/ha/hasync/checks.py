@@ -59,6 +59,7 @@ from .errors import HaError
 from .extensions import PeerFeatures, as_struct, carp_facts, discover
 from .failover.base import FailoverBackend
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
+from .logsetup import syslog_socket
 from .store import ConfigStore
 from .tlsutil import certificate_not_after
 
@@ -67,7 +68,7 @@ log = logging.getLogger("hasync.checks")
 OK, WARNING, CRITICAL, UNKNOWN = "OK", "WARNING", "CRITICAL", "UNKNOWN"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}
 _SEVERITY = {OK: 0, UNKNOWN: 1, WARNING: 2, CRITICAL: 3}
-SYSLOG_SOCKET = "/dev/log"
+SYSLOG_SOCKET = syslog_socket()
 MONIT_LIMIT = 512
 EXPIRY_DAYS = 30
 
