@@ -428,7 +428,7 @@ def test_agent_set_refuses_bad_values_and_leaves_config_untouched(tmp_path: Path
     assert agent_cli(tmp_path, "set", "--enable").returncode == 0
     assert (tmp_path / "config.xml").read_bytes() != before
     written = parse_config_bytes((tmp_path / "config.xml").read_bytes(), "x")
-    assert written.findtext("OPNsense/hasync_agent/enabled") == "1"
+    assert written.findtext("OPNsense/opnsense_ha/enabled") == "1"
     assert "agent settings" in (written.findtext("revision/description") or "")
 
 

@@ -52,6 +52,7 @@ from . import agent, xmlrpc
 from . import rollback as rollbackmod
 from .agent import CallContext, MethodFault
 from .errors import ConfigError, HaError, MergeError, RemoteFault
+from .items import PLUGIN_SECTION
 from .osiface import Clock, SystemClock
 from .store import parse_config_bytes
 
@@ -72,7 +73,7 @@ PAST_KEEP = 50
 FEATURE = "confirm"
 METHODS = ("hasync.confirm", "hasync.confirm_state")
 #: Config.xml path (on the primary) of the confirm window for syncs without --confirm, e.g. cron's.
-SETTING_PATH = "OPNsense/opnsenseha/syncconfirm"
+SETTING_PATH = f"{PLUGIN_SECTION}/syncconfirm"
 
 _ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 

@@ -1,6 +1,6 @@
 """`opnsense-ha agent show|set`: the backup agent's settings, kept in config.xml.
 
-They live in a small section of our own, `<OPNsense><hasync_agent>` (enabled, listen, port,
+They live in a small section of our own, `<OPNsense><opnsense_ha>` (enabled, listen, port,
 certref), so they are part of every config backup, restore and history revision like any other
 OPNsense setting, and are never synced: no sync item covers the section, and they describe the
 node itself. configd renders `/etc/rc.conf.d/opnsense_ha` from them (template
@@ -20,10 +20,11 @@ from typing import Any
 from lxml import etree
 
 from ..errors import HaError
+from ..items import PLUGIN_SECTION
 from ..serve import DEFAULT_PORT
 from ..store import ConfigStore
 
-SECTION = ("OPNsense", "hasync_agent")
+SECTION = tuple(PLUGIN_SECTION.split("/"))
 
 
 @dataclass

@@ -1,6 +1,6 @@
-{# /etc/rc.conf.d/opnsense_ha, from <OPNsense><hasync_agent> (opnsense-ha agent set).
+{# /etc/rc.conf.d/opnsense_ha, from <OPNsense><opnsense_ha> (opnsense-ha agent set).
    rc.d sources this file as root: every value is shell-quoted. #}
-{% set agent = helpers.getNodeByTag('OPNsense.hasync_agent') or {} %}
+{% set agent = helpers.getNodeByTag('OPNsense.opnsense_ha') or {} %}
 {% set address = agent.listen|default('', true) or '0.0.0.0' %}
 {% set port = agent.port|default('', true) or '8443' %}
 {% set listen = ('[' ~ address ~ ']' if ':' in address else address) ~ ':' ~ port %}
