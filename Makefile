@@ -1,52 +1,20 @@
-# Every target sets itself up: a virtualenv in .venv with the project and its dev tools.
-PYTHON ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# BSD make: the opnsense/plugins build (place this directory as <category>/opnsense-ha/ in a
+# checkout of opnsense/plugins; `make package`, `make install DESTDIR=...`, `make plist`).
+# GNU make reads GNUmakefile first: the development targets (make test, make demo, ...).
+PLUGIN_NAME=		opnsense-ha
+PLUGIN_VERSION=		0.1.0
+PLUGIN_REVISION=	0
+PLUGIN_COMMENT=		HA config sync engine, backup agent and CARP control
+PLUGIN_DEPENDS=		py${PLUGIN_PYTHON}-lxml \
+			py${PLUGIN_PYTHON}-jsonschema \
+			py${PLUGIN_PYTHON}-bcrypt \
+			py${PLUGIN_PYTHON}-passlib \
+			py${PLUGIN_PYTHON}-cryptography
+PLUGIN_MAINTAINER=	maintainers@users.noreply.r-seed-99023a66.example
+PLUGIN_WWW=		https://r-seed-99023a66.example/opnsense-ha
 
+.if !exists(${.CURDIR}/../../Mk/plugins.mk)
+.error This is an opnsense/plugins plugin: place it as <category>/opnsense-ha/ in a checkout of opnsense/plugins (README: Deploy on OPNsense). Development targets (test, demo, lint, bench): GNU make (gmake).
+.endif
 
-.PHONY: all setup test test-fast test-lab test-reliability lint demo bench bench-failover clean
-
-all: test
-
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	# dev/ (halab: the lab and the demo) is not part of the package; put it on the venv's path
-	$(BIN)/python -c 'import site, sys; open(site.getsitepackages()[0] + "/halab-dev.pth", "w").write(sys.argv[1] + "\n")' "$(CURDIR)/dev"
-	touch $(STAMP)
-
-setup: $(STAMP)
-
-# All tests. Lab tests (marker `lab`) need root, keepalived, conntrackd and nftables; they skip
-# with a message otherwise. `make test-fast` leaves them out.
-test: $(STAMP)
-	$(BIN)/pytest -q tests
-
-test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not lab" tests
-
-test-lab: $(STAMP)
-	$(BIN)/pytest -q -m lab tests
-
-test-reliability: $(STAMP)
-	$(BIN)/pytest -q tests/resilience
-
-lint: $(STAMP)
-	$(BIN)/ruff check src dev tests bench fixtures
-	$(BIN)/mypy
-	$(BIN)/pytest -q -p no:cacheprovider tests/architecture  # layers point down, no cycle, no late or private imports
-
-# The nodes go to ./demo-nodes of the directory make was started from (also with `make -C`), or DIR=path.
-demo: $(STAMP)
-	cd "$(or $(PWD),$(CURDIR))" && "$(abspath $(BIN))/python" -m halab.demo $(if $(DIR),--dir "$(DIR)")
-
-bench: $(STAMP)
-	$(BIN)/python bench/run.py
-
-bench-failover: $(STAMP)
-	$(BIN)/python bench/failover.py
-
-clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+.include "../../Mk/plugins.mk"

@@ -66,9 +66,19 @@ class WireCounter:
         counter = self
 
         def read_all(response: http.client.HTTPResponse, limit: int = 512 * 1024 * 1024) -> bytes:
-            data = original(response, limit)
+            # Hold a duplicate of the socket's descriptor from before the read: from Python 3.13
+            # on, read1() closes `response.fp` as soon as Content-Length bytes have arrived
+            # (cpython gh-113199), and with `Connection: close` that was the socket's last
+            # reference, so afterwards the socket is closed and TCP_INFO unreadable.
             raw = getattr(response.fp, "raw", None)
-            counter.total += tcp_bytes(getattr(raw, "_sock", None))
+            sock = getattr(raw, "_sock", None)
+            probe = socket.fromfd(sock.fileno(), sock.family, sock.type) if sock is not None else None
+            try:
+                data = original(response, limit)
+                counter.total += tcp_bytes(probe)
+            finally:
+                if probe is not None:
+                    probe.close()
             counter.connections += 1
             return data
 

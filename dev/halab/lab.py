@@ -94,7 +94,10 @@ def missing_binaries() -> list[str]:
 def namespace_support() -> str | None:
     """None if this process can create network namespaces, else why not (containers without
     CAP_SYS_ADMIN, a read-only /run, ...). Creates and removes one throw-away namespace."""
-    from pyroute2 import netns
+    try:
+        from pyroute2 import netns
+    except ImportError:
+        return "pyroute2 is not installed (the `lab` extra: pip install -e '.[lab]'; `make setup` does)"
 
     name = f"ha-probe-{os.getpid()}"
     try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import logging
 import shutil
+import subprocess
 import sys
 import threading
 from copy import deepcopy
@@ -38,7 +40,7 @@ from hasync.agent.auth import (
     verify_credentials,
 )
 from hasync.config.store import ConfigStore
-from support.paths import FIXTURES, shared_path
+from support.paths import FIXTURES, PACKAGE_ROOT, shared_path
 
 PASSWORDS = {
     "root": "Root-Test-Pass-1",
@@ -292,6 +294,48 @@ def test_php_style_empty_salt_secret_is_in_the_fixture(root: etree._Element) -> 
     owner = user_el(root, "apiowner")
     hashes = [h for _k, h in auth.iter_api_keys(owner)]
     assert any(h.startswith("$6$$") for h in hashes) and any(not h.startswith("$6$$") for h in hashes)
+
+
+def sha512_backends() -> list[str]:
+    from passlib.hash import sha512_crypt
+
+    return [name for name in ("os_crypt", "builtin") if sha512_crypt.has_backend(name)]
+
+
+@pytest.mark.parametrize("backend", sha512_backends())
+def test_sha512_secrets_verify_with_every_passlib_backend(
+    root: etree._Element, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.13 has no `crypt`, so passlib verifies `$6$` with its pure-Python code there: this
+    runs that code (and the libc one, where present) against the fixture's glibc/openssl hashes."""
+    from passlib.hash import sha512_crypt
+
+    previous = sha512_crypt.get_backend()
+    sha512_crypt.set_backend(backend)
+    monkeypatch.setattr(auth, "_VERIFIED", {})  # no remembered success from another test
+    try:
+        for which in ("new1", "new2", "legacy"):
+            assert verify_credentials(root, KEYS[which], SECRETS[which], now=NOW).ok, which
+            assert not verify_credentials(root, KEYS[which], SECRETS[which][1:], now=NOW).ok, which
+    finally:
+        sha512_crypt.set_backend(previous)
+
+
+def test_hash_verification_is_warning_free_in_a_fresh_interpreter(root: etree._Element) -> None:
+    """`$2y$` and `$6$` in a new process with warnings as errors: no DeprecationWarning from
+    passlib's `crypt` probe (3.11/3.12) and no passlib bcrypt-backend complaint on stderr."""
+    bcrypt_hash = auth.bcrypt.hashpw(b"pw", auth.bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$", 1)
+    sha_hash = next(h for key, h in auth.iter_api_keys(user_el(root, "apiowner")) if key == KEYS["new1"])
+    code = ("import json, sys; from hasync.agent.auth import verify_hash as v; "
+            "print([v(*p) for p in json.load(sys.stdin)])")
+    pairs = [["pw", bcrypt_hash], [SECRETS["new1"], sha_hash], ["no", sha_hash]]
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], input=json.dumps(pairs),
+        capture_output=True, text=True, timeout=60, cwd=PACKAGE_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[True, True, False]"
+    assert proc.stderr == ""
 
 
 # ------------------------------------------------------------------------------------------

@@ -140,10 +140,11 @@ def test_every_action_is_complete() -> None:
         assert action["type"] in ("script", "script_output"), name
         assert action["command"].strip(), name
         assert "." not in name, f"[{name}] would become a 3-level action"
-        scripts = re.findall(re.escape(INSTALLED_SCRIPTS) + r"(\S+)", action["command"])
-        assert scripts, f"[{name}] does not call one of our scripts"
-        for script in scripts:
-            path = CHECKOUT_SCRIPTS / script
+        # our installed programs: configd scripts and the agent's rc.d script (src/X -> /usr/local/X)
+        programs = re.findall(r"/usr/local/((?:opnsense/scripts/ha|etc/rc\.d)/[^\s;]+)", action["command"])
+        assert programs, f"[{name}] does not call one of our scripts"
+        for program in programs:
+            path = REPO / "src" / program
             assert path.is_file() and os.access(path, os.X_OK), f"[{name}] {path} missing or not executable"
         if "cache_ttl" in action:
             assert action["type"] == "script_output" and action["cache_ttl"].isdigit(), name

@@ -817,7 +817,7 @@ def test_stop_takes_everything_down(node: tuple[KeepalivedBackend, FakeLinux]) -
 def test_the_notify_template_and_its_values_must_match(tmp_path: Path) -> None:
     """A field the code does not fill (or a value for no field) is a bug, never a literal `@X@`
     left in the script keepalived runs."""
-    template = tmp_path / "t.sh.in"
+    template = tmp_path / "t.sh.template"
     template.write_text("A=@A@ B=@B@ @A@\n")
     assert fill_template(template, {"A": "@B@", "B": "1"}) == "A=@B@ B=1 @B@\n"  # one pass: values are not rescanned
     with pytest.raises(ValueError, match="fields"):

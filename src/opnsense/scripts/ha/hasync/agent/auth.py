@@ -39,16 +39,25 @@ import logging
 import secrets
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import bcrypt
 from lxml import etree
-from passlib.hash import sha256_crypt, sha512_crypt
 
 from hasync.core.osiface import Clock, SystemClock
 from hasync.core.php import php_truthy
+
+# SHA-crypt comes from passlib (FreeBSD port security/py-passlib): its pure-Python backend also
+# runs on Python 3.13, which has no `crypt` module. bcrypt is verified with the `bcrypt` package
+# directly, never through passlib, whose bcrypt wrapper trips over bcrypt >= 4.1 (it reads a
+# removed `__about__`). passlib 1.7.4 probes the stdlib `crypt` on import, which Python 3.11
+# and 3.12 answer with a DeprecationWarning; that probe is passlib's business, not our users'.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="'crypt' is deprecated", category=DeprecationWarning)
+    from passlib.hash import sha256_crypt, sha512_crypt
 
 log = logging.getLogger("hasync.auth")
 

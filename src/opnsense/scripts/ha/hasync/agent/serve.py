@@ -23,7 +23,7 @@ from hasync.core.errors import HaError
 from hasync.core.osiface import SubprocessRunner
 from hasync.failover.base import FailoverBackend
 from hasync.services.backends import OpnsenseServiceBackend, ServiceBackend, ServicesDirBackend
-from hasync.wire.tls import generate_self_signed, server_context, webgui_certificate
+from hasync.wire.tls import config_certificate, generate_self_signed, server_context, webgui_certificate
 
 log = logging.getLogger("hasync.serve")
 
@@ -37,6 +37,7 @@ class ServeOptions:
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    cert_ref: str | None = None  # a <cert> of config.xml by refid, instead of the web GUI's
     plain_http: bool = False
     allow_loopback: bool = False
     services_dir: Path | None = None
@@ -63,16 +64,22 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def tls_context(options: ServeOptions, store: ConfigStore, state_dir: Path) -> ssl.SSLContext | None:
-    """Files from the command line, else the web GUI certificate, else a kept self-signed one."""
+    """Files from the command line, else a config.xml certificate by refid, else the web GUI
+    certificate, else a kept self-signed one."""
     if options.plain_http:
-        if options.tls_cert or options.tls_key:
-            raise HaError("--plain-http and --tls-cert/--tls-key exclude each other")
+        if options.tls_cert or options.tls_key or options.cert_ref:
+            raise HaError("--plain-http and --tls-cert/--tls-key/--cert-ref exclude each other")
         log.warning("serving plain HTTP: credentials and config travel unencrypted (--plain-http)")
         return None
     if bool(options.tls_cert) != bool(options.tls_key):
         raise HaError("--tls-cert and --tls-key go together")
     if options.tls_cert and options.tls_key:
+        if options.cert_ref:
+            raise HaError("--cert-ref and --tls-cert/--tls-key exclude each other")
         return server_context(options.tls_cert, options.tls_key)
+    if options.cert_ref:
+        log.info("using certificate %s from config.xml", options.cert_ref)
+        return server_context(*config_certificate(store.load(), options.cert_ref, state_dir, "agent-certref"))
     gui = webgui_certificate(store.load(), state_dir)
     if gui is not None:
         log.info("using the web GUI certificate from config.xml")

@@ -408,6 +408,11 @@ class SyncItemRegistry:
 
 # --- the hasync section ----------------------------------------------------------------------
 
+#: Our own section of config.xml (never synced: no sync item covers it; it describes one node):
+#: the backup agent's settings (`commands/agent.py`) and the primary's default confirm window
+#: (`confirm.py`). Outside `hasync`, whose MVC model would drop fields it does not know.
+PLUGIN_SECTION = "OPNsense/opnsense_ha"
+
 LEGACY_PREFIX = "synchronize"
 _LEGACY_NOT_ITEMS = frozenset({"synchronizetoip"})
 

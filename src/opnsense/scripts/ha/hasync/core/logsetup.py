@@ -6,23 +6,37 @@ logger gives one syslog line per event, whichever command runs, as OPNsense's to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
+import stat
 
-SYSLOG_SOCKET = "/dev/log"
+# FreeBSD's syslogd (and OPNsense's syslog-ng) listen on /var/run/log; Linux has /dev/log.
+SYSLOG_SOCKETS = ("/var/run/log", "/dev/log")
 IDENT = "opnsense-ha"
+
+
+def syslog_socket() -> str:
+    """This system's local syslog socket: the first of SYSLOG_SOCKETS that is a socket (else
+    /dev/log). Only a socket counts: on some Linux systems /var/run/log is a directory."""
+    for path in SYSLOG_SOCKETS:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+    return SYSLOG_SOCKETS[-1]
 
 
 def setup_syslog(logger: logging.Logger | None = None) -> None:
     """Send `logger` (default: `hasync`) to the local syslog if there is one; idempotent."""
     logger = logger or logging.getLogger("hasync")
-    if not os.path.exists(SYSLOG_SOCKET):
+    socket_path = syslog_socket()
+    if not os.path.exists(socket_path):
         return
     if any(isinstance(h, logging.handlers.SysLogHandler) for h in logger.handlers):
         return
     try:
-        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET,
+        handler = logging.handlers.SysLogHandler(address=socket_path,
                                                  facility=logging.handlers.SysLogHandler.LOG_USER)
     except OSError:
         return

@@ -15,7 +15,7 @@ What `linux.KeepalivedBackend` writes and why each looks as it does:
   (``opnsense-ha carp event <vhid>@<dev> <MASTER|BACKUP|INIT>``).
 * an nftables table ``hasync_gate``: the fix for the race of keepalived issue #2254.
 
-The notify script is `keepalived-notify.sh.in` beside this module, a POSIX sh template whose
+The notify script is `keepalived-notify.sh.template` beside this module, a POSIX sh template whose
 ``@NAME@`` fields are filled with shell-quoted values (a Python start-up would sit in the
 failover path, so it is not Python).
 """
@@ -56,7 +56,7 @@ _DEVICE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,14}$")
 
 
 RUNTIME_FILE_MODE = 0o644  # read by keepalived's notify script and by every CLI on the node
-NOTIFY_TEMPLATE = Path(__file__).resolve().with_name("keepalived-notify.sh.in")
+NOTIFY_TEMPLATE = Path(__file__).resolve().with_name("keepalived-notify.sh.template")
 _FIELD_RE = re.compile(r"@([A-Z_]+)@")
 
 
@@ -519,7 +519,8 @@ def render_notify_script(
     q = shlex.quote
     settle_polls = (int(options.commit_timeout) + 3) * 20
     settle_max = settle_polls // 20
-    return fill_template(NOTIFY_TEMPLATE, {
+    # the shebang is added here: the template itself is data, not a program (no x bit, no #!)
+    return "#!/bin/sh\n" + fill_template(NOTIFY_TEMPLATE, {
         "RUN_DIR": q(str(paths.run_dir)), "STATE_DIR": q(str(paths.state_dir)), "EVENTS": q(str(paths.events)),
         "CONNTRACKD": q(options.conntrackd), "CTD_CONF": q(str(paths.conntrackd_conf)), "NFT": q(options.nft),
         "SYNC": str(1 if sync else 0), "GATE": str(1 if gate else 0), "GROUPED": str(1 if grouped else 0),

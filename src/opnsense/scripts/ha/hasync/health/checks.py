@@ -54,6 +54,7 @@ from hasync.config.items import HasyncSettings, SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import schemas, versions
 from hasync.core.errors import HaError
+from hasync.core.logsetup import syslog_socket
 from hasync.core.paths import state_dir
 from hasync.failover.base import FailoverBackend
 from hasync.failover.carp import CarpOps
@@ -70,7 +71,7 @@ log = logging.getLogger("hasync.checks")
 OK, WARNING, CRITICAL, UNKNOWN = "OK", "WARNING", "CRITICAL", "UNKNOWN"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}
 _SEVERITY = {OK: 0, UNKNOWN: 1, WARNING: 2, CRITICAL: 3}
-SYSLOG_SOCKET = "/dev/log"
+SYSLOG_SOCKET = syslog_socket()
 MONIT_LIMIT = 512
 EXPIRY_DAYS = 30
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from lxml import etree
 
+from hasync.config.items import PLUGIN_SECTION
 from hasync.core.errors import HaError, MergeError
 from hasync.core.fileio import atomic_write
 from hasync.wire.protocol import CONFIRM_HEADER
@@ -34,7 +35,7 @@ PAST_KEEP = 50
 FEATURE = "confirm"
 METHODS = ("hasync.confirm", "hasync.confirm_state")
 #: Config.xml path (on the primary) of the confirm window for syncs without --confirm, e.g. cron's.
-SETTING_PATH = "OPNsense/opnsenseha/syncconfirm"
+SETTING_PATH = f"{PLUGIN_SECTION}/syncconfirm"
 
 CONFIRM_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 

@@ -65,19 +65,28 @@ def webgui_certificate(root: etree._Element, state_dir: Path) -> tuple[Path, Pat
     refid = (root.findtext("system/webgui/ssl-certref") or "").strip()
     if not refid:
         return None
+    return config_certificate(root, refid, state_dir, "webgui")
+
+
+def config_certificate(root: etree._Element, refid: str, state_dir: Path, name: str) -> tuple[Path, Path]:
+    """Write `<cert>` `refid` of config.xml (base64 PEM in crt/prv) to `name`.crt/.key in state_dir.
+
+    The key goes to a file created 0600 in a 0700 directory, never through argv or the environment,
+    so the agent can hand both paths to OpenSSL.
+    """
     for cert in root.iterfind("cert"):
         if (cert.findtext("refid") or "").strip() != refid:
             continue
         crt = (cert.findtext("crt") or "").strip()
         prv = (cert.findtext("prv") or "").strip()
         if not crt or not prv:
-            raise HaError(f"web GUI certificate {refid} in config.xml has no certificate or key")
+            raise HaError(f"certificate {refid} in config.xml has no certificate or key")
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cert_path, key_path = state_dir / "webgui.crt", state_dir / "webgui.key"
+        cert_path, key_path = state_dir / f"{name}.crt", state_dir / f"{name}.key"
         atomic_write(key_path, base64.b64decode(prv), mode=0o600)
         atomic_write(cert_path, base64.b64decode(crt), mode=CERT_MODE)
         return cert_path, key_path
-    raise HaError(f"system.webgui.ssl-certref points to {refid}, which is not a <cert> in config.xml")
+    raise HaError(f"certificate {refid} is not a <cert> in config.xml (System > Trust > Certificates)")
 
 
 def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:

@@ -16,6 +16,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", metavar="ADDR:PORT")
     parser.add_argument("--tls-cert", type=Path, default=None, metavar="FILE")
     parser.add_argument("--tls-key", type=Path, default=None, metavar="FILE")
+    parser.add_argument("--cert-ref", default=None, metavar="REFID",
+                        help="serve the config.xml certificate with this refid (default: the web GUI's)")
     parser.add_argument("--plain-http", action="store_true", help="serve without TLS (explicit opt-in)")
     parser.add_argument("--allow-loopback", action="store_true",
                         help="accept requests from this server's own address (demo and tests)")
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         listen=args.listen,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        cert_ref=args.cert_ref or None,
         plain_http=args.plain_http,
         allow_loopback=args.allow_loopback,
         services_dir=args.services_dir,
