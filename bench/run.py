@@ -115,6 +115,9 @@ def env() -> dict[str, str]:
     out = dict(os.environ)
     out["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
     out["OPNSENSE_HA_FAILOVER"] = "none"  # never touch this machine's interfaces
+    # bytecode cached, as on an installed system (pkg ships .pyc): otherwise every process start
+    # would count compiling the package's sources
+    out.pop("PYTHONDONTWRITEBYTECODE", None)
     out.pop("OPNSENSE_HA_DEBUG", None)
     return out
 
@@ -298,7 +301,10 @@ def command_seconds(cmd: list[str]) -> float:
 
 
 def cli(conf_dir: Path, *args: str) -> list[str]:
-    return [PYTHON, "-m", "hasync", "--conf-dir", str(conf_dir), *args]
+    """The `opnsense-ha` console script as installed beside the interpreter (else `-m hasync`)."""
+    script = Path(PYTHON).parent / "opnsense-ha"
+    command = [str(script)] if script.is_file() else [PYTHON, "-m", "hasync"]
+    return [*command, "--conf-dir", str(conf_dir), *args]
 
 
 def timed_row(size_mb: float, name: str, times: list[float], agent_rss: int | None = None, note: str = "") -> Row:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import xmlrpc
-from .errors import HaError, MergeError, ServiceError
+from .errors import HaError, MergeError, MethodFault, ServiceError
 
 log = logging.getLogger("hasync.agent")
 
@@ -47,15 +47,6 @@ IXR_CAPABILITIES = {
     },
     "system.multicall": {"specUrl": "http://www.xmlrpc.com/discuss/msgReader$1208", "specVersion": 1},
 }
-
-
-class MethodFault(Exception):
-    """Raised by a handler to answer with an XML-RPC fault."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

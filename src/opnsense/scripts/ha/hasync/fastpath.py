@@ -46,14 +46,12 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from xml.sax.saxutils import quoteattr
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
 from . import xmlrpc, xmlsafe
-from .agent import CallContext, Dispatcher, MethodFault
-from .errors import ConfigError, HaError, RemoteFault
+from .errors import ConfigError, HaError, MethodFault, RemoteFault
 from .items import SyncItemRegistry
 from .payload import (
     VIRTUALIP,
@@ -66,6 +64,9 @@ from .payload import (
 )
 from .store import ConfigStore, parse_config_bytes
 from .tree import LIST_TAGS, element_to_value
+
+if TYPE_CHECKING:  # the agent's server is the backup's; a primary building a payload does not load it
+    from .agent import CallContext, Dispatcher
 
 log = logging.getLogger("hasync.fastpath")
 
@@ -139,6 +140,8 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
     refused). The document is compressed as it is produced, so the primary never holds the
     inflated document and the compressed one at once.
     """
+    from xml.sax.saxutils import quoteattr  # here: it pulls in urllib, and a no-op sync builds no blob
+
     wanted = check_sections(sections)
     compressor = zlib.compressobj(level)
     digest = hashlib.sha256()

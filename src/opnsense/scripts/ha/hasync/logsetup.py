@@ -7,7 +7,6 @@ logger gives one syslog line per event, whichever command runs, as OPNsense's to
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 
 SYSLOG_SOCKET = "/dev/log"
@@ -19,11 +18,12 @@ def setup_syslog(logger: logging.Logger | None = None) -> None:
     logger = logger or logging.getLogger("hasync")
     if not os.path.exists(SYSLOG_SOCKET):
         return
-    if any(isinstance(h, logging.handlers.SysLogHandler) for h in logger.handlers):
+    from logging.handlers import SysLogHandler  # only where there is a syslog (saves start-up elsewhere)
+
+    if any(isinstance(h, SysLogHandler) for h in logger.handlers):
         return
     try:
-        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET,
-                                                 facility=logging.handlers.SysLogHandler.LOG_USER)
+        handler = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_USER)
     except OSError:
         return
     handler.setFormatter(logging.Formatter(f"{IDENT}[%(process)d]: %(message)s"))
