@@ -50,11 +50,14 @@ def test_control_the_full_parser_loads_them() -> None:
                                                                                  "hasync.lab"}
 
 
-def test_a_sync_run_loads_none_of_them_either(tmp_path: object) -> None:
-    """Past the parser: a no-op sync path (items loaded, payload digested) stays light too."""
-    code = ("from hasync.items import SyncItemRegistry\nfrom hasync import syncer, fastpath, snapshot\n"
-            "SyncItemRegistry.load()")
-    assert loaded_after(code) == []
+def test_a_sync_run_loads_none_of_them_either() -> None:
+    """Past the parser: what a no-op sync runs (items, the digest cache, the snapshot) loads
+    neither those nor the merge engine or the failover layer, which only a merge or
+    `--pre-check-master` needs."""
+    code = ("from hasync.items import SyncItemRegistry\nfrom hasync import cli, syncer, fastpath, snapshot, digest\n"
+            "cli.build_parser('sync')\nSyncItemRegistry.load()")
+    probe = f"{code}\nimport sys\nassert 'hasync.merge' not in sys.modules and 'hasync.failover.base' not in sys.modules"
+    assert loaded_after(probe) == []
 
 
 def test_every_command_is_found_in_the_module_that_registers_it() -> None:

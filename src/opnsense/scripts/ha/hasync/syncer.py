@@ -14,14 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import fastpath, versions
 from .client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
 from .errors import HaError
-from .failover.base import FailoverBackend
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
 from .store import ConfigStore
+
+if TYPE_CHECKING:  # a no-op sync never loads the failover layer
+    from .failover.base import FailoverBackend
 
 log = logging.getLogger("hasync.sync")
 
