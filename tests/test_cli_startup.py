@@ -56,7 +56,8 @@ def test_a_sync_run_loads_none_of_them_either() -> None:
     `--pre-check-master` needs."""
     code = ("from hasync.items import SyncItemRegistry\nfrom hasync import cli, syncer, fastpath, snapshot, digest\n"
             "cli.build_parser('sync')\nSyncItemRegistry.load()")
-    probe = f"{code}\nimport sys\nassert 'hasync.merge' not in sys.modules and 'hasync.failover.base' not in sys.modules"
+    probe = (f"{code}\nimport sys\n"
+             "assert 'hasync.merge' not in sys.modules and 'hasync.failover.base' not in sys.modules")
     assert loaded_after(probe) == []
 
 

@@ -652,13 +652,23 @@ def _probe_ids(argument: Any) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def _dropping_cache(cache: ConfigCache, merge: Callable[[Any, CallContext], Any]) -> Callable[[Any, CallContext], Any]:
+    """`merge`, after letting go of the cached tree: the merge parses its own and the tree it
+    writes becomes the cache, so holding the old one only adds a whole parsed config to the peak."""
+    def handler(argument: Any, context: CallContext) -> Any:
+        cache.drop()
+        return merge(argument, context)
+
+    return handler
+
+
 def register(dispatcher: Dispatcher, features: set[str] | None = None,
              cache: ConfigCache | None = None) -> FastPathAgent:
     """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FEATURE`.
 
     With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
-    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge takes the
-    cached tree instead of parsing the file again, and the tree it writes becomes the cache.
+    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge drops the
+    cached tree and parses its own, and the tree it writes becomes the cache.
     """
     agent = FastPathAgent(dispatcher)
     agent.register()
@@ -666,6 +676,10 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
         features.add(FEATURE)
     if cache is not None:
         from .extensions import _item_ids
+
+        for name in (RESTORE_METHOD, METHOD):
+            if name in dispatcher.methods:
+                dispatcher.register(name, _dropping_cache(cache, dispatcher.methods[name]))
 
         if "hasync.digest" in dispatcher.methods:
             def digest(argument: Any, _context: CallContext) -> dict[str, Any]:

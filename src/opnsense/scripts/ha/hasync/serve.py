@@ -111,7 +111,7 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
     if options.extensions:
         from .extensions import Extensions
 
-        extensions = Extensions(node)
+        extensions = Extensions(node, read_config=cache.root)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)
     context = tls_context(options, store, state_dir)
