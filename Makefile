@@ -36,8 +36,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
+# The nodes go to ./demo-nodes of the directory make was started from (also with `make -C`), or DIR=path.
 demo: $(STAMP)
-	$(BIN)/python -m hasync.demo
+	cd "$(or $(PWD),$(CURDIR))" && "$(abspath $(BIN))/python" -m hasync.demo $(if $(DIR),--dir "$(DIR)")
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

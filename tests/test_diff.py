@@ -180,6 +180,49 @@ def test_mvc_aliases_are_keyed_by_uuid(synced: Pair) -> None:
     assert all("fw_b_monitoring" not in c.label for c in changes)  # the backup's nosync alias stays
 
 
+def test_records_are_named_as_admins_know_them(synced: Pair, capsys: Any) -> None:
+    """Issue 15: a record with a `name` is shown by it, then its description; in text and --json."""
+    with edit(synced.primary) as root:
+        aliases = root.find("OPNsense/Firewall/Alias/aliases")
+        mail = copy.deepcopy(aliases[0])
+        mail.set("uuid", "0d6a3b3c-1111-4c5e-8d2f-000000000004")
+        mail.find("name").text = "mail_servers"
+        mail.find("description").text = "Mail relays"
+        aliases.append(mail)
+        user = next(u for u in root.iterfind("system/user") if u.findtext("name") == "hasync")
+        user.find("descr").text = "XMLRPC sync user (fw-a)"
+    code, out, _ = run_cli(capsys, synced.primary, "diff", "--items", "aliases,users")
+    assert code == 1
+    assert "+ OPNsense.Firewall.Alias.aliases.alias mail_servers ('Mail relays')" in out
+    assert "~ system.user hasync ('XMLRPC sync user (fw-a)')" in out
+    assert "[uuid" not in out and "[name" not in out  # the name says it; the key stays in --json
+    code, out, _ = run_cli(capsys, synced.primary, "diff", "--items", "aliases,users", "--json")
+    document = json.loads(out)
+    schemas.validate("diff-result", document)
+    changes = [change for entry in document["items"] for change in entry["changes"]]
+    assert [(c["name"], c["label"], c["key"]) for c in changes] == [
+        ("mail_servers", "mail_servers ('Mail relays')", "uuid 0d6a3b3c-1111-4c5e-8d2f-000000000004"),
+        ("hasync", "hasync ('XMLRPC sync user (fw-a)')", "name hasync"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("record", "label", "name"),
+    [
+        ({"name": "wan_gw", "descr": "Uplink"}, "wan_gw ('Uplink')", "wan_gw"),
+        ({"name": "peer1", "url": "http://192.0.2.1:8000/"}, "peer1", "peer1"),
+        ({"name": "WAN_DHCP", "descr": "WAN_DHCP"}, "WAN_DHCP", "WAN_DHCP"),
+        ({"descr": "Allow DNS", "interface": "lan"}, "'Allow DNS'", None),
+        ({"interface": "lan", "protocol": "tcp"}, "#2", None),
+    ],
+)
+def test_record_naming_rule(record: dict[str, str], label: str, name: str | None) -> None:
+    before = {"gateway_item": [{"name": "other", "interface": "opt9"}]}
+    (change,) = [c for c in diff_values(before, {"gateway_item": [before["gateway_item"][0], record]})
+                 if c.kind == "added"]
+    assert (change.label, change.name) == (label, name)
+
+
 def test_a_new_uuid_is_a_new_record_even_with_the_same_name(synced: Pair) -> None:
     with edit(synced.primary) as root:
         root.find("OPNsense/Firewall/Alias/aliases/alias[@uuid='0d6a3b3c-1111-4c5e-8d2f-000000000002']").set(

@@ -190,8 +190,9 @@ def test_only_vhid_vips_travel_with_raised_skew(primary: etree._Element) -> None
     assert list(payload["virtualip"]) == ["vip"]  # not the model's version attribute
     vips = payload["virtualip"]["vip"]
     assert [v["@attributes"]["uuid"][-1] for v in vips] == ["1", "2", "4", "5"]  # order kept
-    assert [v["advskew"] for v in vips] == [100, 120, 100, 254]  # 0+100, 20+100, none+100, min(300, 254)
-    assert all(isinstance(v["advskew"], int) for v in vips)
+    # 0+100, 20+100, min(300, 254); the IP alias on vhid 3 has no advskew and gets none
+    assert [v.get("advskew") for v in vips] == [100, 120, None, 254]
+    assert all(isinstance(v["advskew"], int) for v in vips if "advskew" in v)
     assert vips[0]["password"] == "carp-secret-1" and vips[0]["advbase"] == "1"
     local = primary.find("virtualip/vip")
     assert local is not None and local.findtext("advskew") == "0"  # the local config is untouched
@@ -205,10 +206,30 @@ def test_only_vhid_vips_travel_with_raised_skew(primary: etree._Element) -> None
         ("<opnsense><virtualip><vip><mode>ipalias</mode><vhid/></vip></virtualip></opnsense>", {"vip": []}),
         ("<opnsense><virtualip><vip><mode>carp</mode><vhid>4</vhid><advskew>x</advskew></vip></virtualip></opnsense>",
          {"vip": [{"mode": "carp", "vhid": "4", "advskew": 100}]}),
+        ("<opnsense><virtualip><vip><mode>carp</mode><vhid>4</vhid><advskew> 7</advskew></vip></virtualip></opnsense>",
+         {"vip": [{"mode": "carp", "vhid": "4", "advskew": 107}]}),
+        ("<opnsense><virtualip><vip><mode>ipalias</mode><vhid>4</vhid><advskew/></vip></virtualip></opnsense>",
+         {"vip": [{"mode": "ipalias", "vhid": "4", "advskew": ""}]}),
+        ("<opnsense><virtualip><vip><mode>ipalias</mode><vhid>4</vhid></vip></virtualip></opnsense>",
+         {"vip": [{"mode": "ipalias", "vhid": "4"}]}),
+        ("<opnsense><virtualip><vip><vhid>4</vhid><advskew><a>1</a></advskew></vip></virtualip></opnsense>",
+         {"vip": [{"vhid": "4", "advskew": 101}]}),  # PHP's intval() of a non-empty array is 1
     ],
 )
 def test_vip_section_shapes(xml: str, expected: Any) -> None:
     assert build_payload(parse(xml), ["virtualip"]) == {"virtualip": expected}
+
+
+def test_ip_aliases_stacked_on_a_carp_vhid_keep_their_empty_advskew() -> None:
+    """vip-stack.xml: only the CARP VIPs owning vhids 5 and 6 have a skew to raise; the IP aliases
+    on those vhids (``<advskew/>`` or none) travel as they are, as get_vip_config_section() sends them."""
+    payload = build_payload(load("vip-stack.xml"), ["virtualip"])
+    sent = {vip["descr"]: vip for vip in payload["virtualip"]["vip"]}
+    assert [vip.get("advskew") for vip in sent.values()] == [100, "", None, 254, ""]
+    assert "this node's own LAN alias (no vhid: not sent)" not in sent
+    body = xmlrpc.dumps_request("opnsense.restore_config_section", [payload])
+    assert body.count(b"<name>advskew</name><value><string></string></value>") == 2
+    assert body.count(b"<name>advskew</name><value><int>") == 2
 
 
 # --- DHCP failover peer ----------------------------------------------------------------------
@@ -226,7 +247,7 @@ def test_legacy_config_payload(registry: SyncItemRegistry) -> None:
     payload = payload_for_items(root, registry, selected_item_ids(root))
     assert list(payload) == ["filter", "OPNsense", "aliases", "virtualip", "dhcpd"]
     assert payload["dhcpd"]["lan"]["failover_peerip"] == "172.16.0.2"
-    assert payload["virtualip"]["vip"][0]["advskew"] == 100  # empty advskew counts as 0
+    assert payload["virtualip"]["vip"][0]["advskew"] == ""  # an empty advskew is sent empty, as PHP does
     assert payload["aliases"]["alias"][0]["name"] == "legacy_hosts"
     assert payload["OPNsense"]["Firewall"] == {"Filter": {"rules": []}, "Alias": []}
 

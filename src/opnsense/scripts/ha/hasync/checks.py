@@ -302,7 +302,7 @@ def check_drift(ctx: CheckContext, facts: _Facts) -> CheckResult:
     ids, _unknown = ctx.registry.split_known(facts.settings.syncitems)
     if not ids:
         return CheckResult("drift", OK, "no sync items selected (hasync.syncitems is empty)", {"items": []})
-    local = digestmod.item_digests(digestmod.primary_item_values(facts.root, ctx.registry, ids))
+    local = digestmod.item_digests(digestmod.primary_item_values(facts.root, ctx.registry, ids), ctx.registry)
     snap = snapshotmod.load(ctx.store.conf_dir)
     records = snap.items if snap is not None else {}
     pending = [i for i in ids if i in records and records[i].digest != local[i]]

@@ -1,8 +1,10 @@
 """`make demo`: a real primary -> backup sync between two nodes on this machine.
 
-Seeds two node directories from the project's fixtures, starts the backup agent on loopback with
-TLS (a self-signed certificate it generates, pinned by the primary on first use), runs
-`opnsense-ha sync --restart-services` from the primary, and shows what happened on the backup.
+Seeds two node directories from the project's fixtures under ``./demo-nodes`` of the directory it
+is started from (or ``--dir``), never inside the source tree or an installed package, starts the
+backup agent on loopback with TLS (a self-signed certificate it generates, pinned by the primary on
+first use), runs `opnsense-ha sync --restart-services` from the primary, and shows what happened on
+the backup.
 Everything runs as separate processes through the real CLI, exactly as an admin would run it.
 """
 
@@ -24,6 +26,8 @@ from .services import ServicesDirBackend
 from .store import ConfigStore
 
 REPO = Path(__file__).resolve().parents[5]
+DEFAULT_DIR_NAME = "demo-nodes"
+DEMO_MARKER = ".opnsense-ha-demo"  # marks a directory this demo made, so a rerun may empty it
 
 
 def free_port() -> int:
@@ -51,9 +55,27 @@ def _env() -> dict[str, str]:
     return env
 
 
-def seed(workdir: Path, fixtures: Path) -> tuple[Path, Path]:
-    if workdir.exists():
+def prepare_dir(workdir: Path) -> None:
+    """An empty `workdir` for the nodes: a fresh or empty directory, or one an earlier demo made.
+
+    Anything else is refused rather than emptied: ``--dir ~`` must never delete a home directory.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise SystemExit(f"demo: {workdir} exists and is not a directory; choose another --dir")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / DEMO_MARKER).is_file():
+            raise SystemExit(f"demo: {workdir} is not empty and was not made by this demo; "
+                             "choose another --dir (or remove it)")
         shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARKER).write_text("made by opnsense-ha's demo (python -m hasync.demo); safe to delete\n")
+
+
+def seed(workdir: Path, fixtures: Path) -> tuple[Path, Path]:
+    if not (fixtures / "primary.xml").is_file():
+        raise SystemExit(f"demo: no demo fixtures in {fixtures} (they ship with the source tree, "
+                         "fixtures/nodes); pass --fixtures")
+    prepare_dir(workdir)
     primary, backup = workdir / "primary", workdir / "backup"
     for node in (primary, backup):
         node.mkdir(parents=True)
@@ -93,10 +115,14 @@ def summarize_backup(backup: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hasync.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "demo-nodes")
-    parser.add_argument("--fixtures", type=Path, default=REPO / "fixtures" / "nodes")
+    parser.add_argument("--dir", "--workdir", dest="workdir", type=Path, default=Path(DEFAULT_DIR_NAME),
+                        help=f"where the two nodes go (default: ./{DEFAULT_DIR_NAME} of the current directory); "
+                             "must be new, empty or an earlier demo's")
+    parser.add_argument("--fixtures", type=Path, default=REPO / "fixtures" / "nodes",
+                        help="the node configs to start from (default: the source tree's fixtures/nodes)")
     args = parser.parse_args(argv)
-    primary, backup = seed(args.workdir.resolve(), args.fixtures)
+    workdir = args.workdir.resolve()
+    primary, backup = seed(workdir, args.fixtures)
     print(f"seeded primary node in {primary} and backup node in {backup}")
     services = ServicesDirBackend(backup / "services.d", SubprocessRunner())
     for service in services.list_services():
@@ -128,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         for service in services.list_services():
             if service.get("status") and not service.get("nocheck"):
                 services.stop(str(service["name"]), str(service.get("id", "")))
-    print("\nFiles:")
+    print(f"\nFiles (all under {workdir}):")
     for name, node in (("primary", primary), ("backup", backup)):
         print(f"  {name}: {node / 'config.xml'} (history in {node / 'backup'})")
     print(f"  backup agent certificate: {backup / 'state'}; primary's pin: {primary / 'ha-state' / 'trust.json'}")

@@ -19,6 +19,11 @@ Records in lists are matched before they are compared:
 Order is configuration for rules: of the matched records, those outside the longest run that
 kept its relative order are reported as moved, with old and new positions.
 
+Fields the sync items declare per-node (`pernode`) are never drift: a `local` field keeps the
+backup's value through the simulated merge (so it is no change) and is listed as "kept on the
+backup"; a `self_address`/`swap` field arrives as the primary rewrote it and is listed as
+"rewritten" with the primary's value and the value sent.
+
 Secrets (password hashes, private keys, API secrets, pre-shared keys, CARP and sync passwords)
 are never printed: a field whose name, or any name above it, is secret-looking shows only as
 changed/set/cleared. The unified format replaces each secret by a token derived with a random
@@ -42,10 +47,11 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from . import digest as digestmod
+from . import pernode
 from . import snapshot as snapshotmod
 from .errors import HaError, TransportError
 from .extensions import PeerFeatures, as_struct, discover, stock_note
-from .items import SyncItemRegistry, read_hasync
+from .items import SyncItemRegistry, paths_overlap, read_hasync
 from .merge import merge_payload, vip_key
 from .payload import is_secret_key
 from .store import ConfigStore
@@ -123,10 +129,11 @@ class RecordChange:
     new_position: int | None = None
     moved: bool = False
     fields: list[FieldChange] = field(default_factory=list)
+    name: str | None = None  # the record's own `name`, when it has one (aliases, users, gateways, ...)
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "path": self.path, "key": self.key, "label": self.label,
+            "kind": self.kind, "path": self.path, "key": self.key, "label": self.label, "name": self.name,
             "old_position": self.old_position, "new_position": self.new_position, "moved": self.moved,
             "fields": [change.as_json() for change in self.fields],
         }
@@ -144,6 +151,7 @@ class ItemDiff:
     warnings: list[str] = field(default_factory=list)
     before: Any = ""
     after: Any = ""
+    declared: list[pernode.Note] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -164,7 +172,28 @@ class ItemDiff:
             "summary": self.counts(),
             "changes": [change.as_json() for change in self.changes],
             "warnings": self.warnings,
+            "declared": [_declared_json(note) for note in self.declared],
         }
+
+
+def _declared_json(note: pernode.Note) -> dict[str, Any]:
+    data: dict[str, Any] = {"path": note.path, "kind": note.kind}
+    if note.kind == pernode.REWRITTEN and not is_secret_path(note.path):
+        data["old"] = None if note.old is None else str(note.old)
+        data["new"] = None if note.new is None else str(note.new)
+    return data
+
+
+def declared_notes(values: Mapping[str, Any], rewritten: list[pernode.Note], registry: SyncItemRegistry,
+                   item_id: str) -> list[pernode.Note]:
+    """The per-node fields of one item: its local paths in the payload, and what was rewritten."""
+    sections = registry.get(item_id).sections
+    mine = [note for note in rewritten if any(paths_overlap(_without_selectors(note.path), s) for s in sections)]
+    return pernode.local_notes(values, registry.get(item_id).declarations) + mine
+
+
+def _without_selectors(path: str) -> str:
+    return re.sub(r"\[[^\]]*\]", "", path)
 
 
 @dataclass
@@ -277,14 +306,29 @@ _KEY_FIELDS: dict[str, tuple[str, ...]] = {
 _GENERIC_KEYS = ("refid", "name", "tunable", "vpnid", "ikeid", "uniqid", "tracker")
 
 
-def _label(record: Any, key: str, secret_path: bool) -> str:
-    if isinstance(record, dict) and not secret_path:
-        for name in _LABEL_FIELDS:
-            text = record.get(name)
-            if isinstance(text, str) and text.strip() and not is_secret_name(name):
-                first = text.strip().splitlines()[0]
-                return f"'{first[:80]}'"
-    return key
+def _first_line(record: dict[str, Any], field_name: str) -> str:
+    text = record.get(field_name)
+    return text.strip().splitlines()[0][:80] if isinstance(text, str) and text.strip() else ""
+
+
+def _naming(record: Any, key: str, secret_path: bool) -> tuple[str, str | None]:
+    """(label, name): how an admin knows the record, for `diff`.
+
+    A record whose model has a `name` (aliases, users, groups, gateways, schedules, Monit services,
+    ...) is known by it: ``mail_servers ('Mail relays')``, and the name is returned on its own for
+    --json. Otherwise the first descriptive field, quoted, or else the matching key.
+    """
+    if not isinstance(record, dict) or secret_path:
+        return key, None
+    name = _first_line(record, "name")
+    if name:
+        description = _first_line(record, "descr") or _first_line(record, "description")
+        return (f"{name} ('{description}')" if description and description != name else name), name
+    for field_name in _LABEL_FIELDS:
+        text = _first_line(record, field_name)
+        if text and not is_secret_name(field_name):
+            return f"'{text}'", None
+    return key, None
 
 
 def _unique_key(records: list[Any], name: str) -> list[str] | None:
@@ -420,15 +464,14 @@ def diff_list(old: list[Any], new: list[Any], path: str, out: list[RecordChange]
     moved_new = {ni for index, (_, ni) in enumerate(pairs) if index not in kept}
     for oi, record in enumerate(old):
         if oi not in matched_old:
-            out.append(RecordChange("removed", path, key_text(oi, "old"), _label(record, key_text(oi, "old"),
-                                                                                secret_path),
-                                    old_position=oi + 1,
-                                    fields=_field_changes(flatten(record), {}, path)))
+            label, name = _naming(record, key_text(oi, "old"), secret_path)
+            out.append(RecordChange("removed", path, key_text(oi, "old"), label, old_position=oi + 1,
+                                    fields=_field_changes(flatten(record), {}, path), name=name))
     for ni, record in enumerate(new):
         if ni not in matched_new:
-            out.append(RecordChange("added", path, key_text(ni, "new"), _label(record, key_text(ni, "new"),
-                                                                              secret_path),
-                                    new_position=ni + 1, fields=_field_changes({}, flatten(record), path)))
+            label, name = _naming(record, key_text(ni, "new"), secret_path)
+            out.append(RecordChange("added", path, key_text(ni, "new"), label, new_position=ni + 1,
+                                    fields=_field_changes({}, flatten(record), path), name=name))
             continue
         oi = matched_new[ni]
         skip = ("@uuid",) if keyed is not None and keyed[0] == "uuid" else ()
@@ -436,9 +479,9 @@ def diff_list(old: list[Any], new: list[Any], path: str, out: list[RecordChange]
         moved = ni in moved_new
         if fields or moved:
             key = key_text(ni, "new") if keyed is not None else f"#{ni + 1}"
-            out.append(RecordChange("changed" if fields else "moved", path, key,
-                                    _label(record, key, secret_path), old_position=oi + 1,
-                                    new_position=ni + 1, moved=moved, fields=fields))
+            label, name = _naming(record, key, secret_path)
+            out.append(RecordChange("changed" if fields else "moved", path, key, label, old_position=oi + 1,
+                                    new_position=ni + 1, moved=moved, fields=fields, name=name))
 
 
 def diff_values(before: Any, after: Any, path: str = "") -> list[RecordChange]:
@@ -538,11 +581,13 @@ def build_diff(
     """Compare this (primary) node's items with the backup: live if it has hasync.*, else the snapshot."""
     root = store.load()
     ids = selected_items(root, registry, item_ids)
-    values = digestmod.primary_item_values(root, registry, ids)
-    local = digestmod.item_digests(values)
+    rewritten: list[pernode.Note] = []
+    values = digestmod.primary_item_values(root, registry, ids, rewritten)
+    local = digestmod.item_digests(values, registry)
     features = features or discover(peer)
     report = DiffReport(target=peer.url)
-    items = {item_id: ItemDiff(item_id, registry.get(item_id).description, primary_digest=local[item_id])
+    items = {item_id: ItemDiff(item_id, registry.get(item_id).description, primary_digest=local[item_id],
+                               declared=declared_notes(values[item_id], rewritten, registry, item_id))
              for item_id in ids}
     report.items = list(items.values())
     if features.has("hasync.digest") and features.has("hasync.export_sections"):
@@ -576,6 +621,12 @@ def build_diff(
                                    f"({snap.time_iso}); changes made on the backup itself are NOT visible")
     if snap.target and snap.target != peer.url:
         report.note += f". The snapshot is of a sync to {snap.target}, not {peer.url}"
+    kept = [note.path for item in items.values() for note in item.declared if note.kind == pernode.KEPT]
+    if kept:  # PHP's merge knows no declarations: nothing is kept there
+        for item in items.values():
+            item.declared = [note for note in item.declared if note.kind != pernode.KEPT]
+        report.note += (f". A stock backup cannot keep its own value of the field(s) declared local, a sync "
+                        f"overwrites them: {', '.join(kept)}")
     for item_id, item in items.items():
         record = snap.items.get(item_id)
         if record is None:
@@ -629,6 +680,14 @@ def show_value(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _declared_line(note: pernode.Note) -> str:
+    if note.kind == pernode.KEPT:
+        return f"{note.path}: {note.kind} (declared local)"
+    if is_secret_path(note.path):
+        return f"{note.path}: {note.kind} for the backup (secret)"
+    return f"{note.path}: {note.kind} for the backup: {show_value(note.old)} -> {show_value(note.new)}"
+
+
 def _field_line(change: FieldChange) -> str:
     if change.secret:
         return f"{change.field}: (secret) {change.change}"
@@ -654,8 +713,10 @@ def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool
         lines.append(paint(report.note, "note"))
     for item in report.items:
         counts = item.counts()
+        declared = [f"  = {_declared_line(note)}" for note in item.declared]
         if item.status == "same":
             lines.append(f"{item.id}: no differences" + (f" ({item.note})" if item.note else ""))
+            lines.extend(declared)
             continue
         if item.status == "unknown":
             lines.append(paint(f"{item.id}: unknown: {item.note}", "changed"))
@@ -664,11 +725,14 @@ def render_summary(report: DiffReport, colour: bool = False, verbose_added: bool
         lines.append(paint(f"{item.id} ({item.description}): {summary}", "header"))
         for change in item.changes:
             kind = "moved" if change.kind == "moved" else change.kind
-            name = change.label if change.label == change.key or not change.key else f"{change.label} [{change.key}]"
+            # a named record is known by its name; the others by their label and matching key
+            name = change.label if change.name or change.label == change.key or not change.key \
+                else f"{change.label} [{change.key}]"
             lines.append(paint(f"  {MARKS[kind]} {change.path} {name}{_position(change)}", kind))
             if change.kind == "changed" or (verbose_added and change.kind in ("added", "removed")):
                 lines.extend(f"      {_field_line(f)}" for f in change.fields)
         lines.extend(paint(f"  ! {warning}", "note") for warning in item.warnings)
+        lines.extend(declared)
     total = report.differences
     lines.append(f"{total} of {len(report.items)} item(s) differ" if total else "no differences")
     return "\n".join(lines)

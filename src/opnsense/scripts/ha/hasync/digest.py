@@ -18,7 +18,9 @@ the primary applies*, computed with the same function on both nodes:
   digests the transformed payload, and the backup stores (and digests) the transformed value;
 * scalars as the text the backup stores (``100`` and ``"100"`` agree, ``True`` is ``"1"``,
   ``None``/``False`` are gone), whitespace-only text and empty lists/structs as ``""``;
-* keys sorted, list order kept (rule order is configuration).
+* keys sorted, list order kept (rule order is configuration);
+* the items' declared ``local`` paths left out (`pernode.prune_local`): each node keeps its own
+  value there, so a difference in them is no difference.
 
 The digest is SHA-256 over the compact JSON of that value (`canonical_bytes`). The name of the
 form, `CANONICAL_FORM`, travels with every digest so a future change of the rules can never make
@@ -44,11 +46,12 @@ from typing import Any
 
 from lxml import etree
 
+from . import pernode
 from .items import SyncItemRegistry
 from .payload import RULE_LISTS, VIRTUALIP, _copy_section, build_payload, php_empty, place_at
 from .tree import ATTRIBUTES, LIST_TAGS, element_to_value
 
-CANONICAL_FORM = "hasync-canonical-1"
+CANONICAL_FORM = "hasync-canonical-2"  # 2: declared-local paths are left out
 ALGORITHM = "sha256"
 
 
@@ -133,15 +136,18 @@ def value_item_value(value: Mapping[str, Any], sections: Iterable[str], copy_val
 
 
 def primary_item_values(
-    root: etree._Element, registry: SyncItemRegistry, item_ids: Iterable[str]
+    root: etree._Element, registry: SyncItemRegistry, item_ids: Iterable[str],
+    notes: list[pernode.Note] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """What the primary would send, per item: one payload build, then each item's share of it."""
+    """What the primary would send, per item: one payload build, then each item's share of it.
+
+    `notes` receives what the per-node declarations rewrote."""
     items = registry.resolve(item_ids)
     sections: dict[str, None] = {}
     for item in items:
         for section in item.sections:
             sections.setdefault(section, None)
-    payload = build_payload(root, list(sections))
+    payload = build_payload(root, list(sections), registry.declarations(), notes)
     return {item.id: value_item_value(payload, item.sections, copy_values=False) for item in items}
 
 
@@ -298,8 +304,14 @@ def digest(value: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_bytes(value)).hexdigest()
 
 
-def item_digests(values: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    return {item_id: digest(value) for item_id, value in values.items()}
+def item_digest(value: Mapping[str, Any], registry: SyncItemRegistry | None = None) -> str:
+    """`digest` of one item's value without the registry's declared-local paths."""
+    return digest(value if registry is None else pernode.prune_local(value, registry.declarations()))
+
+
+def item_digests(values: Mapping[str, Mapping[str, Any]], registry: SyncItemRegistry | None = None) -> dict[str, str]:
+    """Per-item digests; pass the registry so declared-local paths are left out (always, outside tests)."""
+    return {item_id: item_digest(value, registry) for item_id, value in values.items()}
 
 
 def digest_reply(digests: Mapping[str, str], unknown: Sequence[str]) -> dict[str, Any]:

@@ -226,7 +226,7 @@ class Extensions:
     def digest(self, argument: Any, _context: CallContext) -> dict[str, Any]:
         ids = _item_ids(argument, "hasync.digest") or self.node.registry.ids()
         values, unknown = digestmod.backup_item_values(self.node.store.load(), self.node.registry, ids)
-        return digestmod.digest_reply(digestmod.item_digests(values), unknown)
+        return digestmod.digest_reply(digestmod.item_digests(values, self.node.registry), unknown)
 
     def export_sections(self, argument: Any, _context: CallContext) -> dict[str, Any]:
         ids = _item_ids(argument, "hasync.export_sections") or self.node.registry.ids()

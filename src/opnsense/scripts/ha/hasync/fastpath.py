@@ -11,8 +11,11 @@ Wire form (`METHOD`, one struct param):
 * ``format`` = `FORMAT`, ``compression`` = ``"zlib"``, ``size`` (inflated bytes) and ``sha256``
   of the inflated document;
 * ``sections``: the dotted section paths, in the order the payload would list them;
-* ``interfaces`` (only when a ``dhcpd`` section travels): ``{if: {ipaddr, subnet}}`` of the
-  primary, the only input of the DHCP failover rewrite that is not in the sections themselves;
+* ``pernode`` and ``interfaces`` (only when a per-node ``self_address``/``swap`` rule can touch the
+  sections, e.g. the DHCP failover peer or a unicast CARP peer): the primary's rules
+  (`pernode.Declarations.as_json`) and its ``{if: {ipaddr, subnet, ipaddrv6, subnetv6}}``, the
+  only inputs of those rewrites that are not in the sections themselves; the agent applies the
+  same function the compatible path does (it offers the feature `PERNODE_FEATURE`);
 * ``data``: the zlib stream as ``<base64>`` chunks of at most `CHUNK` bytes (libxml2 refuses text
   nodes over 10 MB without its "huge" mode, which we keep off).
 
@@ -50,17 +53,17 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from . import xmlrpc, xmlsafe
+from . import pernode, xmlrpc, xmlsafe
 from .errors import ConfigError, HaError, MethodFault, RemoteFault
 from .items import SyncItemRegistry
 from .payload import (
     VIRTUALIP,
-    _rewrite_dhcp_failover,
     _vip_section,
     check_sections,
     payload_for_items,
     place_at,
     remove_nosync,
+    shipped_declarations,
 )
 from .store import ConfigStore, parse_config_bytes
 from .tree import LIST_TAGS, element_to_value
@@ -72,13 +75,13 @@ log = logging.getLogger("hasync.fastpath")
 
 METHOD = "hasync.restore_sections_xml"
 FEATURE = "restore_sections_xml"
+PERNODE_FEATURE = "pernode-1"  # the agent applies the primary's self_address/swap rules sent along
 FORMAT = "hasync-sections-1"
 COMPRESSION = "zlib"
 CHUNK = 6 * 1024 * 1024  # raw bytes per <base64> param item: 8 MiB of base64, under libxml2's 10 MB
 MAX_INFLATED = 768 * 1024 * 1024
 COMPRESS_LEVEL = 1  # loopback and LAN links are fast; level 1 gets ~4x on configs at ~100 MB/s
 RESTORE_METHOD = "opnsense.restore_config_section"
-DHCPD = "dhcpd"
 
 
 # --- the primary: sections as XML --------------------------------------------------------------
@@ -118,22 +121,17 @@ class SectionsBlob:
         return self.compressed / self.size if self.size else 1.0
 
 
-def _interfaces_for_dhcp(root: etree._Element) -> dict[str, dict[str, str]]:
-    """The primary's `interfaces` reduced to what `payload.own_address_facing` reads."""
+def _interfaces_for_rewrite(root: etree._Element) -> dict[str, dict[str, str]]:
+    """The primary's `interfaces` reduced to what `pernode.address_facing` reads."""
     holder = etree.Element("holder")
     for node in root:
         if node.tag == "interfaces":
             holder.append(copy.deepcopy(node))
-    value = element_to_value(holder).get("interfaces")
-    out: dict[str, dict[str, str]] = {}
-    if isinstance(value, dict):
-        for name, conf in value.items():
-            if isinstance(conf, dict) and isinstance(conf.get("ipaddr"), str) and isinstance(conf.get("subnet"), str):
-                out[str(name)] = {"ipaddr": conf["ipaddr"], "subnet": conf["subnet"]}
-    return out
+    return pernode.interfaces_for_rewrite(element_to_value(holder).get("interfaces"))
 
 
-def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPRESS_LEVEL) -> SectionsBlob:
+def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPRESS_LEVEL,
+               declarations: pernode.Declarations | None = None) -> SectionsBlob:
     """Serialise and compress the subtrees at `sections` of the primary's config tree.
 
     Section paths are checked exactly as for the compatible payload (node-specific ones are
@@ -177,8 +175,10 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
         "sections": list(wanted),
         "data": [stream[i : i + CHUNK] for i in range(0, len(stream), CHUNK)] or [b""],
     }
-    if any(dotted.split(".")[0] == DHCPD for dotted in wanted):
-        param["interfaces"] = _interfaces_for_dhcp(root)
+    rules = (shipped_declarations() if declarations is None else declarations).rewriting(wanted)
+    if rules:
+        param["pernode"] = rules.as_json()
+        param["interfaces"] = _interfaces_for_rewrite(root)
     return SectionsBlob(param, list(wanted), size, len(stream))
 
 
@@ -237,7 +237,8 @@ def _fault(text: str) -> MethodFault:
     return MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: {text}")
 
 
-def _check_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[str, Any] | None]:
+def _check_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[str, Any] | None,
+                                         pernode.Declarations | None]:
     if not isinstance(argument, dict):
         raise _fault("expects one struct")
     if argument.get("format") != FORMAT:
@@ -262,15 +263,22 @@ def _check_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[
     if interfaces is not None:
         interfaces = interfaces if interfaces != [] else {}
         if not isinstance(interfaces, dict) or not all(
-            isinstance(conf, dict) and isinstance(conf.get("ipaddr"), str) and isinstance(conf.get("subnet"), str)
+            isinstance(conf, dict) and all(isinstance(text, str) for text in conf.values())
             for conf in interfaces.values()
         ):
-            raise _fault("'interfaces' must map interface names to {ipaddr, subnet}")
-    return sections, data, size, sha, interfaces
+            raise _fault("'interfaces' must map interface names to {ipaddr, subnet, ipaddrv6, subnetv6}")
+    rules = None
+    if "pernode" in argument:
+        try:
+            rules = pernode.from_wire(argument["pernode"])
+        except (ValueError, TypeError) as exc:
+            raise _fault(f"'pernode': {exc}") from None
+    return sections, data, size, sha, interfaces, rules
 
 
 def payload_from_document(
-    document: bytes, sections: Sequence[str], interfaces: dict[str, Any] | None
+    document: bytes, sections: Sequence[str], interfaces: dict[str, Any] | None,
+    rules: pernode.Declarations | None = None,
 ) -> dict[str, Any]:
     """Rebuild the compatible payload from the inflated sections document (see module docstring)."""
     # XML-RPC carries CR raw and the receiving parser turns CR LF and lone CR into LF; lxml wrote
@@ -305,8 +313,9 @@ def payload_from_document(
             place_at(payload, dotted.split("."), [] if missing else value)
         holder.clear()  # free the subtree as soon as it is converted
     remove_nosync(payload)
-    if DHCPD in payload:
-        _rewrite_dhcp_failover(payload, {"interfaces": interfaces or {}})
+    # the primary's rules; a primary that sent none gets the rules this package ships
+    rewriting = (shipped_declarations() if rules is None else rules).rewriting(sections)
+    pernode.rewrite_for_backup(payload, {"interfaces": interfaces or {}}, rewriting)
     # toArray makes an empty struct only of an element holding nothing but comments or PIs, and
     # remove_nosync can empty one; IXR sends an empty struct as an empty array. Walk only then.
     start = document.find(b"?>") + 2
@@ -328,12 +337,12 @@ class FastPathAgent:
         self.dispatcher.register(METHOD, self.restore_sections_xml)
 
     def restore_sections_xml(self, argument: Any, context: CallContext) -> Any:
-        sections, chunks, size, sha, interfaces = _check_param(argument)
+        sections, chunks, size, sha, interfaces, rules = _check_param(argument)
         document = inflate(chunks, size, self.max_inflated)
         if hashlib.sha256(document).hexdigest() != sha.lower():
             raise _fault("the inflated document does not match its sha256")
         try:
-            payload = payload_from_document(document, sections, interfaces)
+            payload = payload_from_document(document, sections, interfaces, rules)
         except HaError as exc:  # e.g. the DHCP failover rewrite finds no interface facing the peer
             raise _fault(str(exc)) from None
         del document
@@ -360,8 +369,11 @@ class PeerProbe:
 
     @property
     def fast_path(self) -> bool:
+        return self.offers(FEATURE)
+
+    def offers(self, feature: str) -> bool:
         features = (self.capabilities or {}).get("features") or []
-        return isinstance(features, list) and FEATURE in features
+        return isinstance(features, list) and feature in features
 
 
 def _multicall_value(entry: Any) -> tuple[bool, Any]:
@@ -494,11 +506,11 @@ def describe(blob: SectionsBlob) -> str:
 
 def decode_param_for_tests(param: dict[str, Any]) -> dict[str, Any]:
     """The payload the agent would merge for `param` (no merge): used by the equivalence tests."""
-    sections, chunks, size, sha, interfaces = _check_param(param)
+    sections, chunks, size, sha, interfaces, rules = _check_param(param)
     document = inflate(chunks, size)
     if hashlib.sha256(document).hexdigest() != sha:
         raise _fault("sha256 mismatch")
-    return payload_from_document(document, sections, interfaces)
+    return payload_from_document(document, sections, interfaces, rules)
 
 
 
@@ -618,7 +630,7 @@ class ConfigCache:
             wanted = [i for i in item_ids if i in self.registry and i not in self._digests]
             if wanted:
                 values, _ = digestmod.backup_item_values(root, self.registry, wanted)
-                fresh = digestmod.item_digests(values)
+                fresh = digestmod.item_digests(values, self.registry)
                 if self._key is not None:
                     self._digests.update(fresh)
             else:
@@ -673,7 +685,7 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
     agent = FastPathAgent(dispatcher)
     agent.register()
     if features is not None:
-        features.add(FEATURE)
+        features.update((FEATURE, PERNODE_FEATURE))
     if cache is not None:
         from .extensions import _item_ids
 
@@ -837,7 +849,7 @@ class ConfigView:
         if isinstance(cached, dict) and set(cached) == set(item_ids):
             return {str(k): str(v) for k, v in cached.items()}, True
         values = digestmod.primary_item_values(self.root, registry, item_ids)
-        digests = digestmod.item_digests(values)
+        digests = digestmod.item_digests(values, registry)
         self._store(signature, digests)
         return digests, False
 
@@ -985,7 +997,10 @@ class SyncPlan:
 
     @property
     def uses_fast_path(self) -> bool:
-        return self.fast and self.peer_probe is not None and self.peer_probe.fast_path
+        if not (self.fast and self.peer_probe is not None and self.peer_probe.fast_path):
+            return False
+        # an agent that cannot apply our self_address/swap rules gets the compatible payload instead
+        return self.peer_probe.offers(PERNODE_FEATURE) or not self.registry.declarations().rewriting(self.sections)
 
     def payload(self) -> dict[str, Any]:
         """The compatible payload of `send_ids` (sent on the compatible path; kept in the snapshot)."""
@@ -1025,7 +1040,7 @@ class SyncPlan:
     def dry_run(self, peer: Any) -> str:
         self._learn_capabilities(peer)
         if self.uses_fast_path:
-            blob = build_blob(self.view.root, self.sections)
+            blob = build_blob(self.view.root, self.sections, declarations=self.registry.declarations())
             return (f"would send {len(self.send_ids)} items by the fast path, {blob.compressed} bytes "
                     f"({blob.size} inflated); nothing sent")
         size = len(xmlrpc.dumps_request(RESTORE_METHOD, [self.payload()]))
@@ -1040,7 +1055,8 @@ class SyncPlan:
         payload = self.record_payload()
         if self.ours is None or any(i not in self.ours for i in self.record_ids):
             self.record_digests = {
-                item.id: digestmod.digest(digestmod.value_item_value(payload, item.sections, copy_values=False))
+                item.id: digestmod.item_digest(digestmod.value_item_value(payload, item.sections, copy_values=False),
+                                               self.registry)
                 for item in self.registry.resolve(self.record_ids)
             }
         else:
@@ -1054,7 +1070,7 @@ class SyncPlan:
     def send(self, peer: Any) -> str:
         self._learn_capabilities(peer)
         if self.uses_fast_path:
-            blob = self.blob = build_blob(self.view.root, self.sections)
+            blob = self.blob = build_blob(self.view.root, self.sections, declarations=self.registry.declarations())
             request: Callable[[], Any] = lambda: send_blob(peer, blob)  # noqa: E731
             self.transfer = "fast path"
         else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from typing import Any
 from lxml import etree
 
 from .errors import SyncItemError
+from .pernode import Declarations, declarations_from
+from .pernode import core as _declare
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ITEMS_DIR = PACKAGE_DIR / "items.d"
@@ -53,18 +55,22 @@ class SyncItem:
     services: list[str] = field(default_factory=list)
     help: str = ""
     source: str = "core"  # "core" or the drop-in file that defined it (for error messages)
+    declarations: Declarations = field(default_factory=Declarations)  # per-node values (pernode.py)
 
     def to_dict(self) -> dict[str, Any]:
         """The metadata as `items --verbose` prints it (PHP's `section` is a comma list)."""
         data = asdict(self)
         data["section"] = ",".join(self.sections)
+        data["declarations"] = self.declarations.as_json()
         return data
 
 
 def _core(
-    item_id: str, description: str, sections: str, services: Sequence[str] = (), help_text: str = ""
+    item_id: str, description: str, sections: str, services: Sequence[str] = (), help_text: str = "",
+    declarations: Declarations | None = None,
 ) -> SyncItem:
-    return SyncItem(item_id, description, sections.split(","), list(services), help_text)
+    return SyncItem(item_id, description, sections.split(","), list(services), help_text,
+                    declarations=declarations or Declarations())
 
 
 # The core items of reference §3, in the order OPNsense's settings page lists them. Descriptions
@@ -79,7 +85,8 @@ CORE_ITEMS: tuple[SyncItem, ...] = (
           "Synchronize certificates, certificate authorities and revocation lists."),
     _core("virtualip", "Virtual IPs", "virtualip", [],
           "Synchronize CARP virtual IPs and IP aliases with a VHID; the backup advertises "
-          "with advskew + 100."),
+          "with advskew + 100 and a unicast peer becomes this node's address facing it.",
+          _declare(self_address=["virtualip.vip[peer].peer", "virtualip.vip[peer6].peer6"])),
     _core("staticroutes", "Static Routes", "staticroutes,gateways,OPNsense.Gateways", [],
           "Synchronize static routes and gateways."),
     _core("syslog-ng", "Syslog", "syslog,OPNsense.Syslog", ["syslog-ng"],
@@ -101,7 +108,8 @@ CORE_ITEMS: tuple[SyncItem, ...] = (
     _core("ipsec", "IPsec", "ipsec,OPNsense.IPsec,OPNsense.Swanctl", ["strongswan"],
           "Synchronize IPsec tunnels, keys and connections."),
     _core("kea", "Kea DHCP", "OPNsense.Kea", ["kea"],
-          "Synchronize the Kea DHCP server settings."),
+          "Synchronize the Kea DHCP server settings; each node keeps its own HA this_server_name.",
+          _declare(local=["OPNsense.Kea.dhcp4.ha.this_server_name", "OPNsense.Kea.dhcp6.ha.this_server_name"])),
     _core("monit", "Monit System Monitoring", "OPNsense.monit", ["monit"],
           "Synchronize Monit service tests and alerts."),
     _core("syslog", "Netflow / Insight", "OPNsense.Netflow", ["flowd"],
@@ -195,8 +203,27 @@ def _check_schema(path: Path, data: Any, schema: dict[str, Any]) -> None:
         raise SyncItemError(f"{path}: field {_field_name(best.absolute_path)}: {best.message}")
 
 
+@dataclass(frozen=True)
+class ItemExtension:
+    """A drop-in record ``{"extends": id, "local": [...], ...}``: declarations for an existing item.
+
+    This is how an admin declares per-node values without writing Python (e.g. one cron job each
+    node keeps for itself); it is checked against the extended item's sections once all items
+    are loaded.
+    """
+
+    extends: str
+    record: dict[str, Any]
+    where: str  # "file: " or "file: [i]." prefix for error messages
+
+
 def load_item_file(path: Path, schema: dict[str, Any] | None = None) -> list[SyncItem]:
     """Read one drop-in file (one item object or an array of them), validated against the schema."""
+    return [entry for entry in load_entries(path, schema) if isinstance(entry, SyncItem)]
+
+
+def load_entries(path: Path, schema: dict[str, Any] | None = None) -> list[SyncItem | ItemExtension]:
+    """Every record of one drop-in file: new items and extensions of existing ones."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -212,9 +239,12 @@ def load_item_file(path: Path, schema: dict[str, Any] | None = None) -> list[Syn
     if hashlib.sha256(raw).hexdigest() not in validated_digests():
         _check_schema(path, data, schema or _load_schema())
     records = data if isinstance(data, list) else [data]
-    items: list[SyncItem] = []
+    items: list[SyncItem | ItemExtension] = []
     for index, record in enumerate(records):
         prefix = f"[{index}]." if isinstance(data, list) else ""
+        if "extends" in record:
+            items.append(ItemExtension(record["extends"], record, f"{path}: {prefix}"))
+            continue
         sections = [s.strip() for s in record["sections"]]
         for pos, section in enumerate(sections):
             reason = section_refusal(section)
@@ -228,6 +258,7 @@ def load_item_file(path: Path, schema: dict[str, Any] | None = None) -> list[Syn
                 services=list(record.get("services", [])),
                 help=record.get("help", ""),
                 source=str(path),
+                declarations=declarations_from(record, sections, f"{path}: {prefix}"),
             )
         )
     return items
@@ -241,6 +272,7 @@ class SyncItemRegistry:
 
     def __init__(self, items: Iterable[SyncItem]) -> None:
         self._items: dict[str, SyncItem] = {}
+        self._declarations: Declarations | None = None
         for item in items:
             self.add(item)
 
@@ -251,6 +283,7 @@ class SyncItemRegistry:
                 f"{item.source}: field id: sync item '{item.id}' is already defined by {other.source}"
             )
         self._items[item.id] = item
+        self._declarations = None
 
     @classmethod
     def load(cls, items_dir: str | Path | None = None, *, include_core: bool = True) -> SyncItemRegistry:
@@ -265,10 +298,37 @@ class SyncItemRegistry:
             if items_dir is not None:
                 raise SyncItemError(f"{directory}: items directory does not exist")
             return registry
+        extensions: list[ItemExtension] = []
         for path in sorted(directory.glob("*.json")):
-            for item in load_item_file(path):
-                registry.add(item)
+            for entry in load_entries(path):
+                if isinstance(entry, ItemExtension):
+                    extensions.append(entry)
+                else:
+                    registry.add(entry)
+        for extension in extensions:  # after every item is known, whichever file defines it
+            registry.extend(extension)
         return registry
+
+    def extend(self, extension: ItemExtension) -> None:
+        """Add an `ItemExtension`'s declarations to the item it names."""
+        item = self._items.get(extension.extends)
+        if item is None:
+            raise SyncItemError(
+                f"{extension.where.replace(': ', ': field ', 1)}extends: no sync item '{extension.extends}' "
+                f"(known: {', '.join(sorted(self._items))})"
+            )
+        added = declarations_from(extension.record, item.sections, extension.where)
+        self._items[item.id] = replace(item, declarations=item.declarations.merged(added))
+        self._declarations = None
+
+    def declarations(self) -> Declarations:
+        """Every item's per-node declarations together (paths never overlap between items' sections)."""
+        if self._declarations is None:
+            combined = Declarations()
+            for item in self._items.values():
+                combined = combined.merged(item.declarations)
+            self._declarations = combined
+        return self._declarations
 
     # --- lookup ------------------------------------------------------------------------------
 

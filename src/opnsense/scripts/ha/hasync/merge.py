@@ -16,7 +16,10 @@ replaced list gets exactly the incoming order:
   first, except in the ordered rule lists `filter.rule`, `nat.rule` and `nat.outbound.rule`;
 * CARP: VIPs with a vhid are replaced by the incoming set, the backup's VIPs without a vhid (and
   its nosync VIPs) are kept;
-* the backup's `hasync` and `interfaces` are never overwritten.
+* the backup's `hasync` and `interfaces` are never overwritten;
+* the paths the sync items declare ``local`` (`pernode`) keep the backup's own value: the payload
+  is given the backup's value (or its absence) there before merging, so those fields are neither
+  overwritten, removed, nor reported as changed.
 
 Decisions where we deliberately differ from the PHP code (bugs, not behaviour anyone relies on):
 
@@ -59,7 +62,7 @@ from typing import Any
 
 from lxml import etree
 
-from . import xmlrpc
+from . import pernode, xmlrpc
 from .errors import MergeError
 from .failover.base import VipSpec
 from .items import SyncItemRegistry
@@ -76,7 +79,8 @@ PROTECTED_KEYS: tuple[str, ...] = ("hasync", "interfaces", "revision")
 # section they accompany is covered by a registered item.
 COMPANION_PATHS: Mapping[str, str] = {"system.nextuid": "system.user", "system.nextgid": "system.user"}
 
-VIP_FIELDS: tuple[str, ...] = ("password", "advskew", "subnet", "subnet_bits", "advbase")
+# peer/peer6: a unicast CARP peer the sync corrects (pernode self_address) must reach the kernel too
+VIP_FIELDS: tuple[str, ...] = ("password", "advskew", "subnet", "subnet_bits", "advbase", "peer", "peer6")
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 64
@@ -93,7 +97,7 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 class VipChange:
     """A CARP/IP-alias VIP that the merge added, changed or removed (values after the merge,
     before it for a removed VIP). `changed_fields` lists which of the fields that need a
-    reconfiguration (password, advskew, subnet, subnet_bits, advbase) differ."""
+    reconfiguration (password, advskew, subnet, subnet_bits, advbase, peer, peer6) differ."""
 
     key: str
     mode: str
@@ -150,6 +154,7 @@ class MergeReport:
     vips_changed: list[VipChange] = field(default_factory=list)
     vips_removed: list[VipChange] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    kept_local: list[str] = field(default_factory=list)  # concrete declared-local paths the payload carried
 
     @property
     def changed(self) -> bool:
@@ -165,6 +170,7 @@ class MergeReport:
             "vips_changed": [vip.public_dict() for vip in self.vips_changed],
             "vips_removed": [vip.public_dict() for vip in self.vips_removed],
             "warnings": self.warnings,
+            "kept_local": self.kept_local,
         }
 
 
@@ -370,6 +376,7 @@ def merge_payload(
     """
     data = normalize_payload(dict(payload))
     points = check_payload(data, registry, accept_unknown)
+    data, kept = pernode.keep_local(root, data, registry.declarations())
     unknown_points = [p for p in points if not registry.is_covered(p) and p not in COMPANION_PATHS]
     ctx = _Context(root)
     for path in unknown_points:
@@ -412,6 +419,7 @@ def merge_payload(
         vips_changed=ctx.vips_changed,
         vips_removed=ctx.vips_removed,
         warnings=ctx.warnings,
+        kept_local=[note.path for note in kept],
     )
 
 

@@ -8,10 +8,13 @@ The rules are those of `rc.filter_synchronize` / `carp_sync_xml()` (reference §
 * a path missing locally is sent as an empty value (``[]``, an empty XML-RPC ``<array>``) so the
   backup learns that the data is gone;
 * every record with a non-empty ``nosync`` is removed, wherever it sits;
-* `virtualip` carries only VIPs with a vhid, each with ``advskew = min(advskew + 100, 254)`` so
-  the backup always advertises worse than the primary;
-* ``dhcpd.<if>.failover_peerip`` is rewritten to our own address on the interface facing the peer
-  (on the backup, the peer is us);
+* `virtualip` carries only VIPs with a vhid, each that has an advskew with ``advskew =
+  min(advskew + 100, 254)`` so the backup always advertises worse than the primary (an IP alias
+  stacked on a CARP vhid, with an empty or no advskew, travels as it is);
+* the items' per-node declarations are applied (`pernode`): every ``self_address`` field (the
+  DHCP failover peer ``dhcpd.<if>.failover_peerip``, a CARP VIP's unicast ``peer``/``peer6``)
+  becomes our own address on the interface facing the peer (on the backup, the peer is us), and
+  ``swap`` pairs trade places;
 * `hasync`, `interfaces`, `revision` and `system` as a whole are never sent.
 
 The input is the lxml root of config.xml; values come from `tree.element_to_value`, so the shape
@@ -22,14 +25,15 @@ The input is the lxml root of config.xml; values come from `tree.element_to_valu
 from __future__ import annotations
 
 import copy
-import ipaddress
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lxml import etree
 
-from .errors import ConfigError, SyncItemError
+from . import pernode
+from .errors import SyncItemError
 from .items import SyncItemRegistry, read_hasync, section_refusal
 from .tree import element_to_value
 
@@ -59,11 +63,14 @@ _LEADING_INT = re.compile(r"^\s*([+-]?\d+)")
 
 
 def php_intval(value: Any) -> int:
-    """PHP's intval() on a config string: the leading integer, 0 when there is none."""
+    """PHP's intval() on a config value: the leading integer of a string, 0 when there is none;
+    an array is 1 when it has elements, else 0."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
         return value
+    if isinstance(value, (list, dict)):
+        return 1 if value else 0
     match = _LEADING_INT.match(value if isinstance(value, str) else "")
     return int(match.group(1)) if match else 0
 
@@ -82,11 +89,24 @@ def check_sections(sections: Iterable[str]) -> list[str]:
     return checked
 
 
-def build_payload(root: etree._Element, sections: Sequence[str]) -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def shipped_declarations() -> pernode.Declarations:
+    """The per-node declarations of the items this package ships (core and its items.d)."""
+    return SyncItemRegistry.load().declarations()
+
+
+def build_payload(
+    root: etree._Element,
+    sections: Sequence[str],
+    declarations: pernode.Declarations | None = None,
+    notes: list[pernode.Note] | None = None,
+) -> dict[str, Any]:
     """The nested value a PHP primary would send for these dotted `sections` of `root`.
 
     The whole root is converted once: a config is a few MB at most, and converting per path
-    would have to re-implement toArray's list rules for each level.
+    would have to re-implement toArray's list rules for each level. `declarations` are the
+    registry's per-node rules (default: those this package ships); `notes` receives what they
+    rewrote.
     """
     wanted = check_sections(sections)
     config = element_to_value(root)
@@ -97,7 +117,10 @@ def build_payload(root: etree._Element, sections: Sequence[str]) -> dict[str, An
         else:
             _copy_section(config, payload, section, copy_value=False)  # `config` is ours alone
     remove_nosync(payload)
-    _rewrite_dhcp_failover(payload, config)
+    rules = shipped_declarations() if declarations is None else declarations
+    done = pernode.rewrite_for_backup(payload, config, rules.rewriting(wanted))
+    if notes is not None:
+        notes.extend(done)
     return payload
 
 
@@ -105,7 +128,7 @@ def payload_for_items(
     root: etree._Element, registry: SyncItemRegistry, item_ids: Iterable[str]
 ) -> dict[str, Any]:
     """The payload for the given sync item ids (unknown ids are an error)."""
-    return build_payload(root, registry.sections_for(item_ids))
+    return build_payload(root, registry.sections_for(item_ids), registry.declarations())
 
 
 def selected_item_ids(root: etree._Element, explicit: str | None = None) -> list[str]:
@@ -190,8 +213,11 @@ def remove_nosync(value: Any) -> None:
 def _vip_section(config: dict[str, Any]) -> Any:
     """get_vip_config_section(): VIPs with a vhid, advskew raised so the backup stays backup.
 
-    The new advskew is an integer, as PHP's ``min(intval(...) + 100, 254)`` gives, so it travels
-    as ``<int>``; the backup stores it as text either way.
+    Only a VIP that *has* an advskew gets the raised one (PHP: ``isset($section['advskew']) &&
+    $section['advskew'] !== ''``). An IP alias stacked on a CARP vhid has no skew of its own, an
+    empty ``<advskew/>`` or none at all, and travels that way: the skew that counts is that of the
+    CARP VIP owning the vhid. The new advskew is an integer, as PHP's ``min(intval(...) + 100,
+    254)`` gives, so it travels as ``<int>``; the backup stores it as text either way.
     """
     section = config.get(VIRTUALIP)
     vips = section.get("vip") if isinstance(section, dict) else None
@@ -206,59 +232,15 @@ def _vip_section(config: dict[str, Any]) -> Any:
         if not isinstance(vip, dict) or php_empty(vip.get("vhid")):
             continue
         vip = copy.deepcopy(vip)
-        vip["advskew"] = min(php_intval(vip.get("advskew", "")) + BACKUP_SKEW_OFFSET, MAX_ADVSKEW)
+        if vip.get("advskew", "") != "":
+            vip["advskew"] = min(php_intval(vip["advskew"]) + BACKUP_SKEW_OFFSET, MAX_ADVSKEW)
         sent.append(vip)
     return {"vip": sent}
 
 
-def _rewrite_dhcp_failover(payload: dict[str, Any], config: dict[str, Any]) -> None:
-    dhcpd = payload.get("dhcpd")
-    if not isinstance(dhcpd, dict):
-        return
-    for ifname, conf in dhcpd.items():
-        if not isinstance(conf, dict):
-            continue
-        peer = conf.get("failover_peerip")
-        if not isinstance(peer, str) or peer.strip() == "":
-            continue
-        conf["failover_peerip"] = own_address_facing(config, peer.strip(), prefer=ifname)
-
-
 def own_address_facing(config: dict[str, Any], peer: str, prefer: str = "") -> str:
-    """Our static IPv4 address on the interface whose subnet contains `peer`.
-
-    PHP asks the routing table (`guess_interface_from_ip`); we derive it from
-    ``interfaces.<if>.ipaddr``/``subnet`` so the payload is a pure function of config.xml. The most
-    specific subnet wins; on a tie the interface named like the dhcpd key. Sending the peer its
-    own address, or none, would break DHCP failover on the backup, so failing is an error.
-    """
-    try:
-        peer_ip = ipaddress.IPv4Address(peer)
-    except ValueError:
-        raise ConfigError(f"dhcpd failover_peerip {peer!r} is not an IPv4 address") from None
-    interfaces = config.get("interfaces")
-    best: tuple[int, int, str] | None = None
-    for name, conf in (interfaces.items() if isinstance(interfaces, dict) else []):
-        if not isinstance(conf, dict):
-            continue
-        address, bits = conf.get("ipaddr"), conf.get("subnet")
-        if not isinstance(address, str) or not isinstance(bits, str):
-            continue
-        try:
-            network = ipaddress.IPv4Interface(f"{address.strip()}/{bits.strip()}")
-        except ValueError:
-            continue  # dhcp, pppoe, track6, empty: no static address to offer
-        if peer_ip in network.network and peer_ip != network.ip:
-            rank = (network.network.prefixlen, 1 if name == prefer else 0, str(network.ip))
-            if best is None or rank[:2] > best[:2]:
-                best = rank
-    if best is None:
-        raise ConfigError(
-            f"dhcpd failover_peerip {peer}: no interface has a static IPv4 subnet containing it, so "
-            "our own address facing the peer is unknown; fix interfaces.<if>.ipaddr/subnet or the "
-            "failover peer address"
-        )
-    return best[2]
+    """Our static IPv4 address facing a DHCP failover `peer` (`pernode.address_facing`)."""
+    return pernode.address_facing(config, peer, prefer=prefer, what="dhcpd failover_peerip")
 
 
 # --- display aid --------------------------------------------------------------------------

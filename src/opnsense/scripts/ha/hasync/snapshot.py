@@ -227,7 +227,7 @@ def prepare(
         values[item.id] = value
         known = (digests or {}).get(item.id)
         records[item.id] = ItemRecord(item.id, list(item.sections), round(now, 3),
-                                      known or digestmod.digest(value), "")
+                                      known or digestmod.item_digest(value, registry), "")
     # level 1: this is local state read back by this program, and level 9 costs seconds on a large config
     blob = gzip.compress(json.dumps(values, sort_keys=True, separators=(",", ":")).encode("utf-8"),
                          compresslevel=1, mtime=0)

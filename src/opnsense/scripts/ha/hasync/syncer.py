@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import fastpath, versions
+from . import fastpath, pernode, versions
 from .client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
 from .errors import HaError
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
@@ -196,6 +196,20 @@ class SyncRun:
         finally:
             result.bytes_sent, result.bytes_received = peer.bytes_sent, peer.bytes_received
 
+    def _warn_unprotected_local(self, plan: fastpath.SyncPlan) -> None:
+        """A stock OPNsense backup merges with PHP, which knows no `local` declarations: say so
+        once per sync, naming the fields it will overwrite (self_address and swap still work,
+        the payload carries them rewritten)."""
+        if not plan.send_ids or plan.peer_probe is None or plan.peer_probe.extensions:
+            return
+        fields = pernode.local_fields(plan.payload(), self.registry.declarations())
+        if not fields:
+            return
+        note = (f"the backup is a stock OPNsense (no opnsense-ha agent): it cannot keep its own value of the "
+                f"field(s) declared local, this sync overwrites them with this node's: {', '.join(fields)}")
+        self.result.warnings.append(note)
+        log.warning("%s", note)
+
     def _all_master(self) -> bool:
         """pre_check_master: every local CARP VIP is MASTER (no VIPs, no failover: nothing to check)."""
         if self.failover is None:
@@ -223,6 +237,7 @@ class SyncRun:
             return f"backup {remote}, local {local}" + (f"; {note}" if note else "")
 
         self.step("firmware_version", probe)
+        self._warn_unprotected_local(plan)
         result.items_unchanged = list(plan.unchanged)
         result.sections = plan.top_keys()
         if not plan.send_ids:  # digest-first: the backup already holds what we would send
