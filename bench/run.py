@@ -43,10 +43,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -54,6 +54,7 @@ PACKAGE_ROOT = REPO / "src" / "opnsense" / "scripts" / "ha"
 sys.path.insert(0, str(PACKAGE_ROOT))
 
 PYTHON = sys.executable
+T = TypeVar("T")
 MB = 1024 * 1024
 DEFAULT_SIZES = (2.0, 20.0, 50.0)
 AGENT_START_TIMEOUT = 120.0
@@ -349,31 +350,32 @@ def bench_size(size_mb: float, work: Path, tls: tuple[Path, Path], seed: int, re
     paths = [("full sync, compatible", ["--full", "--compat"])]
     if has_fast_path():
         paths.append(("full sync, fast path", ["--full"]))
-    for name, flags in paths:
-        runs: list[dict[str, Any]] = []
-        agent_peak = 0
+    def on_fresh_backups(run: Callable[[Path], T]) -> tuple[list[T], int]:
+        """`run(primary conf dir)` once per repeat, each into a fresh settled backup with its own
+        agent; the results and the agents' peak RSS."""
+        results: list[T] = []
+        peak = 0
         for index in range(heavy_repeat):
             backup = fresh_node(base, f"backup-{index}", backup_xml, settle=True)
             primary = fresh_node(base, "primary", primary_xml)
             with agent(backup, tls, base / "agent-state", max_body_mb) as (pid, port):
                 point_at(primary, port)
                 reset_hwm(pid)
-                runs.append(worker("sync", "--conf-dir", str(primary), *flags))
-                agent_peak = max(agent_peak, vm_hwm_kb(pid))
+                results.append(run(primary))
+                peak = max(peak, vm_hwm_kb(pid))
+        return results, peak
+
+    for name, flags in paths:
+        def sync(primary: Path, flags: list[str] = flags) -> dict[str, Any]:
+            return worker("sync", "--conf-dir", str(primary), *flags)
+
+        runs, agent_peak = on_fresh_backups(sync)
         row = median_row(size_mb, name, runs, agent_peak, note=("" if "fast" in name else body_note.lstrip("; ")))
         result.rows[name] = row
         log(f"   {name}: {row.seconds:.3f}s {row.status}")
 
     # The same full sync as the command an administrator runs: interpreter start and imports counted.
-    times, agent_peak = [], 0
-    for index in range(heavy_repeat):
-        backup = fresh_node(base, f"backup-{index}", backup_xml, settle=True)
-        primary = fresh_node(base, "primary", primary_xml)
-        with agent(backup, tls, base / "agent-state", max_body_mb) as (pid, port):
-            point_at(primary, port)
-            reset_hwm(pid)
-            times.append(command_seconds(cli(primary, "sync", "--full")))
-            agent_peak = max(agent_peak, vm_hwm_kb(pid))
+    times, agent_peak = on_fresh_backups(lambda primary: command_seconds(cli(primary, "sync", "--full")))
     result.rows[CLI_FULL_ROW] = timed_row(size_mb, CLI_FULL_ROW, times, agent_peak,
                                           note="`opnsense-ha sync --full` (fast path), wall time of the command")
     log(f"   {CLI_FULL_ROW}: {result.rows[CLI_FULL_ROW].seconds:.3f}s")
@@ -477,9 +479,9 @@ def report(results: list[SizeResult], seconds: float) -> str:
             agent_rss = "" if row.agent_rss_kb is None else \
                 f"{fmt_mb(row.agent_rss_kb)} ({row.agent_rss_kb / 1024 / size_mb:.1f})"
             note = row.note if row.status in ("ok", "skipped") else f"{row.note} {row.status}".strip()
-            seconds = "" if skipped else f"{row.seconds:.3f}"
+            wall = "" if skipped else f"{row.seconds:.3f}"
             wire = "" if row.wire is None else row.wire
-            lines.append(f"| {res.size_mb:g} MB | {row.name} | {seconds} | {ratio} | {x_php} | "
+            lines.append(f"| {res.size_mb:g} MB | {row.name} | {wall} | {ratio} | {x_php} | "
                          f"{row_target(row, res)} | {wire} | {client} | {agent_rss} | {note} |")
         lines.append(f"| {res.size_mb:g} MB | limits a+b+c | {res.limit:.3f} | 1.00 | | | | | | |")
     lines += ["", "Targets (issue 12):", ""]
