@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import xmlrpc
-from .errors import HaError, MergeError, ServiceError
+from .errors import HaError, MergeError, MethodFault, ServiceError
+from .protocol import ALLOW_LOCKOUT_HEADER, CONFIRM_HEADER
 
 log = logging.getLogger("hasync.agent")
 
 XMLRPC_PATH = "/xmlrpc.php"
-ALLOW_LOCKOUT_HEADER = "X-Opnsense-Ha-Allow-Lockout"  # see lockout.py
-CONFIRM_HEADER = "X-Opnsense-Ha-Confirm"  # see confirm.py
 DEFAULT_MAX_BODY = 128 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_BODY_DEADLINE = 120.0
@@ -51,15 +50,6 @@ IXR_CAPABILITIES = {
 }
 
 
-class MethodFault(Exception):
-    """Raised by a handler to answer with an XML-RPC fault."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class CallContext:
     """Who is calling: handlers use it for revision user names and logs."""
@@ -69,8 +59,8 @@ class CallContext:
     # The request's Authorization header, for the lock-out guard (`lockout.guard_merge`): a merge
     # checks that these credentials still log in afterwards. Never printed (repr=False).
     authorization: str | None = field(default=None, repr=False, compare=False)
-    allow_lockout: bool = False  # header lockout.ALLOW_LOCKOUT_HEADER: `sync --allow-lockout`
-    confirm: str = ""  # header confirm.CONFIRM_HEADER ("<seconds> <id>"): `sync --confirm`
+    allow_lockout: bool = False  # header protocol.ALLOW_LOCKOUT_HEADER: `sync --allow-lockout`
+    confirm: str = ""  # header protocol.CONFIRM_HEADER ("<seconds> <id>"): `sync --confirm`
 
 
 Handler = Callable[[Any, CallContext], Any]

@@ -11,7 +11,7 @@ the primary applies*, computed with the same function on both nodes:
   lists `filter.rule`, `nat.rule` and `nat.outbound.rule`. The primary never sends its nosync
   records, and the merge keeps the backup's own: both are node-local, so neither may count as a
   difference. In those three rule lists, though, the merge replaces the list wholesale and drops
-  the backup's nosync rules (`merge.RULE_LISTS`), so there they stay in the form: a backup with
+  the backup's nosync rules (`payload.RULE_LISTS`), so there they stay in the form: a backup with
   local nosync rules differs, exactly as a sync would change it;
 * for `virtualip`, only the VIPs that have a vhid. The backup's plain IP aliases and proxy-ARP
   VIPs are its own and stay. The ``advskew + 100`` transform needs no special case: the primary
@@ -48,8 +48,7 @@ from lxml import etree
 
 from . import pernode
 from .items import SyncItemRegistry
-from .merge import RULE_LISTS
-from .payload import VIRTUALIP, _copy_section, build_payload, php_empty, place_at
+from .payload import RULE_LISTS, VIRTUALIP, _copy_section, build_payload, php_empty, place_at
 from .tree import ATTRIBUTES, LIST_TAGS, element_to_value
 
 CANONICAL_FORM = "hasync-canonical-2"  # 2: declared-local paths are left out

@@ -52,6 +52,7 @@ from . import confirm as confirmmod
 from . import digest as digestmod
 from . import rollback as rollbackmod
 from .agent import CallContext, Dispatcher, MethodFault
+from .armed_rollback import ArmedRollback
 from .carp import CarpOps, pfsync_differences
 from .errors import HaError, RemoteFault
 from .failover import model
@@ -59,6 +60,8 @@ from .failover.base import PfsyncState
 from .items import read_hasync
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from .backup import BackupNode
     from .client import PeerClient
 
@@ -171,14 +174,18 @@ def _item_ids(argument: Any, method: str) -> list[str]:
 class Extensions:
     """The `hasync.*` methods of one backup node."""
 
-    def __init__(self, node: BackupNode, *, state_dir: Path | None = None) -> None:
+    def __init__(self, node: BackupNode, *, state_dir: Path | None = None,
+                 read_config: Callable[[], etree._Element] | None = None) -> None:
+        """`read_config`: the config tree for reading only (the agent passes its cache's, so the
+        probe's capabilities do not parse config.xml a second time); default: a fresh load."""
         from .syncer import state_dir as default_state_dir  # late: syncer -> snapshot -> this module
 
         self.node = node
         self.state_dir = state_dir or default_state_dir(node.conf_dir)
+        self.read_config = read_config or node.store.load
         self.features: set[str] = {"digest", "export_sections", "carp_status", "history", "rollback",
                                    "preserve_before_merge", confirmmod.FEATURE}
-        self.armed = confirmmod.ArmedRollback(node, self.state_dir)
+        self.armed = ArmedRollback(node, self.state_dir)
         node.merge_hook = self.armed
 
     def methods(self) -> dict[str, Callable[[Any, CallContext], Any]]:
@@ -221,7 +228,7 @@ class Extensions:
             "algorithm": digestmod.ALGORITHM,
             "methods": list(METHODS),
             "features": sorted(self.features),
-            "node": node_info(self.node.store.load()),
+            "node": node_info(self.read_config()),
         }
 
     def digest(self, argument: Any, _context: CallContext) -> dict[str, Any]:

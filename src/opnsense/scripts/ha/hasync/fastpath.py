@@ -49,14 +49,12 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from xml.sax.saxutils import quoteattr
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
 from . import pernode, xmlrpc, xmlsafe
-from .agent import CallContext, Dispatcher, MethodFault
-from .errors import ConfigError, HaError, RemoteFault
+from .errors import ConfigError, HaError, MethodFault, RemoteFault
 from .items import SyncItemRegistry
 from .payload import (
     VIRTUALIP,
@@ -69,6 +67,9 @@ from .payload import (
 )
 from .store import ConfigStore, parse_config_bytes
 from .tree import LIST_TAGS, element_to_value
+
+if TYPE_CHECKING:  # the agent's server is the backup's; a primary building a payload does not load it
+    from .agent import CallContext, Dispatcher
 
 log = logging.getLogger("hasync.fastpath")
 
@@ -137,6 +138,8 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
     refused). The document is compressed as it is produced, so the primary never holds the
     inflated document and the compressed one at once.
     """
+    from xml.sax.saxutils import quoteattr  # here: it pulls in urllib, and a no-op sync builds no blob
+
     wanted = check_sections(sections)
     compressor = zlib.compressobj(level)
     digest = hashlib.sha256()
@@ -661,13 +664,23 @@ def _probe_ids(argument: Any) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def _dropping_cache(cache: ConfigCache, merge: Callable[[Any, CallContext], Any]) -> Callable[[Any, CallContext], Any]:
+    """`merge`, after letting go of the cached tree: the merge parses its own and the tree it
+    writes becomes the cache, so holding the old one only adds a whole parsed config to the peak."""
+    def handler(argument: Any, context: CallContext) -> Any:
+        cache.drop()
+        return merge(argument, context)
+
+    return handler
+
+
 def register(dispatcher: Dispatcher, features: set[str] | None = None,
              cache: ConfigCache | None = None) -> FastPathAgent:
     """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FEATURE`.
 
     With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
-    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge takes the
-    cached tree instead of parsing the file again, and the tree it writes becomes the cache.
+    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge drops the
+    cached tree and parses its own, and the tree it writes becomes the cache.
     """
     agent = FastPathAgent(dispatcher)
     agent.register()
@@ -675,6 +688,10 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
         features.update((FEATURE, PERNODE_FEATURE))
     if cache is not None:
         from .extensions import _item_ids
+
+        for name in (RESTORE_METHOD, METHOD):
+            if name in dispatcher.methods:
+                dispatcher.register(name, _dropping_cache(cache, dispatcher.methods[name]))
 
         if "hasync.digest" in dispatcher.methods:
             def digest(argument: Any, _context: CallContext) -> dict[str, Any]:

@@ -25,15 +25,12 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from . import agent, auth
+from . import auth
 from .errors import MergeError
+from .protocol import LOCKOUT_MARK
 
 log = logging.getLogger("hasync.lockout")
 
-#: Request header (value "1") by which `sync --allow-lockout` asks the agent to merge anyway.
-ALLOW_LOCKOUT_HEADER = agent.ALLOW_LOCKOUT_HEADER
-#: Every refusal ends with this; the primary recognises a lock-out by it (also through a stock path).
-LOCKOUT_MARK = "the primary would be locked out of this backup"
 
 
 class LockoutRefused(MergeError):

@@ -66,7 +66,7 @@ from . import pernode, xmlrpc
 from .errors import MergeError
 from .failover.base import VipSpec
 from .items import SyncItemRegistry
-from .payload import REDACTED, php_empty, php_intval
+from .payload import REDACTED, RULE_LISTS, php_empty, php_intval
 from .store import ConfigStore
 from .tree import ATTRIBUTES, LIST_TAGS, find_path, scalar_text, value_to_elements
 
@@ -74,9 +74,6 @@ METHOD = "opnsense.restore_config_section"
 
 # Sections of the backup that a payload may never overwrite (reference §2, §3).
 PROTECTED_KEYS: tuple[str, ...] = ("hasync", "interfaces", "revision")
-
-# Ordered legacy rule lists: replaced wholesale, the backup's nosync rules are not kept.
-RULE_LISTS: frozenset[str] = frozenset({"filter.rule", "nat.rule", "nat.outbound.rule"})
 
 # Paths older PHP primaries send along with users (`nextuid`/`nextgid`); accepted whenever the
 # section they accompany is covered by a registered item.

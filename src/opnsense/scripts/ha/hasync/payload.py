@@ -41,6 +41,10 @@ VIRTUALIP = "virtualip"
 BACKUP_SKEW_OFFSET = 100
 MAX_ADVSKEW = 254
 
+# Ordered legacy rule lists: the merge replaces them wholesale, the backup's nosync rules are not
+# kept (here, not in `merge`, so the digests can name them without loading the merge engine).
+RULE_LISTS: frozenset[str] = frozenset({"filter.rule", "nat.rule", "nat.outbound.rule"})
+
 
 def php_empty(value: Any) -> bool:
     """PHP's empty(): '', '0', 0, False, None and empty arrays are empty (so ``nosync=0`` is not set)."""

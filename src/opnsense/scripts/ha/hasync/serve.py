@@ -118,7 +118,7 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
     if options.extensions:
         from .extensions import Extensions
 
-        extensions = Extensions(node)
+        extensions = Extensions(node, read_config=cache.root)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)
         extensions.armed.resume()  # a commit-confirmed sync whose deadline passed while we were down

@@ -14,16 +14,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import confirm as confirmmod
 from . import fastpath, pernode, versions
 from .client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
 from .errors import AuthError, HaError, RemoteFault
-from .failover.base import FailoverBackend
 from .items import HasyncSettings, SyncItemRegistry, read_hasync
-from .lockout import ALLOW_LOCKOUT_HEADER, LOCKOUT_MARK
+from .protocol import ALLOW_LOCKOUT_HEADER, LOCKOUT_MARK
 from .store import ConfigStore
+
+if TYPE_CHECKING:  # a no-op sync never loads the failover layer
+    from .failover.base import FailoverBackend
 
 log = logging.getLogger("hasync.sync")
 

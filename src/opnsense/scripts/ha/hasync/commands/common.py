@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..client import ClientOptions
 from ..errors import HaError
-from ..failover.base import FailoverBackend
+
+if TYPE_CHECKING:  # loaded by `failover_backend` only when a command needs it
+    from ..failover.base import FailoverBackend
 
 
 def register(_subparsers: Any) -> None:
