@@ -7,9 +7,8 @@ from typing import Any
 import pytest
 
 from hasync.agent.server import CallContext, Dispatcher
-from hasync.core.errors import HaError, MergeError
+from hasync.core.errors import HaError, MergeError, MethodFault
 from hasync.wire import xmlrpc
-from hasync.wire.xmlrpc import MethodFault
 
 CONTEXT = CallContext("tester", "127.0.0.1")
 

@@ -34,14 +34,13 @@ from hasync.config import tree
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.config.tree import ATTRIBUTES
-from hasync.core.errors import HaError, MergeError, RemoteFault
+from hasync.core.errors import HaError, MergeError, MethodFault, RemoteFault
 from hasync.payload import merge, validate
 from hasync.payload.build import REDACTED, build_payload
 from hasync.sync.run import SyncOptions, SyncRun
 from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc
 from hasync.wire.client import PeerClient
-from hasync.wire.xmlrpc import MethodFault
 from support.nodes import Pair, make_pair, running_agent
 from support.paths import REPO, SHARED
 

@@ -291,3 +291,46 @@ def test_cli_items_bad_file_is_a_clean_error(tmp_path: Path, capsys: pytest.Capt
     assert code == 2
     assert "bad.json" in err and "field (top level)" in err and "description" in err
     assert capsys.readouterr().out == ""
+
+
+# --- the shipped drop-ins skip the validator at run time, as the tests validated them ----------
+
+
+def test_shipped_sums_list_exactly_the_shipped_files_and_each_is_valid() -> None:
+    import hashlib
+
+    import jsonschema
+
+    from hasync.config.items import SCHEMA_PATH, VALIDATED_SUMS
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    listed = {line.split()[1]: line.split()[0] for line in VALIDATED_SUMS.read_text().splitlines() if line.strip()}
+    shipped = {path.name: path for path in DEFAULT_ITEMS_DIR.glob("*.json")}
+    assert set(listed) == set(shipped), "regenerate with: cd hasync/items.d && sha256sum *.json > SHA256SUMS"
+    for name, path in shipped.items():
+        raw = path.read_bytes()
+        assert hashlib.sha256(raw).hexdigest() == listed[name], f"{name} changed: regenerate SHA256SUMS"
+        jsonschema.Draft202012Validator(schema).validate(json.loads(raw))
+
+
+def test_a_file_not_in_the_sums_is_still_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sums only vouch for exact bytes: a copy of a shipped file with one field broken is refused,
+    and the shipped file itself loads without the validator (control: with the sums emptied, the
+    same good bytes go through the validator, which is what the sums save)."""
+    from hasync.config import items as items_module
+
+    good = (DEFAULT_ITEMS_DIR / "dhcpd.json").read_bytes()
+    copy = tmp_path / "dhcpd.json"
+    copy.write_bytes(good.replace(b'"sections": ["dhcpd"]', b'"sections": ["dhcpd", 7]'))
+    with pytest.raises(SyncItemError, match=r"dhcpd\.json: field sections\[1\]"):
+        load_item_file(copy)
+
+    checked: list[Path] = []
+    original = items_module._check_schema
+    monkeypatch.setattr(items_module, "_check_schema",
+                        lambda path, data, schema: (checked.append(path), original(path, data, schema)))
+    load_item_file(DEFAULT_ITEMS_DIR / "dhcpd.json")
+    assert checked == []
+    monkeypatch.setattr(items_module, "validated_digests", lambda: frozenset())
+    load_item_file(DEFAULT_ITEMS_DIR / "dhcpd.json")
+    assert checked == [DEFAULT_ITEMS_DIR / "dhcpd.json"]

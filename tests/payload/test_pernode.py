@@ -20,7 +20,7 @@ from hasync.config.items import DEFAULT_ITEMS_DIR, SyncItemRegistry, load_entrie
 from hasync.config.pernode import Declarations, Selector, parse_path
 from hasync.config.store import parse_config_bytes
 from hasync.config.tree import element_to_value
-from hasync.core.errors import ConfigError, HaError, SyncItemError
+from hasync.core.errors import ConfigError, HaError, MethodFault, SyncItemError
 from hasync.core.php import php_empty
 from hasync.payload import digest as digestmod
 from hasync.payload import pernode
@@ -28,7 +28,6 @@ from hasync.payload.build import build_payload, payload_for_items
 from hasync.payload.merge import merge_payload
 from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc
-from hasync.wire.xmlrpc import MethodFault
 from support.paths import FIXTURES, SHARED
 from support.pernode import PERNODE, overlay_tree, without_declarations
 

@@ -242,3 +242,36 @@ def test_the_compact_probe_carries_the_same_digests_and_a_stock_backup_is_rememb
         assert '"stock"' in peers.read_text()  # remembered: the next sync asks the compatible way at once
         client = PeerClient(server.url, "hasync", "demo-sync-password")
         assert discovery.compact_probe(client, ["users"], pair.primary) is None
+
+
+def test_a_full_sync_parses_the_backups_config_once_and_frees_the_cached_tree_for_the_merge(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: the probe's capabilities come from the agent's cached tree (no second parse of
+    config.xml), the cached tree is let go before the merge parses its own, and the tree the
+    merge writes is the new cache (so the drift digests right after need no parse either).
+    Control: without the cache the capabilities load config.xml through the store."""
+    from hasync.config.store import ConfigStore as Store
+
+    loads: list[str] = []
+    original = Store.load
+    monkeypatch.setattr(Store, "load", lambda self: loads.append("load") or original(self))
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        cache = agent_cache(server)
+        cache.root()  # as after any earlier request
+        dropped: list[bool] = []
+        original_drop = cache.drop
+        monkeypatch.setattr(cache, "drop", lambda: dropped.append(True) or original_drop())
+        before = cache.loads
+        result = sync(pair, full=True)
+        assert result.transfer == "fast path"
+        assert loads == []  # neither the capabilities nor the digests loaded config.xml themselves
+        assert dropped  # the merge did not run beside the old cached tree
+        assert cache.loads == before  # the merged tree was adopted, nothing re-parsed
+        assert cache.root().findtext("revision/description", "").startswith("Merged ")
+
+    extensions_module = __import__("hasync.agent.hasync_methods", fromlist=["Extensions"])
+    node = server.dispatcher.methods["hasync.history"].__self__.node  # type: ignore[attr-defined]
+    plain = extensions_module.Extensions(node)  # no cache given: the control
+    plain.capabilities(None, None)
+    assert loads == ["load"]

@@ -37,13 +37,13 @@ from hasync.agent import server as agent
 from hasync.agent.opnsense_methods import BackupNode
 from hasync.agent.server import CallContext
 from hasync.config.store import parse_config_bytes
-from hasync.core.errors import ConfigError, HaError, MergeError
+from hasync.core.errors import ConfigError, HaError, MergeError, MethodFault
 from hasync.core.osiface import Clock, SystemClock
 from hasync.node import rollback as rollbackmod
 from hasync.node.confirm_state import (
     ARMED,
     BEFORE_FILE,
-    CONFIRM_ID_RE,
+    CONFIRM_ID,
     CONFIRMED,
     ROLLED_BACK,
     iso,
@@ -54,7 +54,6 @@ from hasync.node.confirm_state import (
     write_state,
 )
 from hasync.wire import xmlrpc
-from hasync.wire.xmlrpc import MethodFault
 
 log = logging.getLogger("hasync.confirm")
 
@@ -198,7 +197,7 @@ class ArmedRollback:
 
     def confirm(self, argument: Any, context: CallContext) -> dict[str, Any]:
         ident = argument.get("id") if isinstance(argument, dict) else argument
-        if not isinstance(ident, str) or not CONFIRM_ID_RE.fullmatch(ident):
+        if not isinstance(ident, str) or not CONFIRM_ID.fullmatch(ident):
             raise MethodFault(xmlrpc.INVALID_PARAMS, "hasync.confirm expects {id: the id of the armed sync}")
         outcome = self.settle(ident)
         log.info("hasync.confirm %s from %s@%s: %s", ident, context.username, context.remote_addr, outcome["state"])

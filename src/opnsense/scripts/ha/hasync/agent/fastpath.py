@@ -26,13 +26,12 @@ from hasync.agent.hasync_methods import item_ids_argument
 from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
-from hasync.core.errors import ConfigError
+from hasync.core.errors import ConfigError, MethodFault
 from hasync.core.fileio import RACY_WINDOW, file_key
 from hasync.payload import digest as digestmod
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PROBE_METHOD
 from hasync.wire.sections import FEATURE, MAX_INFLATED, METHOD, PERNODE_FEATURE, RESTORE_METHOD, decode_param
-from hasync.wire.xmlrpc import MethodFault
 
 log = logging.getLogger("hasync.fastpath")
 
@@ -184,19 +183,33 @@ def _probe_ids(argument: Any) -> list[str]:
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD}: no item ids")
     return list(dict.fromkeys(ids))
 
+def _dropping_cache(cache: ConfigCache, merge: Callable[[Any, CallContext], Any]) -> Callable[[Any, CallContext], Any]:
+    """`merge`, after letting go of the cached tree: the merge parses its own and the tree it
+    writes becomes the cache, so holding the old one only adds a whole parsed config to the peak."""
+    def handler(argument: Any, context: CallContext) -> Any:
+        cache.drop()
+        return merge(argument, context)
+
+    return handler
+
+
 def register(dispatcher: Dispatcher, features: set[str] | None = None,
              cache: ConfigCache | None = None) -> FastPathAgent:
     """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FEATURE`.
 
     With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
-    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge takes the
-    cached tree instead of parsing the file again, and the tree it writes becomes the cache.
+    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge drops the
+    cached tree and parses its own, and the tree it writes becomes the cache.
     """
     agent = FastPathAgent(dispatcher)
     agent.register()
     if features is not None:
         features.update((FEATURE, PERNODE_FEATURE))
     if cache is not None:
+        for name in (RESTORE_METHOD, METHOD):
+            if name in dispatcher.methods:
+                dispatcher.register(name, _dropping_cache(cache, dispatcher.methods[name]))
+
 
         if "hasync.digest" in dispatcher.methods:
             def digest(argument: Any, _context: CallContext) -> dict[str, Any]:

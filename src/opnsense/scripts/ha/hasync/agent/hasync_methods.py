@@ -51,7 +51,7 @@ from hasync.agent.confirm import ArmedRollback
 from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import read_hasync
 from hasync.core import paths
-from hasync.core.errors import HaError
+from hasync.core.errors import HaError, MethodFault
 from hasync.failover import model
 from hasync.failover.base import PfsyncState
 from hasync.failover.carp import CarpOps, pfsync_differences
@@ -59,9 +59,10 @@ from hasync.node import confirm_state as confirmmod
 from hasync.node import rollback as rollbackmod
 from hasync.payload import digest as digestmod
 from hasync.wire import xmlrpc
-from hasync.wire.xmlrpc import MethodFault
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from hasync.agent.opnsense_methods import BackupNode
 
 log = logging.getLogger("hasync.extensions")
@@ -172,9 +173,13 @@ def item_ids_argument(argument: Any, method: str) -> list[str]:
 class Extensions:
     """The `hasync.*` methods of one backup node."""
 
-    def __init__(self, node: BackupNode, *, state_dir: Path | None = None) -> None:
+    def __init__(self, node: BackupNode, *, state_dir: Path | None = None,
+                 read_config: Callable[[], etree._Element] | None = None) -> None:
+        """`read_config`: the config tree for reading only (the agent passes its cache's, so the
+        probe's capabilities do not parse config.xml a second time); default: a fresh load."""
         self.node = node
         self.state_dir = state_dir or paths.state_dir(node.conf_dir)
+        self.read_config = read_config or node.store.load
         self.features: set[str] = {"digest", "export_sections", "carp_status", "history", "rollback",
                                    "preserve_before_merge", confirmmod.FEATURE}
         self.armed = ArmedRollback(node, self.state_dir)
@@ -220,7 +225,7 @@ class Extensions:
             "algorithm": digestmod.ALGORITHM,
             "methods": list(METHODS),
             "features": sorted(self.features),
-            "node": node_info(self.node.store.load()),
+            "node": node_info(self.read_config()),
         }
 
     def digest(self, argument: Any, _context: CallContext) -> dict[str, Any]:

@@ -20,14 +20,13 @@ from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core import versions
-from hasync.core.errors import HaError, ServiceError
+from hasync.core.errors import HaError, MethodFault, ServiceError
 from hasync.failover import model
 from hasync.failover.base import FailoverBackend
 from hasync.node.reconfigure import reconfigure_vips, restart_item_services
 from hasync.payload.merge import MergeReport, merge_payload, revision_description
 from hasync.services.backends import ServiceBackend
 from hasync.wire import xmlrpc
-from hasync.wire.xmlrpc import MethodFault
 
 log = logging.getLogger("hasync.backup")
 

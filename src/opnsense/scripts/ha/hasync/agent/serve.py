@@ -117,7 +117,7 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
     # parsed config.xml and digests, reused while the file is unchanged (logins read it every request)
     cache = fastpath.ConfigCache(store, registry)
     if options.extensions:
-        extensions = Extensions(node)
+        extensions = Extensions(node, read_config=cache.root)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)
         extensions.armed.resume()  # a commit-confirmed sync whose deadline passed while we were down

@@ -26,10 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from hasync.core.errors import HaError, MergeError, ServiceError
+from hasync.core.errors import HaError, MergeError, MethodFault, ServiceError
 from hasync.wire import xmlrpc
 from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER, CONFIRM_HEADER
-from hasync.wire.xmlrpc import MethodFault
 
 log = logging.getLogger("hasync.agent")
 
@@ -60,8 +59,8 @@ class CallContext:
     # The request's Authorization header, for the lock-out guard (`lockout.guard_merge`): a merge
     # checks that these credentials still log in afterwards. Never printed (repr=False).
     authorization: str | None = field(default=None, repr=False, compare=False)
-    allow_lockout: bool = False  # header lockout.ALLOW_LOCKOUT_HEADER: `sync --allow-lockout`
-    confirm: str = ""  # header confirm.CONFIRM_HEADER ("<seconds> <id>"): `sync --confirm`
+    allow_lockout: bool = False  # header protocol.ALLOW_LOCKOUT_HEADER: `sync --allow-lockout`
+    confirm: str = ""  # header protocol.CONFIRM_HEADER ("<seconds> <id>"): `sync --confirm`
 
 
 Handler = Callable[[Any, CallContext], Any]

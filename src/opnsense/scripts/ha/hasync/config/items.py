@@ -6,7 +6,9 @@ after a sync. We keep the 33 core items in code (they ship with OPNsense's core 
 plugin items from drop-in JSON files, so installing a plugin's HA support never means editing
 Python. Every drop-in file is validated against ``schemas/syncitem.schema.json`` and a bad file is
 refused with its name and the failing field: a typo in a plugin file must not silently stop a
-section from being synchronised (or make us synchronise `hasync` itself).
+section from being synchronised (or make us synchronise `hasync` itself). Files byte-identical to
+ones the test suite validated (their SHA-256 in ``items.d/SHA256SUMS``) skip the validator:
+importing jsonschema costs more than a whole no-op sync, and every sync loads these files.
 
 The `hasync` section is read in both of its forms: the current model (``syncitems`` comma list,
 OPNsense >= 24.7) and the legacy one (``<synchronize<id>>on</...>`` per item plus
@@ -15,13 +17,14 @@ OPNsense >= 24.7) and the legacy one (``<synchronize<id>>on</...>`` per item plu
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 from lxml import etree
 
 from hasync.config.pernode import Declarations, declarations_from
@@ -30,6 +33,7 @@ from hasync.core.errors import SyncItemError
 
 DEFAULT_ITEMS_DIR = Path(__file__).resolve().parent / "items.d"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "core" / "schemas" / "syncitem.schema.json"
+VALIDATED_SUMS = DEFAULT_ITEMS_DIR / "SHA256SUMS"  # shipped files the tests validated against the schema
 
 # Top-level sections that are node-specific and never travel (reference §3), and `system`, which
 # may only travel through listed sub-paths such as `system.user`.
@@ -177,6 +181,27 @@ def _field_name(path: Iterable[Any]) -> str:
     return "".join(parts) or "(top level)"
 
 
+@cache
+def validated_digests() -> frozenset[str]:
+    """SHA-256 of the shipped drop-in files, each proven valid by the test suite (none if absent)."""
+    try:
+        text = VALIDATED_SUMS.read_text(encoding="ascii")
+    except (OSError, ValueError):
+        return frozenset()
+    return frozenset(line.split()[0] for line in text.splitlines() if line.strip())
+
+
+def _check_schema(path: Path, data: Any, schema: dict[str, Any]) -> None:
+    """Refuse `data` naming the file and the first failing field."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(e.absolute_path)))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors) or errors[0]
+        raise SyncItemError(f"{path}: field {_field_name(best.absolute_path)}: {best.message}")
+
+
 @dataclass(frozen=True)
 class ItemExtension:
     """A drop-in record ``{"extends": id, "local": [...], ...}``: declarations for an existing item.
@@ -198,7 +223,6 @@ def load_item_file(path: Path, schema: dict[str, Any] | None = None) -> list[Syn
 
 def load_entries(path: Path, schema: dict[str, Any] | None = None) -> list[SyncItem | ItemExtension]:
     """Every record of one drop-in file: new items and extensions of existing ones."""
-    schema = schema or _load_schema()
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -211,13 +235,8 @@ def load_entries(path: Path, schema: dict[str, Any] | None = None) -> list[SyncI
         raise SyncItemError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise SyncItemError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(e.absolute_path)))
-    if errors:
-        best = jsonschema.exceptions.best_match(errors) or errors[0]
-        raise SyncItemError(
-            f"{path}: field {_field_name(best.absolute_path)}: {best.message}"
-        )
+    if hashlib.sha256(raw).hexdigest() not in validated_digests():
+        _check_schema(path, data, schema or _load_schema())
     records = data if isinstance(data, list) else [data]
     items: list[SyncItem | ItemExtension] = []
     for index, record in enumerate(records):
@@ -278,10 +297,9 @@ class SyncItemRegistry:
             if items_dir is not None:
                 raise SyncItemError(f"{directory}: items directory does not exist")
             return registry
-        schema = _load_schema()
         extensions: list[ItemExtension] = []
         for path in sorted(directory.glob("*.json")):
-            for entry in load_entries(path, schema):
+            for entry in load_entries(path):
                 if isinstance(entry, ItemExtension):
                     extensions.append(entry)
                 else:

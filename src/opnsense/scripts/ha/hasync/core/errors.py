@@ -44,3 +44,13 @@ class ServiceError(HaError):
 
 class FailoverError(HaError):
     """A CARP/pfsync/keepalived control action failed."""
+
+
+class MethodFault(Exception):
+    """Raised by an agent's method handler to answer with an XML-RPC fault (not an HaError: it is
+    the reply to a caller, not a message for this node's administrator)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import logging.handlers
 import os
 import stat
 
@@ -33,11 +32,12 @@ def setup_syslog(logger: logging.Logger | None = None) -> None:
     socket_path = syslog_socket()
     if not os.path.exists(socket_path):
         return
-    if any(isinstance(h, logging.handlers.SysLogHandler) for h in logger.handlers):
+    from logging.handlers import SysLogHandler  # only where there is a syslog (saves start-up elsewhere)
+
+    if any(isinstance(h, SysLogHandler) for h in logger.handlers):
         return
     try:
-        handler = logging.handlers.SysLogHandler(address=socket_path,
-                                                 facility=logging.handlers.SysLogHandler.LOG_USER)
+        handler = SysLogHandler(address=socket_path, facility=SysLogHandler.LOG_USER)
     except OSError:
         return
     handler.setFormatter(logging.Formatter(f"{IDENT}[%(process)d]: %(message)s"))

@@ -37,7 +37,7 @@ METHODS = ("hasync.confirm", "hasync.confirm_state")
 #: Config.xml path (on the primary) of the confirm window for syncs without --confirm, e.g. cron's.
 SETTING_PATH = f"{PLUGIN_SECTION}/syncconfirm"
 
-CONFIRM_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+CONFIRM_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 ARMED, CONFIRMED, ROLLED_BACK = "armed", "confirmed", "rolled-back"
 
@@ -49,7 +49,7 @@ def iso(stamp: float) -> str:
 def parse_header(value: str) -> tuple[int, str]:
     """`"<seconds> <id>"` -> (seconds, id); a clear MergeError for anything else."""
     parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or not CONFIRM_ID_RE.fullmatch(parts[1]):
+    if len(parts) != 2 or not parts[0].isdigit() or not CONFIRM_ID.fullmatch(parts[1]):
         raise MergeError(f"{CONFIRM_HEADER} must be '<seconds> <id>', got {value[:80]!r}")
     seconds = int(parts[0])
     if not MIN_SECONDS <= seconds <= MAX_SECONDS:

@@ -43,8 +43,8 @@ VIRTUALIP = "virtualip"
 BACKUP_SKEW_OFFSET = 100
 MAX_ADVSKEW = 254
 
-
-# Ordered legacy rule lists: replaced wholesale, the backup's nosync rules are not kept.
+# Ordered legacy rule lists: the merge replaces them wholesale, the backup's nosync rules are not
+# kept (here, not in `merge`, so the digests can name them without loading the merge engine).
 RULE_LISTS: frozenset[str] = frozenset({"filter.rule", "nat.rule", "nat.outbound.rule"})
 
 

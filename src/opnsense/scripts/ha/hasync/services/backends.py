@@ -34,14 +34,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from hasync.core import schemas
 from hasync.core.errors import ConfigError, ServiceError
 from hasync.core.osiface import Clock, CommandResult, CommandRunner, SystemClock
 from hasync.core.php import php_truthy
+
+if TYPE_CHECKING:  # validation imports it when a file is read: configd's scripts need only the names
+    import jsonschema
 
 log = logging.getLogger("hasync.services")
 
@@ -339,7 +340,9 @@ def _schema_error(
     if schema_path[:1] == ["allOf"] and len(schema_path) > 1:
         rule = schema["allOf"][int(schema_path[1])]
         return ServiceDefinitionError(f"{path}: top level: {rule.get('description', error.message)}")
-    best = jsonschema.exceptions.best_match([error]) or error
+    from jsonschema.exceptions import best_match
+
+    best = best_match([error]) or error
     field = "/".join(str(p) for p in best.absolute_path)
     where = f"field '{field}'" if field else "top level"
     return ServiceDefinitionError(f"{path}: {where}: {best.message}")
@@ -360,10 +363,9 @@ def _read_json(path: Path) -> Any:
 
 def load_service_file(path: Path, directory: Path) -> ServiceSpec:
     data = _read_json(path)
-    schema = schemas.load("service")
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    errors = schemas.errors("service", data)
     if errors:
-        raise _schema_error(path, errors, schema)
+        raise _schema_error(path, errors, schemas.load("service"))
     return ServiceSpec(
         source=path,
         name=data["name"],
@@ -402,10 +404,9 @@ def load_services_dir(directory: Path) -> tuple[list[ServiceSpec], dict[str, lis
             continue
         if path.name == HOOKS_FILE:
             data = _read_json(path)
-            schema = schemas.load("service-hooks")
-            errors = list(jsonschema.Draft202012Validator(schema).iter_errors(data))
+            errors = schemas.errors("service-hooks", data)
             if errors:
-                raise _schema_error(path, errors, schema)
+                raise _schema_error(path, errors, schemas.load("service-hooks"))
             for hook in ("reload_templates", "filter_configure"):
                 hooks[hook] = [tuple(_expand(a, directory) for a in argv) for argv in data.get(hook, [])]
             hooks_timeout = float(data.get("timeout", DEFAULT_TIMEOUT))

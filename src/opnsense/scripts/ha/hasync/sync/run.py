@@ -14,14 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hasync.config.items import HasyncSettings, SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore
 from hasync.core import versions
 from hasync.core.errors import AuthError, HaError, RemoteFault
 from hasync.core.paths import state_dir
-from hasync.failover.base import FailoverBackend
 from hasync.node import confirm_state as confirmmod
 from hasync.payload import pernode
 from hasync.sync import snapshot
@@ -29,6 +28,9 @@ from hasync.sync.confirm import PrimaryConfirm
 from hasync.sync.plan import ConfigView, SyncPlan
 from hasync.wire.client import ClientOptions, PeerClient, TrustStore, shown_user, target_url
 from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER, LOCKOUT_MARK
+
+if TYPE_CHECKING:  # a no-op sync never loads the failover layer
+    from hasync.failover.base import FailoverBackend
 
 log = logging.getLogger("hasync.sync")
 

@@ -44,18 +44,16 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 
 from hasync.config.pernode import Declarations, from_wire
 from hasync.config.tree import LIST_TAGS, element_to_value
 from hasync.core import xmlsafe
-from hasync.core.errors import HaError
+from hasync.core.errors import HaError, MethodFault
 from hasync.payload import pernode
 from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
 from hasync.wire import xmlrpc
-from hasync.wire.xmlrpc import MethodFault
 
 METHOD = "hasync.restore_sections_xml"
 
@@ -123,6 +121,8 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
     refused). The document is compressed as it is produced, so the primary never holds the
     inflated document and the compressed one at once.
     """
+    from xml.sax.saxutils import quoteattr  # here: it pulls in urllib, and a no-op sync builds no blob
+
     wanted = check_sections(sections)
     compressor = zlib.compressobj(level)
     digest = hashlib.sha256()

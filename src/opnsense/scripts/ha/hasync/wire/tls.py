@@ -4,6 +4,9 @@ The agent prefers explicit files, then the web GUI certificate that config.xml p
 real OPNsense backup presents the same certificate on our port as on its GUI), and finally a
 self-signed certificate generated once and kept in the state directory, so the primary's TOFU pin
 stays valid across restarts.
+
+`cryptography` is imported by the two functions that use it: every sync imports this module for
+`fingerprint`, and the library's X.509 layer costs more start-up than the sync's own work.
 """
 
 from __future__ import annotations
@@ -16,10 +19,6 @@ import socket
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from lxml import etree
 
 from hasync.core.errors import HaError
@@ -37,6 +36,11 @@ def fingerprint(der: bytes) -> str:
 
 def generate_self_signed(cert_path: Path, key_path: Path, hostname: str | None = None) -> None:
     """A P-256 certificate for the agent, valid 10 years, with localhost/hostname SANs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     name = hostname or socket.gethostname() or "opnsense-ha"
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -103,6 +107,8 @@ def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
 
 
 def certificate_not_after(cert_pem_or_der: bytes) -> dt.datetime:
+    from cryptography import x509
+
     if cert_pem_or_der.lstrip().startswith(b"-----BEGIN"):
         cert = x509.load_pem_x509_certificate(cert_pem_or_der)
     else:

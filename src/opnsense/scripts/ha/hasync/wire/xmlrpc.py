@@ -27,16 +27,6 @@ from lxml import etree
 
 from hasync.core import xmlsafe
 
-
-class MethodFault(Exception):
-    """Raised by an agent's method handler to answer with an XML-RPC fault (`code`, `message`)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 # IXR fault codes (reference §2).
 PARSE_ERROR = -32700
 NOT_METHOD_CALL = -32600

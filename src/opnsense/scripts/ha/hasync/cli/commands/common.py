@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hasync.core.errors import HaError
-from hasync.failover.base import FailoverBackend
-from hasync.failover.factory import get_backend
 from hasync.wire.client import ClientOptions
+
+if TYPE_CHECKING:  # loaded by `failover_backend` only when a command needs it
+    from hasync.failover.base import FailoverBackend
 
 
 def register(_subparsers: Any) -> None:
@@ -39,5 +40,10 @@ def client_options(args: argparse.Namespace, base: ClientOptions) -> ClientOptio
 
 
 def failover_backend(conf_dir: str | Path) -> FailoverBackend:
-    """The node's failover backend (`OPNSENSE_HA_FAILOVER=none` gives a no-op one)."""
+    """The node's failover backend (`OPNSENSE_HA_FAILOVER=none` gives a no-op one).
+
+    Imported here, not at the top: a sync or status run that never touches CARP must not pay for
+    the failover layer at start-up (one of the layering test's allowlisted late imports)."""
+    from hasync.failover.factory import get_backend
+
     return get_backend(conf_dir)
