@@ -11,22 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import pytest
 from lxml import etree
 from passlib.hash import sha512_crypt
-from test_cli_agent import cli, start_agent, stop
 
 from hasync.agent import lockout
 from hasync.config.store import ConfigStore
 from hasync.wire.protocol import LOCKOUT_MARK
+from support.agents import cli, start_agent, stop
+from support.lockout import REFUSALS, edit_primary, leave_group, new_password, sync_user
 from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair
-
-Edit = Callable[[etree._Element], None]
 
 
 @pytest.fixture
@@ -49,49 +47,9 @@ def sha(conf_dir: Path) -> str:
     return hashlib.sha256((conf_dir / "config.xml").read_bytes()).hexdigest()
 
 
-def edit_primary(pair: Pair, change: Edit) -> None:
-    with ConfigStore(pair.primary).transaction("test: edit accounts", username="root@test") as root:
-        change(root)
-
-
 def sync_json(pair: Pair, *extra: str) -> tuple[int, dict[str, Any]]:
     done = cli(pair.primary, "sync", "--json", *extra)
     return done.returncode, json.loads(done.stdout)
-
-
-def sync_user(root: etree._Element) -> etree._Element:
-    for user in root.iterfind("system/user"):
-        if user.findtext("name") == SYNC_USER:
-            return user
-    raise AssertionError("fixture has no sync user")
-
-
-def leave_group(root: etree._Element) -> None:
-    for member in root.iterfind("system/group/member"):
-        if member.text == "2000":
-            member.getparent().remove(member)  # type: ignore[union-attr]
-
-
-def new_password(root: etree._Element) -> None:
-    node = sync_user(root).find("password")
-    assert node is not None
-    node.text = bcrypt.hashpw(b"a-new-password", bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$", 1)
-
-
-def delete_user(root: etree._Element) -> None:
-    user = sync_user(root)
-    user.getparent().remove(user)  # type: ignore[union-attr]
-
-
-REFUSALS = {
-    "group": (leave_group, "refused: after this merge user 'hasync' would no longer have page-xmlrpclibrary "
-                           "(removed from group 'hasync'); the primary would be locked out of this backup"),
-    "password": (new_password, "refused: after this merge user 'hasync' would get a password that no longer "
-                               "matches the one the primary syncs with (hasync.password); the primary would be "
-                               "locked out of this backup"),
-    "deleted": (delete_user, "refused: after this merge user 'hasync' would no longer exist; the primary would be "
-                             "locked out of this backup"),
-}
 
 
 @pytest.mark.parametrize("path", ["fast", "compatible"])

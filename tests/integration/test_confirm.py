@@ -25,8 +25,6 @@ from typing import Any
 
 import pytest
 from lxml import etree
-from test_cli_agent import cli, env, start_agent, stop
-from test_lockout import REFUSALS, edit_primary
 
 from hasync.agent.server import CallContext
 from hasync.config.items import SyncItemRegistry
@@ -36,10 +34,12 @@ from hasync.node import confirm_state as confirmmod
 from hasync.sync.run import Step, SyncOptions, SyncRun
 from hasync.wire.client import ClientOptions, PeerClient
 from hasync.wire.protocol import CONFIRM_HEADER
+from support.agents import cli, env, start_agent, stop
 from support.fakekernel import bare_backup_kernel, vhids
 from support.faultproxy import FaultProxy
 from support.health import agent as inprocess_agent
 from support.health import backend
+from support.lockout import REFUSALS, edit_primary
 from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair
 
 WINDOW = 3

@@ -33,9 +33,8 @@ from typing import Any
 
 from lxml import etree
 
-from hasync.agent import server as agent
 from hasync.agent.opnsense_methods import BackupNode
-from hasync.agent.server import CallContext
+from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.store import parse_config_bytes
 from hasync.core.errors import ConfigError, HaError, MergeError, MethodFault
 from hasync.core.osiface import Clock, SystemClock
@@ -191,7 +190,7 @@ class ArmedRollback:
 
     # --- hasync.* methods ---
 
-    def register(self, dispatcher: agent.Dispatcher) -> None:
+    def register(self, dispatcher: Dispatcher) -> None:
         dispatcher.register("hasync.confirm", self.confirm)
         dispatcher.register("hasync.confirm_state", lambda _a, _c: public_state(self.state_dir, self.clock.time()))
 

@@ -1,6 +1,6 @@
 """Commit-confirmed sync, the primary's side.
 
-Primary side (`PrimaryConfirm`, driven by `syncer.SyncRun`): refuse on a backup without
+Primary side (`PrimaryConfirm`, driven by `run.SyncRun`): refuse on a backup without
 `hasync.confirm` before sending anything (a stock OPNsense backup cannot roll back by itself),
 note the running services, send the merge with the header, then check the backup through a new
 connection built from the config as it is now (login, `firmware_version`, `list_services`, every
