@@ -28,20 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hasync.carp import CarpOps
-from hasync.lab import (
-    FW1,
-    FW2,
-    LAN_VIP,
-    Lab,
-    LabError,
-    LabOptions,
-    StreamRun,
-    missing_binaries,
-    probe_vip,
-    start_stream,
-)
-from hasync.store import ConfigStore
+from halab.lab import Lab, StreamRun, missing_binaries, probe_vip, start_stream
+from halab.topology import FW1, FW2, LAN_VIP, LabError, LabOptions
+from hasync.config.store import ConfigStore
+from hasync.failover.carp import CarpOps
 
 
 def wait_resumed(run: StreamRun, after: float, timeout: float) -> bool:

@@ -218,11 +218,12 @@ def point_at(primary_dir: Path, port: int) -> None:
 
 
 def has_fast_path() -> bool:
-    return (PACKAGE_ROOT / "hasync" / "fastpath.py").is_file()
+    """Whether the benchmarked tree has the fast path (older trees: a flat `hasync/fastpath.py`)."""
+    return any((PACKAGE_ROOT / "hasync" / where).is_file() for where in ("agent/fastpath.py", "fastpath.py"))
 
 
 def has_command(name: str) -> bool:
-    return (PACKAGE_ROOT / "hasync" / "commands" / f"{name}.py").is_file()
+    return any((PACKAGE_ROOT / "hasync" / where / f"{name}.py").is_file() for where in ("cli/commands", "commands"))
 
 
 def generated(work: Path, size_mb: float, seed: int) -> tuple[Path, Path]:
@@ -261,7 +262,7 @@ def php_anchor_absent() -> str:
 def synced_sections(config: Path) -> list[str]:
     """The dotted sections of the primary's `hasync.syncitems`: what our full sync sends, so the
     PHP anchor is given the same work. Read with a byte search (the driver stays small)."""
-    from hasync.items import SyncItemRegistry
+    from hasync.config.items import SyncItemRegistry
 
     data = config.read_bytes()
     start = data.index(b"<syncitems>") + len(b"<syncitems>")
@@ -625,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hasync-bench-")))
         work.mkdir(parents=True, exist_ok=True)
-        from hasync.tlsutil import generate_self_signed
+        from hasync.wire.tls import generate_self_signed
 
         tls = work / "agent.crt", work / "agent.key"
         if not tls[0].exists():

@@ -60,7 +60,7 @@ class WireCounter:
         self.connections = 0
 
     def install(self) -> None:
-        from hasync import client
+        from hasync.wire import client
 
         original = client._read_all
         counter = self
@@ -103,9 +103,9 @@ def emit(**fields: Any) -> None:
 
 
 def op_sync(args: argparse.Namespace) -> None:
-    from hasync.items import SyncItemRegistry
-    from hasync.store import ConfigStore
-    from hasync.syncer import SyncOptions, SyncRun
+    from hasync.config.items import SyncItemRegistry
+    from hasync.config.store import ConfigStore
+    from hasync.sync.run import SyncOptions, SyncRun
 
     counter = WireCounter()
     counter.install()
@@ -120,9 +120,9 @@ def op_sync(args: argparse.Namespace) -> None:
 
 
 def op_status(args: argparse.Namespace) -> None:
-    from hasync.items import SyncItemRegistry
-    from hasync.remote import Remote
-    from hasync.store import ConfigStore
+    from hasync.config.items import SyncItemRegistry
+    from hasync.config.store import ConfigStore
+    from hasync.sync.status import Remote
 
     counter = WireCounter()
     counter.install()
@@ -154,7 +154,7 @@ def op_cli(args: argparse.Namespace) -> None:
 
 def op_parse(args: argparse.Namespace) -> None:
     """Limit (a): lxml parse + serialize of the config, with the project's parser settings."""
-    from hasync.store import parse_config_bytes, serialize
+    from hasync.config.store import parse_config_bytes, serialize
 
     data = Path(args.file).read_bytes()
     started = time.perf_counter()
@@ -222,7 +222,7 @@ class _SinkHandler(BaseHTTPRequestHandler):
 
 def op_sink(args: argparse.Namespace) -> None:
     """The POST sink: TLS with the agent's settings, reads and discards the body."""
-    from hasync.tlsutil import server_context
+    from hasync.wire.tls import server_context
 
     server = ThreadingHTTPServer(("127.0.0.1", args.port), _SinkHandler)
     context = server_context(Path(args.cert), Path(args.key))
@@ -236,7 +236,7 @@ def op_sink(args: argparse.Namespace) -> None:
 def op_settle(args: argparse.Namespace) -> None:
     """Write the backup's config once through the store, as OPNsense's own writes do, so it is the
     newest history file (a first merge into a config copied in by hand also preserves a copy)."""
-    from hasync.store import ConfigStore
+    from hasync.config.store import ConfigStore
 
     store = ConfigStore(args.conf_dir)
     store.write(store.load(), "bench: settled")
@@ -245,7 +245,7 @@ def op_settle(args: argparse.Namespace) -> None:
 
 def op_baseline(_args: argparse.Namespace) -> None:
     """The interpreter plus every module a sync imports: the floor under every client RSS."""
-    from hasync import fastpath, snapshot, syncer  # noqa: F401
+    from hasync.sync import snapshot  # noqa: F401
 
     emit(op="baseline", seconds=0.0)
 

@@ -1,22 +1,28 @@
-"""Shared test plumbing: import path, the optional ../shared data, and small helpers."""
+"""Shared test plumbing: the import path, the process reaper, and the optional ../shared data.
+
+Helpers live in the `support` package next to this file (`from support.nodes import ...`);
+tests are grouped by layer (core, config, payload, failover, services, wire, node, agent, sync,
+health, cli) plus integration, resilience, lab and architecture.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGE_ROOT = REPO / "src" / "opnsense" / "scripts" / "ha"
-if str(PACKAGE_ROOT) not in sys.path:
-    sys.path.insert(0, str(PACKAGE_ROOT))
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
-from services_helpers import reap_orphans  # noqa: E402,F401 - autouse: no zombies from test daemons
+from support.paths import DEV_ROOT, PACKAGE_ROOT, SHARED  # noqa: E402 - after the path set-up
 
-FIXTURES = REPO / "fixtures"
-SHARED = Path(os.environ.get("OPNSENSE_HA_SHARED", REPO.parent / "shared"))
+for _root in (DEV_ROOT, PACKAGE_ROOT):
+    if str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
+
+from support.processes import reap_orphans  # noqa: E402,F401 - autouse: no process left behind
 
 
 @pytest.fixture
@@ -25,10 +31,3 @@ def shared_dir() -> Path:
     if not (SHARED / "fixtures").is_dir():
         pytest.skip("../shared is absent (expected in a user's clone)")
     return SHARED
-
-
-def shared_path(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent (../shared not available)")
-    return path

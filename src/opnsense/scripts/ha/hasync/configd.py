@@ -20,8 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import cli
-from .services import ID_RE, NAME_RE
+from hasync import cli
+from hasync.services.backends import ID_RE, NAME_RE
 
 CONF_DIR_ENV = "OPNSENSE_HA_CONF_DIR"
 ITEMS_DIR_ENV = "OPNSENSE_HA_ITEMS_DIR"

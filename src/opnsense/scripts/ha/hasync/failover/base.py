@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..errors import FailoverError
+from hasync.config.vips import VipSpec
+from hasync.core.errors import FailoverError
 
 
 @dataclass(frozen=True)
@@ -60,24 +61,6 @@ class PfsyncState:
     syncok: bool | None  # None = unknown (not reported)
     running: bool = True  # conntrackd process alive (always True for the kernel pfsync)
     detail: str = ""
-
-
-@dataclass
-class VipSpec:
-    """A CARP VIP as declared in config.xml (what to configure)."""
-
-    interface: str
-    device: str
-    vhid: int
-    advbase: int
-    advskew: int
-    subnet: str
-    subnet_bits: int
-    password: str = field(default="", repr=False)
-    peer: str = ""
-    uuid: str = ""
-    mode: str = "carp"  # "carp" owns the vhid's parameters; an "ipalias" on a vhid carries none
-    peer6: str = ""
 
 
 def check_vip_spec(spec: VipSpec) -> str:

@@ -17,9 +17,12 @@ from pathlib import Path
 
 from lxml import etree
 
-from ..errors import ConfigError, FailoverError
-from ..osiface import CommandRunner, SubprocessRunner
-from .base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipSpec, VipState
+from hasync.config.store import ConfigStore
+from hasync.config.vips import VipSpec
+from hasync.core.errors import ConfigError, FailoverError
+from hasync.core.fileio import atomic_write
+from hasync.core.osiface import CommandRunner, SubprocessRunner
+from hasync.failover.base import CarpGlobals, FailoverBackend, PfsyncConfig, PfsyncState, VipState
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,7 @@ class NullBackend(FailoverBackend):
     def _save(self) -> None:
         if self.state_file is None:
             return
-        temp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(self._state) + "\n")
-        os.replace(temp, self.state_file)
+        atomic_write(self.state_file, json.dumps(self._state) + "\n")
 
     def vip_states(self) -> list[VipState]:
         return []
@@ -92,8 +93,6 @@ class NullBackend(FailoverBackend):
 
 def _root_provider(conf_dir: str | os.PathLike[str]) -> Callable[[], etree._Element | None]:
     """config.xml for mapping devices to interface keys; None (devices shown raw) if unreadable."""
-    from ..store import ConfigStore
-
     def provide() -> etree._Element | None:
         try:
             return ConfigStore(conf_dir).load()
@@ -121,7 +120,7 @@ def get_backend(conf_dir: str | os.PathLike[str] | Path, runner: CommandRunner |
         return NullBackend(Path(conf_dir) / NULL_STATE_FILE if Path(conf_dir).is_dir() else None)
     runner = runner or SubprocessRunner()
     if kind == "freebsd":
-        from .freebsd import FreeBsdBackend
+        from hasync.failover.freebsd import FreeBsdBackend
 
         return FreeBsdBackend(runner, _root_provider(conf_dir))
     try:  # written by the Linux side; imported lazily so FreeBSD never needs it

@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from ..errors import FailoverError
-from ..osiface import CommandResult, CommandRunner
-from .base import (
+from hasync.config.vips import VipSpec
+from hasync.core.errors import FailoverError
+from hasync.core.osiface import CommandResult, CommandRunner
+from hasync.failover.base import (
     CarpGlobals,
     FailoverBackend,
     PfsyncConfig,
     PfsyncState,
-    VipSpec,
     VipState,
     check_vip_spec,
     vhid_owner,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from lxml import etree
 
-from ..items import read_hasync
-from .base import PfsyncConfig, VipSpec
+from hasync.config.items import read_hasync
+from hasync.config.vips import VipSpec
+from hasync.failover.base import PfsyncConfig
 
 MAINTENANCE_TAG = "virtualip_carp_maintenancemode"
 

@@ -1,0 +1,1 @@
+"""The backup's XML-RPC agent: server, authentication, opnsense.* and hasync.* methods, fast path."""

@@ -1,0 +1,237 @@
+"""The backup side of the fast path and the agent's read cache of config.xml.
+
+`FastPathAgent` answers `hasync.restore_sections_xml` (the wire form is `wire.sections`): it
+decodes the request into the very payload the compatible call would carry and hands it to the
+handler of `opnsense.restore_config_section`, so the merge, lock, revision, history write and
+reconfiguration are the same. `ConfigCache` keeps the parsed config.xml and per-item digests
+between writes, so logins, `hasync.digest`, `hasync.capabilities` and `hasync.sync_probe` do not
+re-parse a config that has not changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+
+from hasync.agent.hasync_methods import item_ids_argument
+from hasync.agent.server import CallContext, Dispatcher
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.core.errors import ConfigError, MethodFault
+from hasync.core.fileio import RACY_WINDOW, file_key
+from hasync.payload import digest as digestmod
+from hasync.wire import xmlrpc
+from hasync.wire.discovery import PROBE_METHOD
+from hasync.wire.sections import FEATURE, MAX_INFLATED, METHOD, PERNODE_FEATURE, RESTORE_METHOD, decode_param
+
+log = logging.getLogger("hasync.fastpath")
+
+@dataclass
+class FastPathAgent:
+    """The backup side of the fast path: decode, rebuild the payload, hand it to the merge."""
+
+    dispatcher: Dispatcher
+    max_inflated: int = MAX_INFLATED
+    features: set[str] = field(default_factory=lambda: {FEATURE})
+
+    def register(self) -> None:
+        self.dispatcher.register(METHOD, self.restore_sections_xml)
+
+    def restore_sections_xml(self, argument: Any, context: CallContext) -> Any:
+        decoded = decode_param(argument, self.max_inflated)
+        merge = self.dispatcher.methods.get(RESTORE_METHOD)
+        if merge is None:
+            raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: this agent has no {RESTORE_METHOD}")
+        log.debug("fast path: %d sections, %d bytes inflated, from %s@%s", len(decoded.sections), decoded.size,
+                  context.username, context.remote_addr)
+        return merge(decoded.payload, context)
+
+class ConfigCache:
+    """The agent's parsed config.xml and per-item digests, for read-only use between writes.
+
+    Why: every request authenticates against config.xml, and `hasync.digest`/`capabilities`
+    read it too. Parsing a 50 MB config costs ~0.6 s and digesting it seconds, which would make
+    every no-op sync as slow as a full one. An entry is valid while the file's identity (device,
+    inode, size, mtime, ctime) is unchanged; an entry taken while the file was younger than
+    `RACY_WINDOW` is also checked by content hash until the file is older (two writes in one
+    timestamp tick with the same size would look unchanged otherwise; git's "racily clean").
+    Callers must not modify the tree `root()` returns. It is never handed to a writer either:
+    logins read it outside the cache's lock, so a merge always works on its own parse.
+    """
+
+    def __init__(self, store: ConfigStore, registry: SyncItemRegistry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._key: tuple[int, ...] | None = None
+        self._content: str | None = None  # sha256 of the bytes, while the entry is racy
+        self._root: etree._Element | None = None
+        self._digests: dict[str, str] = {}
+        self._capabilities: dict[str, Any] | None = None
+        self.loads = 0  # how often config.xml was parsed (tests use it)
+        store.written = self.adopt
+
+    def _valid(self) -> bool:
+        key = file_key(self.store.config_path)
+        if key is None or key != self._key:
+            return False
+        if self._content is not None:
+            if hashlib.sha256(self.store.read_bytes()).hexdigest() != self._content:
+                return False
+            if self.clock() - key[3] / 1e9 > RACY_WINDOW:
+                self._content = None  # any later write gets a later mtime
+        return True
+
+    def _refresh(self) -> None:
+        """Parse the current file into a new entry (the file is read once, under its lock)."""
+        self.drop()
+        before = file_key(self.store.config_path)
+        data = self.store.read_bytes()
+        try:
+            root = parse_config_bytes(data, str(self.store.config_path))
+        except ConfigError:
+            # broken: the store's own load restores from history; nothing is cached then
+            self._root = self.store.load()
+            self.loads += 1
+            return
+        self.loads += 1
+        after = file_key(self.store.config_path)
+        self._root = root
+        if before is not None and before == after:
+            self._key = before
+            young = self.clock() - before[3] / 1e9 <= RACY_WINDOW
+            self._content = hashlib.sha256(data).hexdigest() if young else None
+
+    def adopt(self, root: etree._Element, data: bytes) -> None:
+        """The store just wrote `root` as `data` (its lock is held): keep that tree, no re-parse.
+
+        Never waits for the cache: a reader holding it may be waiting for the file lock the
+        writer holds, and both would wait forever. A busy cache simply stays stale (its key no
+        longer matches) and re-reads later.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._key, self._content, self._root = None, None, None
+            self._digests, self._capabilities = {}, None
+            key = file_key(self.store.config_path)
+            if key is None:
+                return
+            self._root, self._key = root, key
+            young = self.clock() - key[3] / 1e9 <= RACY_WINDOW
+            self._content = hashlib.sha256(data).hexdigest() if young else None
+        finally:
+            self._lock.release()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._key, self._content, self._root = None, None, None
+            self._digests, self._capabilities = {}, None
+
+    def root(self) -> etree._Element:
+        """The config tree as of now (for reading only)."""
+        with self._lock:
+            if self._root is None or not self._valid():
+                self._refresh()
+            assert self._root is not None
+            return self._root
+
+    def digests(self, item_ids: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+        """Per-item canonical digests (`digest.digest` of `digest.backup_item_values`) and unknown ids."""
+
+        with self._lock:
+            root = self.root()
+            wanted = [i for i in item_ids if i in self.registry and i not in self._digests]
+            if wanted:
+                values, _ = digestmod.backup_item_values(root, self.registry, wanted)
+                fresh = digestmod.item_digests(values, self.registry)
+                if self._key is not None:
+                    self._digests.update(fresh)
+            else:
+                fresh = {}
+            unknown = list(dict.fromkeys(i for i in item_ids if i not in self.registry))
+            known = {i: self._digests.get(i) or fresh[i] for i in dict.fromkeys(item_ids) if i in self.registry}
+            return known, unknown
+
+    def capabilities(self, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        with self._lock:
+            self.root()  # validates the entry
+            if self._capabilities is None or self._key is None:
+                reply = compute()
+                if self._key is None:
+                    return reply
+                self._capabilities = reply
+            return self._capabilities
+
+def _probe_ids(argument: Any) -> list[str]:
+    """The item ids of a probe: one comma-separated string (the shortest form on the wire)."""
+    if not isinstance(argument, str) or len(argument) > 64 * 1024:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD} expects the item ids as one comma-separated string")
+    ids = [part.strip() for part in argument.split(",") if part.strip()]
+    if not ids:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD}: no item ids")
+    return list(dict.fromkeys(ids))
+
+def _dropping_cache(cache: ConfigCache, merge: Callable[[Any, CallContext], Any]) -> Callable[[Any, CallContext], Any]:
+    """`merge`, after letting go of the cached tree: the merge parses its own and the tree it
+    writes becomes the cache, so holding the old one only adds a whole parsed config to the peak."""
+    def handler(argument: Any, context: CallContext) -> Any:
+        cache.drop()
+        return merge(argument, context)
+
+    return handler
+
+
+def register(dispatcher: Dispatcher, features: set[str] | None = None,
+             cache: ConfigCache | None = None) -> FastPathAgent:
+    """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FEATURE`.
+
+    With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
+    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge drops the
+    cached tree and parses its own, and the tree it writes becomes the cache.
+    """
+    agent = FastPathAgent(dispatcher)
+    agent.register()
+    if features is not None:
+        features.update((FEATURE, PERNODE_FEATURE))
+    if cache is not None:
+        for name in (RESTORE_METHOD, METHOD):
+            if name in dispatcher.methods:
+                dispatcher.register(name, _dropping_cache(cache, dispatcher.methods[name]))
+
+
+        if "hasync.digest" in dispatcher.methods:
+            def digest(argument: Any, _context: CallContext) -> dict[str, Any]:
+                ids = item_ids_argument(argument, "hasync.digest") or cache.registry.ids()
+                known, unknown = cache.digests(ids)
+                return digestmod.digest_reply(known, unknown)
+
+            dispatcher.register("hasync.digest", digest)
+            def sync_probe(argument: Any, context: CallContext) -> bytes:
+                ids = _probe_ids(argument)
+                firmware = dispatcher.methods["opnsense.firmware_version"]([], context)
+                known, unknown = cache.digests(ids)
+                document = {"firmware": firmware, "canonical": digestmod.CANONICAL_FORM,
+                            "algorithm": digestmod.ALGORITHM, "items": known, "unknown": unknown,
+                            "features": sorted(features or ())}
+                return zlib.compress(json.dumps(document, separators=(",", ":")).encode(), 9)
+
+            dispatcher.register(PROBE_METHOD, sync_probe)
+        original_caps = dispatcher.methods.get("hasync.capabilities")
+        if original_caps is not None:
+            def capabilities(argument: Any, context: CallContext) -> Any:
+                return cache.capabilities(lambda: original_caps(argument, context))
+
+            dispatcher.register("hasync.capabilities", capabilities)
+    return agent

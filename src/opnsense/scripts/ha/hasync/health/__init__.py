@@ -1,0 +1,1 @@
+"""Pair health on the primary: diff against the backup, checks for cron and monit."""

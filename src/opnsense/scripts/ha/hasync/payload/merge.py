@@ -1,0 +1,533 @@
+"""Merge a `restore_config_section` payload into config.xml, with OPNsense's semantics.
+
+OPNsense's `restore_config_section_xmlrpc()` / `merge_config_attributes()` (reference §2) merge
+the incoming nested value into PHP's array form of the config. We apply the same rules directly
+to the lxml tree, so everything the payload does not touch keeps its exact position (a dict
+round trip would regroup interleaved sibling tags, and rule order is load-bearing), and every
+replaced list gets exactly the incoming order:
+
+* a scalar overwrites in place;
+* a list, or a single MVC item (an element with a ``uuid`` attribute), is replaced wholesale;
+  so is anything missing or a plain leaf;
+* a container (an element with children and no uuid) is merged key by key, so keys that exist
+  only on the backup inside a container survive (an OPNsense *quirk* we keep on purpose: it is
+  what keeps a backup's node-local settings alive);
+* when a list is replaced, the backup's own records with a non-empty ``nosync`` are kept and put
+  first, except in the ordered rule lists `filter.rule`, `nat.rule` and `nat.outbound.rule`;
+* CARP: VIPs with a vhid are replaced by the incoming set, the backup's VIPs without a vhid (and
+  its nosync VIPs) are kept;
+* the backup's `hasync` and `interfaces` are never overwritten;
+* the paths the sync items declare ``local`` (`pernode`) keep the backup's own value: the payload
+  is given the backup's value (or its absence) there before merging, so those fields are neither
+  overwritten, removed, nor reported as changed.
+
+Decisions where we deliberately differ from the PHP code (bugs, not behaviour anyone relies on):
+
+1. *Accumulating path.* PHP builds the dotted path used for the rule-list exception by appending
+   every key of a loop to the same variable, so for the second and later keys the path is wrong
+   (after `filter`, `nat.rule` is checked as ``filter.nat.rule``) and the exception misfires:
+   nosync port forwards get kept and moved to the front. We compute the path per key.
+2. *Rule lists.* Keeping a backup's nosync rules and putting them first would change rule
+   evaluation order, which is why OPNsense excludes the three legacy rule lists. They are
+   replaced wholesale; every backup nosync rule dropped this way is named in the report's
+   warnings, so nothing is dropped silently. (MVC rules in ``OPNsense.Firewall.Filter.rules``
+   are ordered by their ``sequence`` field, so keeping nosync ones first is harmless there.)
+3. *Kept nosync records vs. incoming ones.* A backup nosync record and an incoming record with
+   the same uuid (or, for VIPs, the same VIP key) would give a duplicate; the backup's own
+   record wins and the incoming one is skipped with a warning. A lone MVC item (uuid element
+   that is not a list tag) counts as a list of one for the nosync rule, so whether a record
+   survives never depends on how many siblings it has.
+4. *VIP order.* PHP re-adds the kept VIPs with ``array_unshift`` in a loop, which reverses their
+   order; we keep them in their original order.
+5. *An empty VIP set.* A primary without any VIP sends ``virtualip: []``; PHP then skips the VIP
+   handling and leaves stale CARP VIPs on the backup. We treat it as the empty incoming set.
+6. *A non-empty list onto a container.* PHP would merge list indexes into the container and
+   write garbage elements; we replace the container with the list.
+7. *Holes in lists.* PHP's `remove_nosync()` leaves holes in list keys, so a PHP primary can send
+   a list as a struct with keys "0", "2", ...; such a struct (all keys decimal, which no XML tag
+   can be) is read as the list it was.
+8. An empty incoming list onto a container is a no-op in PHP (the container is not reset); we
+   keep that, and say so in a warning, because the primary meant "this is gone".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+
+from hasync.config.items import SyncItemRegistry
+from hasync.config.tree import ATTRIBUTES, LIST_TAGS, find_path, scalar_text, value_to_elements
+from hasync.config.vips import VipSpec, vip_key
+from hasync.core import xmlsafe
+from hasync.core.errors import MergeError
+from hasync.core.php import php_empty, php_intval
+from hasync.payload.build import RULE_LISTS
+from hasync.payload.kept import keep_local
+from hasync.payload.validate import COMPANION_PATHS, NAME_RE, check_payload, normalize_payload
+
+METHOD = "opnsense.restore_config_section"
+
+
+# peer/peer6: a unicast CARP peer the sync corrects (pernode self_address) must reach the kernel too
+VIP_FIELDS: tuple[str, ...] = ("password", "advskew", "subnet", "subnet_bits", "advbase", "peer", "peer6")
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VipChange:
+    """A CARP/IP-alias VIP that the merge added, changed or removed (values after the merge,
+    before it for a removed VIP). `changed_fields` lists which of the fields that need a
+    reconfiguration (password, advskew, subnet, subnet_bits, advbase, peer, peer6) differ."""
+
+    key: str
+    mode: str
+    interface: str
+    device: str
+    vhid: int
+    subnet: str
+    subnet_bits: int
+    advbase: int
+    advskew: int
+    password: str = field(default="", repr=False)
+    peer: str = ""
+    uuid: str = ""
+    changed_fields: tuple[str, ...] = ()
+
+    def to_spec(self) -> VipSpec:
+        return VipSpec(
+            interface=self.interface,
+            device=self.device,
+            vhid=self.vhid,
+            advbase=self.advbase,
+            advskew=self.advskew,
+            subnet=self.subnet,
+            subnet_bits=self.subnet_bits,
+            password=self.password,
+            peer=self.peer,
+            uuid=self.uuid,
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """For JSON output: everything but the password value."""
+        return {
+            "key": self.key, "mode": self.mode, "interface": self.interface, "vhid": self.vhid,
+            "subnet": self.subnet, "subnet_bits": self.subnet_bits, "advbase": self.advbase,
+            "advskew": self.advskew, "uuid": self.uuid, "changed_fields": list(self.changed_fields),
+        }
+
+
+@dataclass
+class MergeReport:
+    """What a merge did, so reconfiguration can be selective.
+
+    `sections` are the changed section paths at sync-item granularity (``system.user``,
+    ``OPNsense.Firewall.Alias``; a top-level key for accepted unknown sections): feed them to
+    `SyncItemRegistry.services_for_sections`. `changed_sections` are the changed top-level
+    sections. `merged_keys` are the payload's top-level keys, as named in `description`.
+    """
+
+    description: str
+    merged_keys: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    changed_sections: list[str] = field(default_factory=list)
+    vips_added: list[VipChange] = field(default_factory=list)
+    vips_changed: list[VipChange] = field(default_factory=list)
+    vips_removed: list[VipChange] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    kept_local: list[str] = field(default_factory=list)  # concrete declared-local paths the payload carried
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changed_sections)
+
+    def public_dict(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "merged_keys": self.merged_keys,
+            "sections": self.sections,
+            "changed_sections": self.changed_sections,
+            "vips_added": [vip.public_dict() for vip in self.vips_added],
+            "vips_changed": [vip.public_dict() for vip in self.vips_changed],
+            "vips_removed": [vip.public_dict() for vip in self.vips_removed],
+            "warnings": self.warnings,
+            "kept_local": self.kept_local,
+        }
+
+
+def revision_description(payload: Mapping[str, Any]) -> str:
+    """The revision text OPNsense writes: ``implode(', ', array_keys($sections))``."""
+    return f"Merged {', '.join(str(key) for key in payload)} config sections from XMLRPC client."
+
+
+# --- the merge ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    root: etree._Element
+    warnings: list[str] = field(default_factory=list)
+    vips_added: list[VipChange] = field(default_factory=list)
+    vips_changed: list[VipChange] = field(default_factory=list)
+    vips_removed: list[VipChange] = field(default_factory=list)
+
+
+def merge_payload(
+    root: etree._Element,
+    payload: Mapping[str, Any],
+    registry: SyncItemRegistry,
+    accept_unknown: bool = False,
+) -> MergeReport:
+    """Merge `payload` into the config tree `root` in place and report what changed.
+
+    Pure: no I/O, no lock. Call it inside ``store.transaction(revision_description(payload))``;
+    if it raises, the tree may be half-merged, which is why the transaction then writes nothing.
+    """
+    data = normalize_payload(dict(payload))
+    points = check_payload(data, registry, accept_unknown)
+    data, kept = keep_local(root, data, registry.declarations())
+    unknown_points = [p for p in points if not registry.is_covered(p) and p not in COMPANION_PATHS]
+    ctx = _Context(root)
+    for path in unknown_points:
+        ctx.warnings.append(f"{path}: merged although no registered sync item covers it (--accept-unknown-sections)")
+
+    top_before = {key: _snapshot(_children(root, key)) for key in data}
+
+    for key, value in data.items():
+        if key == "virtualip":
+            _merge_vips(root, value, ctx)
+        else:  # through the container merge, so a root-level "@attributes" is handled as such
+            _merge_container(root, {key: value}, "", ctx)
+
+    # What changed, by `_fingerprint` equality: identical bytes settle it for the (usual) untouched
+    # top-level sections; otherwise their before-state is parsed back and compared exactly, and a
+    # point can only have changed below a top-level section that did.
+    changed_top: list[str] = []
+    changed: set[str] = set()
+    for key in data:
+        after = _children(root, key)
+        snapshot = top_before.pop(key)
+        if len(snapshot) == len(after) and all(old == _serial(node) for old, node in zip(snapshot, after, strict=True)):
+            continue
+        before = [_reparse(old) for old in snapshot]  # one section's before-state at a time
+        del snapshot
+        if not _same_nodes(before, after, known_different=True):
+            changed_top.append(key)
+        changed.update(p for p in points if p.split(".")[0] == key
+                       and not _same_nodes(_find_below(before, p), find_path(root, p)))
+    changed_points = [p for p in points if p in changed]
+    vips_touched = ctx.vips_added or ctx.vips_changed or ctx.vips_removed
+    if "virtualip" in data and vips_touched and "virtualip" not in changed_points:
+        changed_points.append("virtualip")
+    return MergeReport(
+        description=revision_description(data),
+        merged_keys=list(data),
+        sections=changed_points,
+        changed_sections=changed_top,
+        vips_added=ctx.vips_added,
+        vips_changed=ctx.vips_changed,
+        vips_removed=ctx.vips_removed,
+        warnings=ctx.warnings,
+        kept_local=[note.path for note in kept],
+    )
+
+
+def _children(parent: etree._Element, tag: str) -> list[etree._Element]:
+    return [child for child in parent if child.tag == tag]
+
+
+def _fingerprint(node: etree._Element) -> tuple[Any, ...]:
+    """Structure, attributes and leaf text; ignores formatting whitespace and comments."""
+    kids = [child for child in node if isinstance(child.tag, str)]
+    text = "" if kids else (node.text or "")
+    return (node.tag, tuple(sorted(node.attrib.items())), text, tuple(_fingerprint(k) for k in kids))
+
+
+def _fingerprint_all(nodes: Iterable[etree._Element]) -> tuple[Any, ...]:
+    return tuple(_fingerprint(node) for node in nodes)
+
+
+# Comparing `_fingerprint`s of whole sections walks every element in Python (seconds for a large
+# config); these give the same answer with libxml2 doing the walking.
+
+
+def _serial(node: etree._Element) -> bytes:
+    return etree.tostring(node, encoding="utf-8", with_tail=False)
+
+
+def _snapshot(nodes: Iterable[etree._Element]) -> list[bytes]:
+    return [_serial(node) for node in nodes]
+
+
+def _reparse(data: bytes) -> etree._Element:
+    return xmlsafe.parse_bytes(data, remove_blank_text=False)
+
+
+def _find_below(tops: list[etree._Element], dotted: str) -> list[etree._Element]:
+    """`find_path(root, dotted)` for a root whose `dotted.split('.')[0]` children are `tops`."""
+    nodes = tops
+    for part in dotted.split(".")[1:]:
+        nodes = [child for node in nodes for child in node if child.tag == part]
+    return nodes
+
+
+def _same_nodes(before: list[etree._Element], after: list[etree._Element], known_different: bool = False) -> bool:
+    """``_fingerprint_all(before) == _fingerprint_all(after)``, stopping at the first difference.
+
+    Equal serialisations imply equal fingerprints; only where the bytes differ (a real change, or
+    what fingerprints ignore: comments, attribute order, tails) does it look inside.
+    """
+    if len(before) != len(after):
+        return False
+    for old, new in zip(before, after, strict=True):
+        if not known_different and _serial(old) == _serial(new):
+            continue  # (the caller already compared these bytes when `known_different`)
+        if old.tag != new.tag or sorted(old.attrib.items()) != sorted(new.attrib.items()):
+            return False
+        old_kids = [child for child in old if isinstance(child.tag, str)]
+        new_kids = [child for child in new if isinstance(child.tag, str)]
+        old_text = "" if old_kids else (old.text or "")
+        new_text = "" if new_kids else (new.text or "")
+        if old_text != new_text or not _same_nodes(old_kids, new_kids):
+            return False
+    return True
+
+
+def _merge_container(parent: etree._Element, incoming: Mapping[str, Any], path: str, ctx: _Context) -> None:
+    """merge_config_attributes() on a container: key by key, backup-only keys stay."""
+    leaf_attributes: list[tuple[str, dict[str, Any]]] = []
+    for key, value in incoming.items():
+        if key == ATTRIBUTES:
+            for name, attr in value.items():
+                parent.set(name, scalar_text(attr))
+            continue
+        if key.endswith(ATTRIBUTES):
+            leaf_attributes.append((key[: -len(ATTRIBUTES)], value))
+            continue
+        # The path is computed per key (PHP accumulates it across keys; see decision 1).
+        _merge_key(parent, key, value, f"{path}.{key}" if path else key, ctx)
+    for base, attributes in leaf_attributes:
+        targets = _children(parent, base)
+        if targets:
+            for name, attr in attributes.items():
+                targets[0].set(name, scalar_text(attr))
+
+
+def _dest_kind(existing: list[etree._Element], key: str) -> str:
+    """What PHP's array form of the destination would be: missing, scalar, list, uuid, container."""
+    if not existing:
+        return "missing"
+    if len(existing) > 1 or key in LIST_TAGS:
+        return "list"
+    node = existing[0]
+    if len(node) > 0:
+        return "uuid" if node.get("uuid") is not None else "container"
+    return "scalar"
+
+
+def _merge_key(parent: etree._Element, key: str, value: Any, path: str, ctx: _Context) -> None:
+    existing = _children(parent, key)
+    if isinstance(value, (dict, list)):
+        kind = _dest_kind(existing, key)
+        if kind == "container":
+            if isinstance(value, dict):
+                _merge_container(existing[0], value, path, ctx)
+                return
+            if not value:
+                ctx.warnings.append(
+                    f"{path}: the primary sent it empty (missing there), but here it is a container; "
+                    "kept as OPNsense does"
+                )
+                return
+        _replace(parent, key, existing, value, path, kind, ctx)
+    else:
+        _set_scalar(parent, key, existing, value)
+
+
+def _is_nosync_record(node: etree._Element) -> bool:
+    flag = node.find("nosync")
+    if flag is None or len(node) == 0:
+        return False
+    return len(flag) > 0 or not php_empty(flag.text or "")
+
+
+def _describe(node: etree._Element) -> str:
+    for tag in ("descr", "description", "name"):
+        text = (node.findtext(tag) or "").strip()
+        if text:
+            return f"'{text}'"
+    uuid = node.get("uuid")
+    return f"uuid {uuid}" if uuid else "(no description)"
+
+
+def _replace(
+    parent: etree._Element, key: str, existing: list[etree._Element], value: Any, path: str, kind: str, ctx: _Context
+) -> None:
+    """Reset-and-replace: the incoming value in its order, after the backup's nosync records."""
+    items = value if isinstance(value, list) else [value]
+    kept: list[etree._Element] = []
+    if kind in ("list", "uuid"):
+        local = [node for node in existing if _is_nosync_record(node)]
+        if path in RULE_LISTS:
+            for node in local:
+                ctx.warnings.append(
+                    f"{path}: dropped this node's local (nosync) rule {_describe(node)}: the ordered rule "
+                    "list is replaced wholesale so rule order stays the primary's"
+                )
+        else:
+            kept = local
+    kept_uuids = {node.get("uuid") for node in kept if node.get("uuid")}
+    new_nodes: list[etree._Element] = []
+    for item in items:
+        uuid = item.get(ATTRIBUTES, {}).get("uuid") if isinstance(item, dict) else None
+        if uuid and uuid in kept_uuids:
+            ctx.warnings.append(
+                f"{path}: kept this node's nosync record uuid {uuid}; "
+                "the incoming record with the same uuid was skipped"
+            )
+            continue
+        new_nodes.extend(value_to_elements(key, item))
+    if not kept and not new_nodes and isinstance(value, list):
+        new_nodes = [etree.Element(key)]  # PHP's fromArray writes an empty array as <key/>
+    _splice(parent, existing, kept + new_nodes)
+
+
+def _splice(parent: etree._Element, old: list[etree._Element], new: list[etree._Element]) -> None:
+    """Put `new` where the first of `old` was (or at the end), removing `old`.
+
+    Inserting by index walks the child list each time (quadratic for a list of 20 000 rules), so
+    a placeholder marks the spot and every node goes in right before it.
+    """
+    if not old:
+        parent.extend(new)
+        return
+    marker = etree.Element("hasync-splice-marker")
+    old[0].addprevious(marker)
+    for node in old:
+        if node.getparent() is parent:
+            parent.remove(node)
+    for node in new:
+        marker.addprevious(node)
+    parent.remove(marker)
+
+
+def _set_scalar(parent: etree._Element, key: str, existing: list[etree._Element], value: Any) -> None:
+    if value is False:  # PHP's fromArray skips false values: the element disappears
+        for node in existing:
+            parent.remove(node)
+        return
+    text = scalar_text(value) or None
+    if not existing:
+        etree.SubElement(parent, key).text = text
+        return
+    first = existing[0]
+    if len(first) > 0:  # a container or record becomes a string: its children and attributes go
+        tail = first.tail
+        first.clear()
+        first.tail = tail
+    first.text = text
+    for extra in existing[1:]:
+        parent.remove(extra)
+
+
+# --- virtual IPs --------------------------------------------------------------------------
+
+
+def _record_text(node: etree._Element) -> dict[str, str]:
+    return {child.tag: (child.text or "").strip() for child in node if isinstance(child.tag, str)}
+
+
+def _value_text(vip: Mapping[str, Any]) -> dict[str, str]:
+    return {key: scalar_text(item).strip() for key, item in vip.items() if not isinstance(item, (dict, list))}
+
+
+def _php_loose_equal(a: str, b: str) -> bool:
+    """PHP's ``==`` on two config strings: numeric strings compare as numbers."""
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def _vip_change(root: etree._Element, record: Mapping[str, str], uuid: str, fields: tuple[str, ...] = ()) -> VipChange:
+    interface = record.get("interface", "")
+    device = (root.findtext(f"interfaces/{interface}/if") or "").strip() if NAME_RE.match(interface) else ""
+    return VipChange(
+        key=vip_key(record),
+        mode=record.get("mode", ""),
+        interface=interface,
+        device=device or interface,
+        vhid=php_intval(record.get("vhid", "")),
+        subnet=record.get("subnet", ""),
+        subnet_bits=php_intval(record.get("subnet_bits", "")),
+        advbase=php_intval(record.get("advbase", "") or "1"),
+        advskew=php_intval(record.get("advskew", "")),
+        password=record.get("password", ""),
+        peer=record.get("peer", ""),
+        uuid=uuid,
+        changed_fields=fields,
+    )
+
+
+def _merge_vips(root: etree._Element, value: Any, ctx: _Context) -> None:
+    """VIPs with a vhid are replaced by the incoming set; the backup keeps its own others."""
+    if isinstance(value, dict):
+        incoming = value.get("vip", [])
+        others = {key: item for key, item in value.items() if key != "vip"}
+    else:
+        if not php_empty(value):
+            ctx.warnings.append("virtualip: expected a struct with a vip list; treated as no VIPs")
+        incoming, others = [], {}
+    if isinstance(incoming, dict):
+        incoming = [incoming]
+    if not isinstance(incoming, list) or not all(isinstance(vip, dict) for vip in incoming):
+        raise MergeError("virtualip.vip: every VIP must be a struct")
+
+    section = root.find("virtualip")
+    if section is None:
+        section = etree.SubElement(root, "virtualip")
+    elif len(section) == 0:
+        section.text = None
+    if others:
+        _merge_container(section, others, "virtualip", ctx)
+
+    existing = _children(section, "vip")
+    kept: list[etree._Element] = []
+    old: dict[str, tuple[etree._Element, dict[str, str]]] = {}
+    for node in existing:
+        record = _record_text(node)
+        if not php_empty(record.get("vhid", "")) and php_empty(record.get("nosync", "")):
+            old[vip_key(record)] = (node, record)
+        else:
+            kept.append(node)  # no vhid (plain alias, proxy ARP) or marked nosync: this node's own
+    kept_keys = {vip_key(_record_text(node)) for node in kept if not php_empty(node.findtext("vhid") or "")}
+
+    new_nodes: list[etree._Element] = []
+    seen: set[str] = set()
+    for vip in incoming:
+        record = _value_text(vip)
+        key = vip_key(record)
+        if key in kept_keys:
+            ctx.warnings.append(
+                f"virtualip: kept this node's nosync VIP {key}; the incoming VIP with the same vhid was skipped"
+            )
+            continue
+        uuid = str(vip.get(ATTRIBUTES, {}).get("uuid", "")) if isinstance(vip.get(ATTRIBUTES), dict) else ""
+        if key in old and key not in seen:
+            _, before = old[key]
+            fields = tuple(f for f in VIP_FIELDS if not _php_loose_equal(before.get(f, ""), record.get(f, "")))
+            if fields:
+                ctx.vips_changed.append(_vip_change(root, record, uuid, fields))
+        elif key not in old:
+            ctx.vips_added.append(_vip_change(root, record, uuid))
+        seen.add(key)
+        new_nodes.extend(value_to_elements("vip", vip))
+    for key, (node, record) in old.items():
+        if key not in seen:
+            ctx.vips_removed.append(_vip_change(root, record, node.get("uuid", "")))
+    # Kept VIPs first, in their original order (PHP's array_unshift loop reverses them).
+    _splice(section, existing, kept + new_nodes)

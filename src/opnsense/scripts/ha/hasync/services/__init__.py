@@ -1,0 +1,1 @@
+"""Services of a node: listing, start/stop/restart, the services-dir stand-in."""

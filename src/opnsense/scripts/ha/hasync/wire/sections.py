@@ -1,0 +1,335 @@
+"""The fast path between two opnsense-ha nodes: compressed XML subtrees instead of XML-RPC structs.
+
+Why: the compatible `opnsense.restore_config_section` call carries the payload as nested XML-RPC
+structs, about twice the size of the config, and both ends walk every value in Python (PHP's
+array form, then IXR markup, then back). Between two agents of ours the primary can send what it
+already has, the config's own XML, compressed. Stock OPNsense peers never see this: the client
+uses it only when the backup's `hasync.capabilities` lists the feature `FEATURE`.
+
+Wire form (`METHOD`, one struct param):
+
+* ``format`` = `FORMAT`, ``compression`` = ``"zlib"``, ``size`` (inflated bytes) and ``sha256``
+  of the inflated document;
+* ``sections``: the dotted section paths, in the order the payload would list them;
+* ``pernode`` and ``interfaces`` (only when a per-node ``self_address``/``swap`` rule can touch the
+  sections, e.g. the DHCP failover peer or a unicast CARP peer): the primary's rules
+  (`Declarations.as_json`) and its ``{if: {ipaddr, subnet, ipaddrv6, subnetv6}}``, the
+  only inputs of those rewrites that are not in the sections themselves; the agent applies the
+  same function the compatible path does (it offers the feature `PERNODE_FEATURE`);
+* ``data``: the zlib stream as ``<base64>`` chunks of at most `CHUNK` bytes (libxml2 refuses text
+  nodes over 10 MB without its "huge" mode, which we keep off).
+
+The inflated document is ``<sections><section path="a.b">ELEMENTS</section>...</sections>``, the
+elements being the primary's subtrees at each path *before* any payload transform, or
+``<section path="a.b" missing="1"/>`` for a path the primary's toArray form does not have.
+
+Identical results by construction: the agent rebuilds the very payload the compatible path would
+deliver, with the same functions (`tree.element_to_value` on the same elements, payload's VIP,
+nosync and DHCP rules, in the same order), applies what the IXR round trip itself does to values
+(XML line-end normalisation turns CR into LF; an empty struct travels as an empty array), and
+hands the result to the handler registered for `opnsense.restore_config_section`: the same merge
+engine, lock, revision text, history write and reconfiguration. `tests/agent/test_fastpath.py` proves
+payload equality on random trees and byte-identical merged configs end to end.
+
+Bounded: the inflated size is declared up front, must not exceed `MAX_INFLATED`, and inflation
+stops one byte past the declared size (a zip bomb costs at most the declared size); the
+document is parsed with `xmlsafe` (no DTD, no entities, depth limit).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+
+from hasync.config.pernode import Declarations, from_wire
+from hasync.config.tree import LIST_TAGS, element_to_value
+from hasync.core import xmlsafe
+from hasync.core.errors import HaError, MethodFault
+from hasync.payload import pernode
+from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
+from hasync.wire import xmlrpc
+
+METHOD = "hasync.restore_sections_xml"
+
+FEATURE = "restore_sections_xml"
+
+PERNODE_FEATURE = "pernode-1"  # the agent applies the primary's self_address/swap rules sent along
+
+FORMAT = "hasync-sections-1"
+
+COMPRESSION = "zlib"
+
+CHUNK = 6 * 1024 * 1024  # raw bytes per <base64> param item: 8 MiB of base64, under libxml2's 10 MB
+
+MAX_INFLATED = 768 * 1024 * 1024
+
+COMPRESS_LEVEL = 1  # loopback and LAN links are fast; level 1 gets ~4x on configs at ~100 MB/s
+
+RESTORE_METHOD = "opnsense.restore_config_section"
+
+def locate(root: etree._Element, dotted: str) -> list[etree._Element] | None:
+    """The elements whose toArray value sits at `dotted`, or None when the path is missing.
+
+    `build.copy_section` walks PHP's array form: every level above the last must be a dict
+    there, which toArray makes only of a single element with children whose tag is not a list
+    tag; the last level is the whole group of children with that tag.
+    """
+    parts = dotted.split(".")
+    node = root
+    for part in parts[:-1]:
+        if part in LIST_TAGS:
+            return None
+        group = [child for child in node if child.tag == part]
+        if len(group) != 1 or len(group[0]) == 0:
+            return None
+        node = group[0]
+    group = [child for child in node if child.tag == parts[-1]]
+    return group or None
+
+@dataclass
+class SectionsBlob:
+    """What the primary sends: the struct for `METHOD` plus numbers for the report."""
+
+    param: dict[str, Any]
+    sections: list[str]
+    size: int
+    compressed: int
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed / self.size if self.size else 1.0
+
+def _interfaces_for_rewrite(root: etree._Element) -> dict[str, dict[str, str]]:
+    """The primary's `interfaces` reduced to what `pernode.address_facing` reads."""
+    holder = etree.Element("holder")
+    for node in root:
+        if node.tag == "interfaces":
+            holder.append(copy.deepcopy(node))
+    return pernode.interfaces_for_rewrite(element_to_value(holder).get("interfaces"))
+
+def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPRESS_LEVEL,
+               declarations: Declarations | None = None) -> SectionsBlob:
+    """Serialise and compress the subtrees at `sections` of the primary's config tree.
+
+    Section paths are checked exactly as for the compatible payload (node-specific ones are
+    refused). The document is compressed as it is produced, so the primary never holds the
+    inflated document and the compressed one at once.
+    """
+    from xml.sax.saxutils import quoteattr  # here: it pulls in urllib, and a no-op sync builds no blob
+
+    wanted = check_sections(sections)
+    compressor = zlib.compressobj(level)
+    digest = hashlib.sha256()
+    out: list[bytes] = []
+    size = 0
+
+    def put(data: bytes) -> None:
+        nonlocal size
+        digest.update(data)
+        size += len(data)
+        piece = compressor.compress(data)
+        if piece:
+            out.append(piece)
+
+    put(b'<?xml version="1.0" encoding="UTF-8"?>\n<sections>')
+    for dotted in wanted:
+        group = locate(root, dotted)
+        if group is None:
+            put(f"<section path={quoteattr(dotted)} missing=\"1\"/>".encode())
+            continue
+        put(f"<section path={quoteattr(dotted)}>".encode())
+        for node in group:
+            put(etree.tostring(node, encoding="utf-8", with_tail=False))
+        put(b"</section>")
+    put(b"</sections>")
+    out.append(compressor.flush())
+    stream = b"".join(out)
+    param: dict[str, Any] = {
+        "format": FORMAT,
+        "compression": COMPRESSION,
+        "size": size,
+        "sha256": digest.hexdigest(),
+        "sections": list(wanted),
+        "data": [stream[i : i + CHUNK] for i in range(0, len(stream), CHUNK)] or [b""],
+    }
+    rules = (shipped_declarations() if declarations is None else declarations).rewriting(wanted)
+    if rules:
+        param["pernode"] = rules.as_json()
+        param["interfaces"] = _interfaces_for_rewrite(root)
+    return SectionsBlob(param, list(wanted), size, len(stream))
+
+def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -> bytes:
+    """Inflate a zlib stream, never producing more than `declared` (≤ `limit`) bytes."""
+    if declared < 0 or declared > limit:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: declared size {declared} is over the {limit} allowed")
+    inflater = zlib.decompressobj()
+    pieces: list[bytes] = []
+    total = 0
+    try:
+        for chunk in chunks:
+            data = chunk
+            while data:
+                piece = inflater.decompress(data, declared - total + 1)
+                total += len(piece)
+                if total > declared:
+                    raise MethodFault(xmlrpc.INVALID_PARAMS,
+                                      f"{METHOD}: the data inflates past its declared size of {declared} bytes")
+                pieces.append(piece)
+                data = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+            if inflater.eof and (data or inflater.unused_data):
+                raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: trailing data after the compressed stream")
+        if not inflater.eof:
+            raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: the compressed stream is truncated")
+    except zlib.error as exc:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: corrupt compressed data ({exc})") from None
+    if total != declared:
+        raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: inflated to {total} bytes, {declared} declared")
+    return b"".join(pieces)
+
+def _ixr_roundtrip_fix(value: Any) -> Any:
+    """What the IXR round trip does to a toArray value beyond line ends: an empty struct
+    (from an element holding only comments) travels as an empty array."""
+    if isinstance(value, dict):
+        if not value:
+            return []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                value[key] = _ixr_roundtrip_fix(item)
+        return value
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                value[index] = _ixr_roundtrip_fix(item)
+    return value
+
+def _fault(text: str) -> MethodFault:
+    return MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: {text}")
+
+def read_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[str, Any] | None,
+                                         Declarations | None]:
+    if not isinstance(argument, dict):
+        raise _fault("expects one struct")
+    if argument.get("format") != FORMAT:
+        raise _fault(f"unknown format {str(argument.get('format'))[:40]!r}, this agent reads {FORMAT!r}")
+    if argument.get("compression") != COMPRESSION:
+        raise _fault(f"unknown compression {str(argument.get('compression'))[:20]!r}")
+    sections = argument.get("sections")
+    if not isinstance(sections, list) or not sections or not all(isinstance(s, str) for s in sections):
+        raise _fault("'sections' must be a non-empty array of dotted paths")
+    data = argument.get("data")
+    if isinstance(data, bytes):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(chunk, bytes) for chunk in data):
+        raise _fault("'data' must be an array of base64 chunks")
+    size = argument.get("size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise _fault("'size' must be an integer")
+    sha = argument.get("sha256")
+    if not isinstance(sha, str):
+        raise _fault("'sha256' must be a hex string")
+    interfaces = argument.get("interfaces")
+    if interfaces is not None:
+        interfaces = interfaces if interfaces != [] else {}
+        if not isinstance(interfaces, dict) or not all(
+            isinstance(conf, dict) and all(isinstance(text, str) for text in conf.values())
+            for conf in interfaces.values()
+        ):
+            raise _fault("'interfaces' must map interface names to {ipaddr, subnet, ipaddrv6, subnetv6}")
+    rules = None
+    if "pernode" in argument:
+        try:
+            rules = from_wire(argument["pernode"])
+        except (ValueError, TypeError) as exc:
+            raise _fault(f"'pernode': {exc}") from None
+    return sections, data, size, sha, interfaces, rules
+
+def payload_from_document(
+    document: bytes, sections: Sequence[str], interfaces: dict[str, Any] | None,
+    rules: Declarations | None = None,
+) -> dict[str, Any]:
+    """Rebuild the compatible payload from the inflated sections document (see module docstring)."""
+    # XML-RPC carries CR raw and the receiving parser turns CR LF and lone CR into LF; lxml wrote
+    # every CR of a value as a character reference (a LF too, inside attribute values), which is
+    # the only way one can be in here. LF goes back as a reference: raw, an attribute would
+    # read it as a space.
+    if b"&#13;" in document:
+        document = (document.replace(b"&#13;&#10;", b"&#10;").replace(b"&#13;\n", b"\n")
+                    .replace(b"&#13;", b"&#10;"))
+    try:
+        top = xmlsafe.parse_bytes(document, remove_blank_text=False)
+    except etree.XMLSyntaxError as exc:
+        raise _fault(f"the sections document is not well-formed ({exc})") from None
+    except xmlsafe.UnsafeXmlError as exc:
+        raise _fault(str(exc)) from None
+    holders = [node for node in top if isinstance(node.tag, str)]
+    if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
+            any(h.tag != "section" for h in holders):
+        raise _fault("the sections document does not list the announced sections")
+    payload: dict[str, Any] = {}
+    for holder in holders:
+        dotted = str(holder.get("path"))
+        last = dotted.split(".")[-1]
+        missing = holder.get("missing") == "1"
+        if not missing and (len(holder) == 0 or any(isinstance(c.tag, str) and c.tag != last for c in holder)):
+            raise _fault(f"section {dotted}: expected <{last}> elements only")
+        holder.attrib.clear()  # the holder's own attributes are not part of the value
+        value = None if missing else element_to_value(holder).get(last)
+        if dotted == VIRTUALIP:
+            payload[VIRTUALIP] = vip_section({} if missing else {VIRTUALIP: value})
+        else:
+            place_at(payload, dotted.split("."), [] if missing else value)
+        holder.clear()  # free the subtree as soon as it is converted
+    remove_nosync(payload)
+    # the primary's rules; a primary that sent none gets the rules this package ships
+    rewriting = (shipped_declarations() if rules is None else rules).rewriting(sections)
+    pernode.rewrite_for_backup(payload, {"interfaces": interfaces or {}}, rewriting)
+    # toArray makes an empty struct only of an element holding nothing but comments or PIs, and
+    # remove_nosync can empty one; IXR sends an empty struct as an empty array. Walk only then.
+    start = document.find(b"?>") + 2
+    if any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?")):
+        fixed: Any = _ixr_roundtrip_fix(payload)
+        return fixed
+    return payload
+
+def send_blob(peer: Any, blob: SectionsBlob) -> Any:
+    return peer.call(METHOD, [blob.param])
+
+Describe = Callable[[SectionsBlob], str]
+
+def describe(blob: SectionsBlob) -> str:
+    return (f"fast path: {len(blob.sections)} sections, {blob.size} bytes of XML sent as {blob.compressed} "
+            f"({blob.ratio:.0%})")
+
+
+@dataclass
+class Decoded:
+    """A fast-path request turned back into the compatible payload."""
+
+    payload: dict[str, Any]
+    sections: list[str]
+    size: int  # inflated bytes
+
+
+def decode_param(argument: Any, limit: int = MAX_INFLATED) -> Decoded:
+    """Check, inflate (at most `limit` bytes), verify and rebuild the payload of one `METHOD` call.
+
+    Everything the agent does before the merge, as one function: the agent calls it, and the
+    equivalence tests call the same code instead of a test-only copy.
+    """
+    sections, chunks, size, sha, interfaces, rules = read_param(argument)
+    document = inflate(chunks, size, limit)
+    if hashlib.sha256(document).hexdigest() != sha.lower():
+        raise _fault("the inflated document does not match its sha256")
+    try:
+        payload = payload_from_document(document, sections, interfaces, rules)
+    except HaError as exc:  # e.g. the DHCP failover rewrite finds no interface facing the peer
+        raise _fault(str(exc)) from None
+    return Decoded(payload, sections, size)

@@ -1,0 +1,77 @@
+"""Concurrent request bodies share one memory budget on a real agent (TLS, real sockets)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hasync.agent.server import AgentLimits, BodyBudget
+from hasync.wire import xmlrpc
+from support.nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
+
+
+def test_budget_lets_one_request_use_max_body_but_shares_the_rest() -> None:
+    budget = BodyBudget(1000)
+    assert budget.reserve(5000)  # alone: always allowed (max_body bounds it)
+    assert not budget.reserve(1)
+    budget.release(5000)
+    assert budget.reserve(600) and budget.reserve(400)
+    assert not budget.reserve(1)
+    budget.release(600)
+    budget.release(400)
+    assert budget.used == 0
+
+
+def open_request(port: int, body_length: int) -> ssl.SSLSocket:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20))
+    auth = base64.b64encode(f"{SYNC_USER}:{SYNC_PASSWORD}".encode()).decode()
+    head = (f"POST /xmlrpc.php HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n"
+            f"Content-Type: text/xml\r\nContent-Length: {body_length}\r\n\r\n")
+    sock.sendall(head.encode())
+    return sock
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    """Poll until the agent's handler thread has done its part (bounded: a clear failure, no hang)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the agent did not reach the expected state in time"
+        time.sleep(0.01)
+
+
+def read_reply(sock: ssl.SSLSocket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    sock.close()
+    return b"".join(chunks)
+
+
+def test_a_second_large_body_waits_for_the_budget(tmp_path: Path) -> None:
+    pair = make_pair(tmp_path)
+    probe = xmlrpc.dumps_request("opnsense.firmware_version", [])
+    big = probe + b" " * (3000 - len(probe))  # trailing white space is allowed after the root
+    with running_agent(pair, limits=AgentLimits(max_inflight=4000)) as server:
+        port = server.server_address[1]
+        first = open_request(port, len(big))
+        first.sendall(big[:100])  # the first body is in flight, holding 3000 bytes of budget
+        wait_until(lambda: server.body_budget.used == len(big))  # its handler has reserved it
+        second = open_request(port, len(big))
+        refused = read_reply(second)
+        assert refused.startswith(b"HTTP/1.0 503") and b"retry later" in refused
+        first.sendall(big[100:])
+        reply = read_reply(first)
+        assert reply.startswith(b"HTTP/1.0 200")
+        assert isinstance(xmlrpc.loads_response(reply.split(b"\r\n\r\n", 1)[1]), dict)
+        # the budget is free again
+        third = open_request(port, len(big))
+        third.sendall(big)
+        assert read_reply(third).startswith(b"HTTP/1.0 200")
+        assert server.body_budget.used == 0

@@ -1,0 +1,90 @@
+"""The CLI imports only the module of the command being run (issue 12: start-up).
+
+No timing here (that is `make bench`'s "no-op sync, CLI" row against a bare Python); what is
+asserted is the structure that makes start-up cheap: a `sync` process never loads the agent, the
+lab, the checks, jsonschema, cryptography or bcrypt, and every command still finds its module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hasync import cli
+from support.paths import PACKAGE_ROOT
+
+# the lab (halab) is no command of the product any more: it never loads, asserted here too
+HEAVY = ("jsonschema", "cryptography", "bcrypt", "passlib", "hasync.agent", "halab", "hasync.health.checks",
+         "hasync.health.diff", "hasync.agent.serve", "hasync.failover.linux")
+
+
+def loaded_after(code: str) -> list[str]:
+    """Which of HEAVY a fresh interpreter has imported after running `code`."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env,
+                         timeout=60)
+    loaded: list[str] = json.loads(out.stdout.splitlines()[-1])
+    return loaded
+
+
+@pytest.mark.parametrize("command", ["sync", "trust", "status", "payload", "items"])
+def test_primary_commands_load_none_of_the_heavy_modules(command: str) -> None:
+    assert loaded_after(f"from hasync import cli\ncli.build_parser({command!r})") == []
+
+
+def test_configd_scripts_load_none_of_them() -> None:
+    """Every `ha_*.py` configd script starts with `from hasync import configd`."""
+    assert loaded_after("from hasync import configd") == []
+
+
+def test_control_the_full_parser_loads_them() -> None:
+    """Without a known command (`--help`, a typo) every command module is imported: the probe sees it."""
+    assert set(loaded_after("from hasync import cli\ncli.build_parser(None)")) >= {"hasync.agent",
+                                                                                 "hasync.health.checks"}
+
+
+def test_a_sync_run_loads_none_of_them_either() -> None:
+    """Past the parser: what a no-op sync runs (items, the digest cache, the snapshot) loads
+    neither those nor the merge engine or the failover layer, which only a merge or
+    `--pre-check-master` needs."""
+    code = ("from hasync.config.items import SyncItemRegistry\nfrom hasync import cli\n"
+            "from hasync.sync import run, plan, snapshot\nfrom hasync.payload import digest\n"
+            "cli.build_parser('sync')\nSyncItemRegistry.load()")
+    probe = (f"{code}\nimport sys\n"
+             "assert 'hasync.payload.merge' not in sys.modules and 'hasync.failover.base' not in sys.modules")
+    assert loaded_after(probe) == []
+
+
+def test_every_command_is_found_in_the_module_that_registers_it() -> None:
+    for name in cli.command_modules():
+        parser = argparse.ArgumentParser()
+        subparsers = parser.add_subparsers()
+        importlib.import_module(f"hasync.cli.commands.{name}").register(subparsers)
+        for command in subparsers.choices:
+            assert cli.module_of(command) == name, (command, name)
+    assert cli.module_of("nonsense") is None and cli.module_of(None) is None
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["--conf-dir", "/x", "sync", "--full"], "sync"),
+    (["-v", "--items-dir", "/i", "carp", "maintenance", "enter"], "carp"),
+    (["--help"], None),
+    (["--conf-dir"], None),
+])
+def test_the_command_word_is_found_after_the_global_options(argv: list[str], command: str | None) -> None:
+    assert cli.requested_command(argv) == command
+
+
+def test_help_and_errors_still_list_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["no-such-command"])
+    err = capsys.readouterr().err
+    for command in ("serve", "sync", "trust", "check", "history", "apply-payload"):
+        assert repr(command) in err, command

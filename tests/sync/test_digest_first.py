@@ -1,0 +1,277 @@
+"""Digest-first sync: only items whose digests differ travel; a sync that changes nothing writes nothing.
+
+Proven over real TLS against a real agent:
+
+* a second sync with nothing changed sends no section, merges nothing and leaves the backup's
+  config.xml (bytes, inode, mtime) and its history untouched; neither side parses config.xml
+  again for it (both answer from caches keyed by the file's bytes or identity);
+* a change of one item on the primary sends that item only; a local edit on the backup is
+  found and repaired; ``--full`` sends everything; a stock backup (no `hasync.*`) gets everything;
+* an item whose backup copy keeps node-local keys (the merge's container rule) is not resent
+  forever: the snapshot of the last push settles it, and without that snapshot it is resent;
+* the one-pass canonical form equals the copy-and-strip definition it replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hasync.agent import fastpath
+from hasync.agent.server import AgentServer
+from hasync.config.items import SyncItemRegistry
+from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.payload import digest
+from hasync.payload.build import VIRTUALIP
+from hasync.sync import snapshot
+from hasync.sync.run import SyncOptions, SyncResult, SyncRun
+from hasync.wire import discovery
+from support.nodes import Pair, make_pair, running_agent
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Pair:
+    return make_pair(tmp_path)
+
+
+def sync(pair: Pair, **options: Any) -> SyncResult:
+    result = SyncRun(ConfigStore(pair.primary), SyncItemRegistry.load(), SyncOptions(**options)).run()
+    assert result.status == "ok", result.message
+    return result
+
+
+def state(node: Path) -> tuple[bytes, int, int, list[tuple[str, bytes]]]:
+    """config.xml bytes, inode and mtime, and every history file with its bytes."""
+    st = os.stat(node / "config.xml")
+    history = sorted((p.name, p.read_bytes()) for p in (node / "backup").glob("*"))
+    return (node / "config.xml").read_bytes(), st.st_ino, st.st_mtime_ns, history
+
+
+def edit(node: Path, path: str, text: str) -> None:
+    with ConfigStore(node).transaction("test: edit") as root:
+        target = root.find(path)
+        assert target is not None, path
+        target.text = text
+
+
+def agent_cache(server: AgentServer) -> fastpath.ConfigCache:
+    loader = server.authenticate._load_root  # type: ignore[attr-defined]
+    cache = loader.__self__
+    assert isinstance(cache, fastpath.ConfigCache)
+    return cache
+
+
+def test_a_sync_that_changes_nothing_writes_nothing(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        first = sync(pair)
+        assert first.transfer == "fast path" and len(first.items_unchanged) < len(first.items)
+        before = state(pair.backup)
+        sync(pair)  # warms both caches (the primary's digests of this config version)
+        assert state(pair.backup) == before
+        parses: list[str] = []
+        original = parse_config_bytes
+        monkeypatch.setattr(fastpath, "parse_config_bytes", lambda data, source: parses.append(source) or
+                            original(data, source))
+        loads = agent_cache(server).loads
+        again = sync(pair)
+        assert agent_cache(server).loads == loads  # the agent answered from its cache
+    assert parses == []  # the primary did not parse its config.xml either
+    assert again.transfer == "none" and sorted(again.items_unchanged) == sorted(again.items)
+    assert [s.step for s in again.steps] == ["build payload", "firmware_version", "nothing to sync"]
+    assert state(pair.backup) == before  # bytes, inode, mtime and history untouched
+
+
+def test_only_the_changed_item_travels(pair: Pair) -> None:
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        edit(pair.primary, "OPNsense/Firewall/Alias/aliases/alias/description", "changed on the primary")
+        before = state(pair.backup)
+        changed = sync(pair)
+    assert changed.transfer == "fast path"
+    assert "aliases" not in changed.items_unchanged
+    assert set(changed.items) - set(changed.items_unchanged) == {"aliases"}
+    root = ConfigStore(pair.backup).load()
+    assert root.findtext("revision/description") == "Merged aliases, OPNsense config sections from XMLRPC client."
+    assert "changed on the primary" in [a.findtext("description")
+                                        for a in root.iterfind("OPNsense/Firewall/Alias/aliases/alias")]
+    assert state(pair.backup) != before
+
+
+def test_a_local_edit_on_the_backup_is_found_and_repaired(pair: Pair) -> None:
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        edit(pair.backup, "filter/rule/descr", "edited on the backup")
+        repaired = sync(pair)
+    assert set(repaired.items) - set(repaired.items_unchanged) == {"rules"}
+    primary_first = ConfigStore(pair.primary).load().findtext("filter/rule/descr")
+    assert ConfigStore(pair.backup).load().findtext("filter/rule/descr") == primary_first
+
+
+def test_full_sends_everything(pair: Pair) -> None:
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        history = len(ConfigStore(pair.backup).history())
+        forced = sync(pair, full=True)
+    assert forced.transfer == "fast path" and forced.items_unchanged == []
+    assert len(ConfigStore(pair.backup).history()) == history + 1
+
+
+def test_a_stock_backup_gets_everything_every_time(pair: Pair) -> None:
+    with running_agent(pair, extensions=False) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        history = len(ConfigStore(pair.backup).history())
+        again = sync(pair)
+    assert again.transfer == "XML-RPC" and again.items_unchanged == []
+    assert "no hasync.digest" in again.steps[1].detail
+    assert len(ConfigStore(pair.backup).history()) == history + 1
+
+
+def add_node_local_key(node: Path) -> None:
+    """A key only the backup has, inside a container the merge merges key by key (so it stays)."""
+    with ConfigStore(node).transaction("test: node-local key") as root:
+        alias = root.find("OPNsense/Firewall/Alias")
+        assert alias is not None
+        geoip = alias.find("geoip")
+        assert geoip is not None
+        geoip.append(geoip.makeelement("backup_only", {}))
+        geoip[-1].text = "kept by the merge"
+
+
+def test_node_local_keys_do_not_make_an_item_differ_forever(pair: Pair) -> None:
+    add_node_local_key(pair.backup)
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        assert ConfigStore(pair.backup).load().findtext("OPNsense/Firewall/Alias/geoip/backup_only")
+        settled = sync(pair)
+        # control: the digests themselves still differ; only the snapshot of the last push says
+        # that neither side changed since. Without it, the item is sent again.
+        for name in (snapshot.META_FILE, snapshot.VALUES_FILE):
+            (pair.primary / "ha-state" / name).unlink()
+        resent = sync(pair)
+    assert settled.transfer == "none"
+    assert resent.transfer == "fast path" and set(resent.items) - set(resent.items_unchanged) == {"aliases"}
+
+
+def test_a_first_sync_into_a_matching_backup_still_records_the_snapshot(pair: Pair) -> None:
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        for name in (snapshot.META_FILE, snapshot.VALUES_FILE):
+            (pair.primary / "ha-state" / name).unlink()
+        quiet = sync(pair)
+    assert quiet.transfer == "none"
+    recorded = snapshot.load(pair.primary)
+    assert recorded is not None and set(recorded.items) == set(quiet.items)
+    assert all(r.backup_digest for r in recorded.items.values())
+
+
+# --- the canonical form, computed in one pass --------------------------------------------------------
+
+
+def reference_canonical(value: Any) -> Any:
+    """The definition: a deep copy, nosync records stripped, the VIP rule, then `normalize`."""
+    work = copy.deepcopy(dict(value))
+    digest.strip_nosync(work)
+    if VIRTUALIP in work:
+        work[VIRTUALIP] = digest._vip_canonical(work[VIRTUALIP])
+    return digest.normalize(work)
+
+
+KEYS = ["filter", "rule", "nat", "outbound", "virtualip", "vip", "vhid", "nosync", "a", "@attributes",
+        "a@attributes"]
+scalars = st.one_of(st.sampled_from(["", " ", "0", "1", "x", "100"]), st.integers(0, 300), st.booleans(),
+                    st.none(), st.just(2.0))
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYS), values, max_size=4))
+def test_one_pass_canonical_form_equals_the_definition(value: dict[str, Any]) -> None:
+    original = copy.deepcopy(value)
+    assert digest.canonical(value) == reference_canonical(value)
+    assert value == original  # not modified
+
+
+def test_canonical_form_examples() -> None:
+    value = {"filter": {"rule": [{"descr": "a", "nosync": "1"}, {"descr": "b"}]},
+             "nat": {"x": [{"nosync": "1"}, {"y": "1"}]},
+             "virtualip": {"vip": [{"vhid": "1", "advskew": 100}, {"vhid": "", "subnet": "10.0.0.1"}]}}
+    assert digest.canonical(value) == {
+        "filter": {"rule": [{"descr": "a", "nosync": "1"}, {"descr": "b"}]},  # rule lists keep nosync records
+        "nat": {"x": [{"y": "1"}]},
+        "virtualip": {"vip": [{"vhid": "1", "advskew": "100"}]},
+    }
+
+
+def test_the_compact_probe_carries_the_same_digests_and_a_stock_backup_is_remembered(pair: Pair) -> None:
+    from hasync.wire.client import PeerClient
+
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        ids = ["users", "aliases", "nope"]
+        client = PeerClient(server.url, "hasync", "demo-sync-password")
+        compact = discovery.compact_probe(client, ids, pair.primary)
+        assert compact is not None and compact.fast_path
+        assert compact.digests["items"] == client.call("hasync.digest", [ids])["items"]
+        assert compact.digests["unknown"] == ["nope"]
+        assert compact.firmware == client.call("opnsense.firmware_version")
+        quiet = sync(pair)
+    assert quiet.transfer == "none" and quiet.bytes_sent + quiet.bytes_received < 2500  # bodies, both ways
+    peers = pair.primary / "ha-state" / discovery.PEERS_FILE
+    assert not peers.exists() or server.url not in peers.read_text()
+    with running_agent(pair, extensions=False) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        assert '"stock"' in peers.read_text()  # remembered: the next sync asks the compatible way at once
+        client = PeerClient(server.url, "hasync", "demo-sync-password")
+        assert discovery.compact_probe(client, ["users"], pair.primary) is None
+
+
+def test_a_full_sync_parses_the_backups_config_once_and_frees_the_cached_tree_for_the_merge(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: the probe's capabilities come from the agent's cached tree (no second parse of
+    config.xml), the cached tree is let go before the merge parses its own, and the tree the
+    merge writes is the new cache (so the drift digests right after need no parse either).
+    Control: without the cache the capabilities load config.xml through the store."""
+    from hasync.config.store import ConfigStore as Store
+
+    loads: list[str] = []
+    original = Store.load
+    monkeypatch.setattr(Store, "load", lambda self: loads.append("load") or original(self))
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        cache = agent_cache(server)
+        cache.root()  # as after any earlier request
+        dropped: list[bool] = []
+        original_drop = cache.drop
+        monkeypatch.setattr(cache, "drop", lambda: dropped.append(True) or original_drop())
+        before = cache.loads
+        result = sync(pair, full=True)
+        assert result.transfer == "fast path"
+        assert loads == []  # neither the capabilities nor the digests loaded config.xml themselves
+        assert dropped  # the merge did not run beside the old cached tree
+        assert cache.loads == before  # the merged tree was adopted, nothing re-parsed
+        assert cache.root().findtext("revision/description", "").startswith("Merged ")
+
+    extensions_module = __import__("hasync.agent.hasync_methods", fromlist=["Extensions"])
+    node = server.dispatcher.methods["hasync.history"].__self__.node  # type: ignore[attr-defined]
+    plain = extensions_module.Extensions(node)  # no cache given: the control
+    plain.capabilities(None, None)
+    assert loads == ["load"]
