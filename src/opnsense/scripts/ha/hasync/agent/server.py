@@ -419,10 +419,14 @@ def run_until_signalled(server: AgentServer, on_ready: Callable[[], None] | None
     The handlers are installed before `on_ready` announces the agent, so a supervisor that
     signals as soon as it sees the announcement always gets a clean stop.
     """
-    stop = threading.Event()
+    # The handler runs in the main thread between two bytecodes, possibly while that thread holds
+    # a lock; so it only appends to a list. (It used to call Event.set() on the Event the loop waits
+    # on: a signal arriving inside Event.wait() then blocked forever on the Event's own lock, and
+    # the agent ignored SIGTERM; seen once in the suite, a py-spy stack showed it.)
+    stop_requested: list[int] = []
 
-    def _stop(_signum: int, _frame: object) -> None:
-        stop.set()
+    def _stop(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
@@ -431,8 +435,8 @@ def run_until_signalled(server: AgentServer, on_ready: Callable[[], None] | None
     if on_ready is not None:
         on_ready()
     try:
-        while not stop.wait(0.5) and thread.is_alive():
-            pass
+        while not stop_requested and thread.is_alive():
+            time.sleep(0.2)
     finally:
         server.shutdown()
         server.server_close()
