@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,12 @@ def test_demo_writes_its_nodes_under_the_current_directory(tmp_path: Path) -> No
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), str(DEV_ROOT)]),
                OPNSENSE_HA_DEMO_TEST=marker.split("=")[1])
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env) as probe:
-        seen = _live_processes_with(marker)  # control: the search sees a process carrying the marker
+        # control: the search sees a process carrying the marker. Popen may return a moment before the
+        # kernel has set up the new program's environment (posix_spawn/vfork resume the parent inside
+        # execve), so look again for a bounded while rather than once.
+        deadline = time.monotonic() + 10
+        while not (seen := _live_processes_with(marker)) and time.monotonic() < deadline:
+            time.sleep(0.02)
         probe.kill()
     assert seen == [probe.pid]
     log = tmp_path / "demo.log"  # a file, not a pipe: a leftover process holding it must not hang us
