@@ -275,3 +275,14 @@ def test_a_full_sync_parses_the_backups_config_once_and_frees_the_cached_tree_fo
     plain = extensions_module.Extensions(node)  # no cache given: the control
     plain.capabilities(None, None)
     assert loads == ["load"]
+
+
+def test_the_agent_parses_config_xml_before_it_listens(pair: Pair) -> None:
+    """The first login of the first sync reads a tree parsed at start-up, not one parsed on
+    its own time (control: without the warm-up the probe's login parses, and `loads` grows)."""
+    with running_agent(pair) as server:
+        cache = agent_cache(server)
+        assert cache.loads == 1  # parsed once while the agent was built
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair)
+        assert cache.loads == 1  # the login, probe and digests read that tree; the merge's tree was adopted
