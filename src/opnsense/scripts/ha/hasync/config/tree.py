@@ -24,7 +24,7 @@ What a dict cannot keep (documented in the README as well):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
 
 from lxml import etree
@@ -54,15 +54,97 @@ def _is_sequential(value: object) -> bool:
 
 def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS) -> dict[str, Any]:
     """Convert the children (and attributes) of `node` into a dict, as `Config::toArray()` does."""
+    return _convert(node, list_tags, None)[0]
+
+
+class Grafts:
+    """The elements that dicts of a payload were converted from, where converting back would
+    give the very same element: the merge moves such an element into config.xml instead of
+    building a copy from the dict (`value_to_elements` is the largest cost of a big merge).
+
+    A dict qualifies when `fill_element` would rebuild its element exactly, which `_convert`
+    checks while converting (see `_convert`), and only for as long as nobody changed it: an
+    entry holds the dict itself, so `take` can tell the same object from a new one that happens
+    to reuse a freed dict's id, and callers `forget` what they rewrite in place.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[dict[str, Any], etree._Element]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], etree._Element]]:
+        return iter(list(self._entries.values()))
+
+    def add(self, value: dict[str, Any], element: etree._Element) -> None:
+        self._entries[id(value)] = (value, element)
+
+    def take(self, value: Any, tag: str) -> etree._Element | None:
+        """The element `value` came from, once (it is about to be moved), or None."""
+        entry = self._entries.get(id(value))
+        if entry is None or entry[0] is not value or entry[1].tag != tag:
+            return None
+        del self._entries[id(value)]
+        element = entry[1]
+        element.tail = None
+        return element
+
+    def forget_all(self) -> None:
+        self._entries.clear()
+
+
+class GraftedPayload(dict[str, Any]):
+    """A payload decoded from XML (the fast path), carrying the `Grafts` of that XML."""
+
+    def __init__(self, value: dict[str, Any], grafts: Grafts) -> None:
+        super().__init__(value)
+        self.grafts = grafts
+
+
+def element_to_grafts(node: etree._Element, grafts: Grafts,
+                      list_tags: frozenset[str] = LIST_TAGS) -> dict[str, Any]:
+    """`element_to_value`, also recording in `grafts` every dict that `value_to_elements` would
+    turn back into exactly its element (the elements stay in `node`'s document until moved)."""
+    return _convert(node, list_tags, grafts)[0]
+
+
+def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | None) -> tuple[dict[str, Any], bool]:
+    """`element_to_value`, and whether `fill_element` would rebuild `node`'s children exactly.
+
+    What a dict loses (module docstring) makes a rebuild differ: a comment or PI, text beside
+    child elements (mixed content), a tail that is not whitespace, a tag that comes back after
+    another (interleaved groups come back grouped), leaf attributes anywhere but on the first
+    element of its group, a list tag's empty first leaf followed by more (or holding
+    whitespace). A child record or an attribute struct holding ``nosync`` counts as a
+    difference too: the decoder's `remove_nosync` deletes such structs from the dict in place.
+    Whitespace between elements does not matter: the store re-indents what it writes.
+    """
     result: dict[str, Any] = {}
+    exact = grafts is not None and not (node.text and node.text.strip())
     if node.attrib:
         result[ATTRIBUTES] = {str(k): str(v) for k, v in node.attrib.items()}
+        if "nosync" in node.attrib:
+            exact = False  # remove_nosync drops an attribute struct with a non-empty nosync
+    previous = None
+    empty_first: set[str] | None = None
     for child in node:
-        if not isinstance(child.tag, str):  # comments, processing instructions
-            continue
         name = child.tag
+        if not isinstance(name, str):  # comments, processing instructions
+            exact = False
+            continue
+        if exact:
+            if name != previous and name in result:
+                exact = False  # interleaved with another tag
+            elif child.tail and child.tail.strip():
+                exact = False
+            previous = name
         if len(child) > 0:
-            sub = element_to_value(child, list_tags)
+            sub, sub_exact = _convert(child, list_tags, grafts)
+            if sub_exact and grafts is not None:
+                grafts.add(sub, child)
+            if exact and (not sub_exact or "nosync" in sub or (empty_first is not None and name in empty_first)):
+                exact = False
             if name in result:
                 old = result[name]
                 if not _is_sequential(old):
@@ -75,16 +157,28 @@ def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS
         else:
             text = child.text or ""
             if name in result:
+                if exact and (child.attrib or (empty_first is not None and name in empty_first)):
+                    exact = False
                 if not isinstance(result[name], list):
                     result[name] = [result[name]]
                 result[name].append(text)
             elif name in list_tags:
-                result[name] = [text] if text.strip() != "" else []
+                if text.strip() != "":
+                    result[name] = [text]
+                else:
+                    result[name] = []
+                    if text:
+                        exact = False  # whitespace the rebuilt <tag/> would not have
+                    if empty_first is None:
+                        empty_first = set()
+                    empty_first.add(name)
             else:
                 result[name] = text
             if child.attrib:
                 result[name + ATTRIBUTES] = {str(k): str(v) for k, v in child.attrib.items()}
-    return result
+                if "nosync" in child.attrib:
+                    exact = False
+    return result, exact
 
 
 def value_to_elements(tag: str, value: Any) -> list[etree._Element]:

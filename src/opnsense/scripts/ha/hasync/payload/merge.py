@@ -59,7 +59,7 @@ from typing import Any
 from lxml import etree
 
 from hasync.config.items import SyncItemRegistry
-from hasync.config.tree import ATTRIBUTES, LIST_TAGS, find_path, scalar_text, value_to_elements
+from hasync.config.tree import ATTRIBUTES, LIST_TAGS, GraftedPayload, Grafts, find_path, scalar_text, value_to_elements
 from hasync.config.vips import VipSpec, vip_key
 from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
@@ -170,6 +170,7 @@ def revision_description(payload: Mapping[str, Any]) -> str:
 @dataclass
 class _Context:
     root: etree._Element
+    grafts: Grafts | None = None  # a decoded payload's source elements (`tree.Grafts`)
     warnings: list[str] = field(default_factory=list)
     vips_added: list[VipChange] = field(default_factory=list)
     vips_changed: list[VipChange] = field(default_factory=list)
@@ -191,7 +192,7 @@ def merge_payload(
     points = check_payload(data, registry, accept_unknown)
     data, kept = keep_local(root, data, registry.declarations())
     unknown_points = [p for p in points if not registry.is_covered(p) and p not in COMPANION_PATHS]
-    ctx = _Context(root)
+    ctx = _Context(root, payload.grafts if isinstance(payload, GraftedPayload) else None)
     for path in unknown_points:
         ctx.warnings.append(f"{path}: merged although no registered sync item covers it (--accept-unknown-sections)")
 
@@ -390,7 +391,11 @@ def _replace(
                 "the incoming record with the same uuid was skipped"
             )
             continue
-        new_nodes.extend(value_to_elements(key, item))
+        grafted = ctx.grafts.take(item, key) if ctx.grafts is not None and isinstance(item, dict) else None
+        if grafted is not None:
+            new_nodes.append(grafted)  # the element this record was decoded from: moved, not rebuilt
+        else:
+            new_nodes.extend(value_to_elements(key, item))
     if not kept and not new_nodes and isinstance(value, list):
         new_nodes = [etree.Element(key)]  # PHP's fromArray writes an empty array as <key/>
     _splice(parent, existing, kept + new_nodes)

@@ -48,7 +48,7 @@ from typing import Any
 from lxml import etree
 
 from hasync.config.pernode import Declarations, from_wire
-from hasync.config.tree import LIST_TAGS, element_to_value
+from hasync.config.tree import LIST_TAGS, GraftedPayload, Grafts, element_to_grafts, element_to_value
 from hasync.core import xmlsafe
 from hasync.core.errors import HaError, MethodFault
 from hasync.payload import pernode
@@ -273,31 +273,43 @@ def payload_from_document(
     if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
             any(h.tag != "section" for h in holders):
         raise _fault("the sections document does not list the announced sections")
+    # the primary's rules; a primary that sent none gets the rules this package ships
+    rewriting = (shipped_declarations() if rules is None else rules).rewriting(sections)
+    rewritten = [rule.literal_prefix for rule in (*rewriting.self_address, *(pair[0] for pair in rewriting.swap))]
     payload: dict[str, Any] = {}
+    grafts = Grafts()
     for holder in holders:
         dotted = str(holder.get("path"))
-        last = dotted.split(".")[-1]
+        parts = dotted.split(".")
+        last = parts[-1]
         missing = holder.get("missing") == "1"
         if not missing and (len(holder) == 0 or any(isinstance(c.tag, str) and c.tag != last for c in holder)):
             raise _fault(f"section {dotted}: expected <{last}> elements only")
         holder.attrib.clear()  # the holder's own attributes are not part of the value
-        value = None if missing else element_to_value(holder).get(last)
+        # Sections the per-node rewrite edits in place, and the VIPs (rebuilt by vip_section),
+        # are converted without grafts: their dicts will not be what their elements say.
+        graftable = dotted != VIRTUALIP and not any(
+            prefix[: len(parts)] == parts or parts[: len(prefix)] == prefix for prefix in rewritten)
+        if missing:
+            value = None
+        elif graftable:
+            value = element_to_grafts(holder, grafts).get(last)
+        else:
+            value = element_to_value(holder).get(last)
         if dotted == VIRTUALIP:
             payload[VIRTUALIP] = vip_section({} if missing else {VIRTUALIP: value})
         else:
-            place_at(payload, dotted.split("."), [] if missing else value)
-        holder.clear()  # free the subtree as soon as it is converted
+            place_at(payload, parts, [] if missing else value)
+        if not graftable:
+            holder.clear()  # free the subtree as soon as it is converted
     remove_nosync(payload)
-    # the primary's rules; a primary that sent none gets the rules this package ships
-    rewriting = (shipped_declarations() if rules is None else rules).rewriting(sections)
     pernode.rewrite_for_backup(payload, {"interfaces": interfaces or {}}, rewriting)
     # toArray makes an empty struct only of an element holding nothing but comments or PIs, and
     # remove_nosync can empty one; IXR sends an empty struct as an empty array. Walk only then.
     start = document.find(b"?>") + 2
     if any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?")):
-        fixed: Any = _ixr_roundtrip_fix(payload)
-        return fixed
-    return payload
+        payload = _ixr_roundtrip_fix(payload)
+    return GraftedPayload(payload, grafts) if len(grafts) else payload
 
 def send_blob(peer: Any, blob: SectionsBlob) -> Any:
     return peer.call(METHOD, [blob.param])
