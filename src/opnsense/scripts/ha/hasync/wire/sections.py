@@ -275,7 +275,12 @@ def payload_from_document(
         raise _fault("the sections document does not list the announced sections")
     # the primary's rules; a primary that sent none gets the rules this package ships
     rewriting = (shipped_declarations() if rules is None else rules).rewriting(sections)
-    rewritten = [rule.literal_prefix for rule in (*rewriting.self_address, *(pair[0] for pair in rewriting.swap))]
+    # Paths whose values others edit in place: the per-node rewrite's, and a section inside
+    # another one (place_at puts `x.a` into the dict `x` became).
+    edited = [rule.literal_prefix for rule in (*rewriting.self_address, *(pair[0] for pair in rewriting.swap))]
+    split = [section.split(".") for section in sections]
+    edited += [parts for parts in split if any(len(other) > len(parts) and other[: len(parts)] == parts
+                                               for other in split)]
     payload: dict[str, Any] = {}
     grafts = Grafts()
     for holder in holders:
@@ -286,10 +291,10 @@ def payload_from_document(
         if not missing and (len(holder) == 0 or any(isinstance(c.tag, str) and c.tag != last for c in holder)):
             raise _fault(f"section {dotted}: expected <{last}> elements only")
         holder.attrib.clear()  # the holder's own attributes are not part of the value
-        # Sections the per-node rewrite edits in place, and the VIPs (rebuilt by vip_section),
-        # are converted without grafts: their dicts will not be what their elements say.
+        # Sections edited in place, and the VIPs (rebuilt by vip_section), are converted without
+        # grafts: their dicts will not be what their elements say.
         graftable = dotted != VIRTUALIP and not any(
-            prefix[: len(parts)] == parts or parts[: len(prefix)] == prefix for prefix in rewritten)
+            prefix[: len(parts)] == parts or parts[: len(prefix)] == prefix for prefix in edited)
         if missing:
             value = None
         elif graftable:
