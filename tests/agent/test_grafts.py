@@ -125,12 +125,23 @@ def test_take_refuses_a_different_dict_and_gives_an_element_once() -> None:
 # --- merges with and without grafts ------------------------------------------------------------------
 
 
+def fingerprint(node: etree._Element) -> tuple[Any, ...]:
+    """What a change is (merge.py): structure, sorted attributes and leaf text; no comments."""
+    kids = [child for child in node if isinstance(child.tag, str)]
+    text = "" if kids else (node.text or "")
+    return (node.tag, tuple(sorted(node.attrib.items())), text, tuple(fingerprint(k) for k in kids))
+
+
 def merged(backup: etree._Element, payload: Any) -> tuple[bytes, dict[str, Any]] | str:
     root = copy.deepcopy(backup)
     try:
         report = merge.merge_payload(root, payload, REGISTRY, accept_unknown=True)
     except HaError as exc:
         return f"{type(exc).__name__}: {exc}"
+    # the report's changed sections, against a plain comparison of each section before and after
+    expected = [key for key in report.merged_keys
+                if [fingerprint(n) for n in backup if n.tag == key] != [fingerprint(n) for n in root if n.tag == key]]
+    assert report.changed_sections == expected
     return serialize(root), report.public_dict()
 
 

@@ -80,6 +80,12 @@ class Grafts:
     def add(self, value: dict[str, Any], element: etree._Element) -> None:
         self._entries[id(value)] = (value, element)
 
+    def holds(self, value: Any) -> bool:
+        """Whether `value` is a recorded dict: then no comment, PI or nosync struct lies below
+        it (`_convert` calls none of those exact), so walks looking for them can skip it."""
+        entry = self._entries.get(id(value))
+        return entry is not None and entry[0] is value
+
     def take(self, value: Any, tag: str) -> etree._Element | None:
         """The element `value` came from, once (it is about to be moved), or None."""
         entry = self._entries.get(id(value))

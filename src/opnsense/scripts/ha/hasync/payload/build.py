@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from lxml import etree
@@ -163,24 +163,28 @@ def place_at(payload: dict[str, Any], parts: Sequence[str], value: Any) -> None:
     target[parts[-1]] = value
 
 
-def remove_nosync(value: Any) -> None:
+def remove_nosync(value: Any, clean: Callable[[Any], bool] | None = None) -> None:
     """remove_nosync(): drop every record (dict) whose ``nosync`` is non-empty, at any depth.
 
     PHP unsets the record and leaves a hole in the list's keys, which its encoder then sends as a
     struct with keys "0", "2", ...; we keep the list a list (the backup's merge accepts both).
+    `clean` tells dicts known to hold no nosync struct at any depth (the decoder's
+    `tree.Grafts.holds`): they are not walked.
     """
     if isinstance(value, dict):
+        if clean is not None and clean(value):
+            return
         for key in list(value):
             item = value[key]
             if isinstance(item, dict) and not php_empty(item.get("nosync")):
                 del value[key]
             else:
-                remove_nosync(item)
+                remove_nosync(item, clean)
     elif isinstance(value, list):
         kept = [item for item in value if not (isinstance(item, dict) and not php_empty(item.get("nosync")))]
         value[:] = kept
         for item in kept:
-            remove_nosync(item)
+            remove_nosync(item, clean)
 
 
 def vip_section(config: dict[str, Any]) -> Any:

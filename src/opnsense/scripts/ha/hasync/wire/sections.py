@@ -194,20 +194,23 @@ def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: inflated to {total} bytes, {declared} declared")
     return b"".join(pieces)
 
-def _ixr_roundtrip_fix(value: Any) -> Any:
+def _ixr_roundtrip_fix(value: Any, clean: Callable[[Any], bool]) -> Any:
     """What the IXR round trip does to a toArray value beyond line ends: an empty struct
-    (from an element holding only comments) travels as an empty array."""
+    (from an element holding only comments) travels as an empty array. `clean` dicts (no
+    comment, no nosync struct below: `tree.Grafts.holds`) hold no empty struct and are skipped."""
     if isinstance(value, dict):
         if not value:
             return []
+        if clean(value):
+            return value
         for key, item in value.items():
             if isinstance(item, (dict, list)):
-                value[key] = _ixr_roundtrip_fix(item)
+                value[key] = _ixr_roundtrip_fix(item, clean)
         return value
     if isinstance(value, list):
         for index, item in enumerate(value):
             if isinstance(item, (dict, list)):
-                value[index] = _ixr_roundtrip_fix(item)
+                value[index] = _ixr_roundtrip_fix(item, clean)
     return value
 
 def _fault(text: str) -> MethodFault:
@@ -307,13 +310,13 @@ def payload_from_document(
             place_at(payload, parts, [] if missing else value)
         if not graftable:
             holder.clear()  # free the subtree as soon as it is converted
-    remove_nosync(payload)
+    remove_nosync(payload, grafts.holds)
     pernode.rewrite_for_backup(payload, {"interfaces": interfaces or {}}, rewriting)
     # toArray makes an empty struct only of an element holding nothing but comments or PIs, and
     # remove_nosync can empty one; IXR sends an empty struct as an empty array. Walk only then.
     start = document.find(b"?>") + 2
     if any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?")):
-        payload = _ixr_roundtrip_fix(payload)
+        payload = _ixr_roundtrip_fix(payload, grafts.holds)
     return GraftedPayload(payload, grafts) if len(grafts) else payload
 
 def send_blob(peer: Any, blob: SectionsBlob) -> Any:
