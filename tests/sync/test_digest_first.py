@@ -189,7 +189,7 @@ def reference_canonical(value: Any) -> Any:
     return digest.normalize(work)
 
 
-KEYS = ["filter", "rule", "nat", "outbound", "virtualip", "vip", "vhid", "nosync", "a", "@attributes",
+KEYS = ["filter", "rule", "nat", "outbound", "virtualip", "vip", "vhid", "nosync", "a", "system", "@attributes",
         "a@attributes"]
 scalars = st.one_of(st.sampled_from(["", " ", "0", "1", "x", "100"]), st.integers(0, 300), st.booleans(),
                     st.none(), st.just(2.0))

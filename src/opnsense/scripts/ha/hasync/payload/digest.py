@@ -192,6 +192,8 @@ def normalize(value: Any) -> Any:
     This is the form `diff` displays (the backup's nosync records are still there: a merge keeps
     them, so they are not a change).
     """
+    if type(value) is str:  # by far the most common value: scalar_text's answer, inline
+        return value if value.strip() else ""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -241,6 +243,13 @@ def strip_nosync(value: Any, path: str = "") -> None:
             strip_nosync(item, path)
 
 
+# Every path at or above a rule list: only below these can a rule list still lie, so only there
+# does the walk need to know where it is.
+_RULE_PREFIXES: frozenset[str] = frozenset(
+    ".".join(parts[:end]) for parts in (path.split(".") for path in RULE_LISTS) for end in range(1, len(parts) + 1)
+)
+
+
 def canonical(value: Mapping[str, Any]) -> Any:
     """The canonical form of one item's payload-form value (see the module docstring).
 
@@ -274,7 +283,12 @@ def _canonical_member(out: dict[str, Any], key: Any, item: Any, path: str | None
         if isinstance(item, dict) and item:
             out[key] = {str(k): scalar_text(v) for k, v in item.items()}
         return
-    out[str(key)] = normalize(item) if path is None else _canonical_value(item, path)
+    if path is None:
+        out[str(key)] = normalize(item)
+    elif path in _RULE_PREFIXES:
+        out[str(key)] = _canonical_value(item, path)
+    else:
+        out[str(key)] = _canonical_stripped(item, path)
 
 
 def _canonical_value(value: Any, path: str) -> Any:
@@ -293,6 +307,30 @@ def _canonical_value(value: Any, path: str) -> Any:
         return items if items else ""
     if isinstance(value, tuple):
         return normalize(value)  # strip_nosync does not look inside tuples
+    return scalar_text(value)
+
+
+def _canonical_stripped(value: Any, path: str) -> Any:
+    """`_canonical_value` below a path no rule list lies under (not in `_RULE_PREFIXES`): every
+    nosync record goes, so the walk no longer tracks where it is. `path` only reaches the
+    rare attribute struct with nested values (`_canonical_member`)."""
+    if type(value) is str:
+        return value if value.strip() else ""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(item) is str:
+                if key == ATTRIBUTES or key.endswith(ATTRIBUTES):
+                    continue  # not a struct: `_canonical_member` keeps attributes only as one
+                out[key] = item if item.strip() else ""
+            elif not _is_nosync(item):
+                _canonical_member(out, key, item, path)
+        return out if out else ""
+    if isinstance(value, list):
+        items = [_canonical_stripped(item, path) for item in value if item is not False and not _is_nosync(item)]
+        return items if items else ""
+    if isinstance(value, tuple):
+        return normalize(value)
     return scalar_text(value)
 
 
