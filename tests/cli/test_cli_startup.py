@@ -58,7 +58,10 @@ def test_a_sync_run_loads_none_of_them_either() -> None:
             "from hasync.sync import run, plan, snapshot\nfrom hasync.payload import digest\n"
             "cli.build_parser('sync')\nSyncItemRegistry.load()")
     probe = (f"{code}\nimport sys\n"
-             "assert 'hasync.payload.merge' not in sys.modules and 'hasync.failover.base' not in sys.modules")
+             "assert 'hasync.payload.merge' not in sys.modules and 'hasync.failover.base' not in sys.modules\n"
+             # nor the standard library's tempfile and subprocess (~4 ms): a no-op writes and runs nothing
+             "assert 'tempfile' not in sys.modules and 'subprocess' not in sys.modules, "
+             "[m for m in ('tempfile', 'subprocess') if m in sys.modules]")
     assert loaded_after(probe) == []
 
 

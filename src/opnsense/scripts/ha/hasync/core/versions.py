@@ -8,7 +8,6 @@ between two nodes on one machine without touching the code.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ def local_versions(conf_dir: str | Path, runner: CommandRunner | None = None) ->
     if override.is_file():
         data: Any = json.loads(override.read_text())
         return {part: {"version": str(data[part]["version"])} for part in ("base", "firmware", "kernel")}
+    import shutil  # here: shutil (with bz2, lzma) costs every sync ~3 ms at start, this runs only on OPNsense
+
     tool = shutil.which("opnsense-version")
     if tool:
         runner = runner or SubprocessRunner()
