@@ -9,6 +9,7 @@ from typing import Any
 from hasync.agent.serve import DEFAULT_PORT, DEFAULT_STATE_DIR, ServeOptions, build_server
 from hasync.agent.server import AgentLimits, run_until_signalled
 from hasync.cli.commands.common import failover_backend
+from hasync.core.memory import single_malloc_arena
 
 
 def register(subparsers: Any) -> None:
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         limits=AgentLimits(max_body=args.max_body_mb * 1024 * 1024),
         extensions=not args.no_extensions,
     )
+    single_malloc_arena()  # before any thread starts (see hasync.core.memory)
     server = build_server(options, failover_backend(args.conf_dir))
     run_until_signalled(server, lambda: print(f"opnsense-ha agent listening on {server.url}", flush=True))
     return 0
