@@ -25,7 +25,7 @@ from hasync.config import tree
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import parse_config_bytes, serialize
 from hasync.core.errors import HaError
-from hasync.payload import merge
+from hasync.payload import digest, merge
 from hasync.wire import sections as sectionsmod
 from support.paths import REPO, SHARED
 from support.xmlshapes import SECTION_CHOICES, TEXTS, configs, elements
@@ -142,6 +142,14 @@ def merged(backup: etree._Element, payload: Any) -> tuple[bytes, dict[str, Any]]
     expected = [key for key in report.merged_keys
                 if [fingerprint(n) for n in backup if n.tag == key] != [fingerprint(n) for n in root if n.tag == key]]
     assert report.changed_sections == expected
+    if isinstance(payload, tree.GraftedPayload):
+        # the post-merge digests reuse the moved records' dicts (agent.fastpath._warm_digests):
+        # the same digests as converting the merged tree afresh
+        ids = REGISTRY.ids()
+        fresh, _ = digest.backup_item_values(root, REGISTRY, ids)
+        reused, _ = digest.backup_item_values(root, REGISTRY, ids, payload.grafts.moved)
+        assert fresh == reused
+        assert digest.item_digests(fresh, REGISTRY) == digest.item_digests(reused, REGISTRY)
     return serialize(root), report.public_dict()
 
 

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +26,21 @@ from hasync.agent.hasync_methods import item_ids_argument
 from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.config.tree import GraftedPayload
 from hasync.core.errors import ConfigError, MethodFault
 from hasync.core.fileio import RACY_WINDOW, file_key
 from hasync.payload import digest as digestmod
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PROBE_METHOD
-from hasync.wire.sections import FEATURE, MAX_INFLATED, METHOD, PERNODE_FEATURE, RESTORE_METHOD, decode_param
+from hasync.wire.sections import (
+    FEATURE,
+    MAX_INFLATED,
+    METHOD,
+    PERNODE_FEATURE,
+    RESTORE_METHOD,
+    Decoded,
+    decode_param,
+)
 
 log = logging.getLogger("hasync.fastpath")
 
@@ -42,6 +51,9 @@ class FastPathAgent:
     dispatcher: Dispatcher
     max_inflated: int = MAX_INFLATED
     features: set[str] = field(default_factory=lambda: {FEATURE})
+    # called once a merge went through (its reply not sent yet): `register` passes the cache's
+    # digest warm-up here
+    after_merge: Callable[[Decoded], None] | None = None
 
     def register(self) -> None:
         self.dispatcher.register(METHOD, self.restore_sections_xml)
@@ -53,7 +65,10 @@ class FastPathAgent:
             raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: this agent has no {RESTORE_METHOD}")
         log.debug("fast path: %d sections, %d bytes inflated, from %s@%s", len(decoded.sections), decoded.size,
                   context.username, context.remote_addr)
-        return merge(decoded.payload, context)
+        result = merge(decoded.payload, context)
+        if self.after_merge is not None:
+            self.after_merge(decoded)
+        return result
 
 class ConfigCache:
     """The agent's parsed config.xml and per-item digests, for read-only use between writes.
@@ -147,14 +162,18 @@ class ConfigCache:
             assert self._root is not None
             return self._root
 
-    def digests(self, item_ids: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-        """Per-item canonical digests (`digest.digest` of `digest.backup_item_values`) and unknown ids."""
+    def digests(self, item_ids: Sequence[str],
+                known: Mapping[etree._Element, dict[str, Any]] | None = None) -> tuple[dict[str, str], list[str]]:
+        """Per-item canonical digests (`digest.digest` of `digest.backup_item_values`) and unknown ids.
+
+        `known`: conversions of elements of the cached tree at hand already (`tree.Grafts.moved`).
+        """
 
         with self._lock:
             root = self.root()
             wanted = [i for i in item_ids if i in self.registry and i not in self._digests]
             if wanted:
-                values, _ = digestmod.backup_item_values(root, self.registry, wanted)
+                values, _ = digestmod.backup_item_values(root, self.registry, wanted, known)
                 fresh = digestmod.item_digests(values, self.registry)
                 if self._key is not None:
                     self._digests.update(fresh)
@@ -183,6 +202,18 @@ def _probe_ids(argument: Any) -> list[str]:
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD}: no item ids")
     return list(dict.fromkeys(ids))
 
+def _warm_digests(cache: ConfigCache, decoded: Decoded) -> None:
+    """Digest, right after a fast-path merge, the items it merged: the primary asks for exactly
+    these next (the snapshot of what the backup holds now). Done here because the records the
+    merge moved in whole are still at hand as dicts (`tree.Grafts.moved`): those subtrees need
+    no second conversion (at 20 MB ~0.2 s of the digests' ~0.6 s)."""
+    grafts = decoded.payload.grafts if isinstance(decoded.payload, GraftedPayload) else None
+    sent = set(decoded.sections)
+    ids = [item.id for item in cache.registry.resolve(cache.registry.ids()) if set(item.sections) <= sent]
+    if ids:
+        cache.digests(ids, grafts.moved if grafts is not None else None)
+
+
 def _dropping_cache(cache: ConfigCache, merge: Callable[[Any, CallContext], Any]) -> Callable[[Any, CallContext], Any]:
     """`merge`, after letting go of the cached tree: the merge parses its own and the tree it
     writes becomes the cache, so holding the old one only adds a whole parsed config to the peak."""
@@ -206,6 +237,7 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
     if features is not None:
         features.update((FEATURE, PERNODE_FEATURE))
     if cache is not None:
+        agent.after_merge = lambda decoded: _warm_digests(cache, decoded)
         for name in (RESTORE_METHOD, METHOD):
             if name in dispatcher.methods:
                 dispatcher.register(name, _dropping_cache(cache, dispatcher.methods[name]))

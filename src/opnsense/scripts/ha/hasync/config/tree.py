@@ -52,9 +52,14 @@ def _is_sequential(value: object) -> bool:
     return isinstance(value, list)
 
 
-def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS) -> dict[str, Any]:
-    """Convert the children (and attributes) of `node` into a dict, as `Config::toArray()` does."""
-    return _convert(node, list_tags, None)[0]
+def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS,
+                     known: Mapping[etree._Element, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Convert the children (and attributes) of `node` into a dict, as `Config::toArray()` does.
+
+    `known` maps elements to their conversion where it is at hand already (`Grafts.moved`):
+    those subtrees are not walked again, and their dicts are shared, not copied.
+    """
+    return _convert(node, list_tags, None, known)[0]
 
 
 class Grafts:
@@ -70,6 +75,9 @@ class Grafts:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[dict[str, Any], etree._Element]] = {}
+        # what `take` handed out, element -> its dict: still `element_to_value(element)` once
+        # merged (nothing edits a moved record; re-indenting touches only ignored whitespace)
+        self.moved: dict[etree._Element, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -94,10 +102,12 @@ class Grafts:
         del self._entries[id(value)]
         element = entry[1]
         element.tail = None
+        self.moved[element] = value
         return element
 
     def forget_all(self) -> None:
         self._entries.clear()
+        self.moved.clear()
 
 
 class GraftedPayload(dict[str, Any]):
@@ -112,10 +122,11 @@ def element_to_grafts(node: etree._Element, grafts: Grafts,
                       list_tags: frozenset[str] = LIST_TAGS) -> dict[str, Any]:
     """`element_to_value`, also recording in `grafts` every dict that `value_to_elements` would
     turn back into exactly its element (the elements stay in `node`'s document until moved)."""
-    return _convert(node, list_tags, grafts)[0]
+    return _convert(node, list_tags, grafts, None)[0]
 
 
-def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | None) -> tuple[dict[str, Any], bool]:
+def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | None,
+             known: Mapping[etree._Element, dict[str, Any]] | None) -> tuple[dict[str, Any], bool]:
     """`element_to_value`, and whether `fill_element` would rebuild `node`'s children exactly.
 
     What a dict loses (module docstring) makes a rebuild differ: a comment or PI, text beside
@@ -126,6 +137,10 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
     difference too: the decoder's `remove_nosync` deletes such structs from the dict in place.
     Whitespace between elements does not matter: the store re-indents what it writes.
     """
+    if known is not None:
+        done = known.get(node)
+        if done is not None:
+            return done, False
     result: dict[str, Any] = {}
     exact = grafts is not None and not (node.text and node.text.strip())
     if node.attrib:
@@ -146,7 +161,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 exact = False
             previous = name
         if len(child) > 0:
-            sub, sub_exact = _convert(child, list_tags, grafts)
+            sub, sub_exact = _convert(child, list_tags, grafts, known)
             if sub_exact and grafts is not None:
                 grafts.add(sub, child)
             if exact and (not sub_exact or "nosync" in sub or (empty_first is not None and name in empty_first)):

@@ -60,7 +60,8 @@ ALGORITHM = "sha256"
 # --- section values ---------------------------------------------------------------------------
 
 
-def _tag_value(node: etree._Element, tag: str) -> tuple[bool, Any]:
+def _tag_value(node: etree._Element, tag: str,
+               known: Mapping[etree._Element, dict[str, Any]] | None = None) -> tuple[bool, Any]:
     """`element_to_value(node)[tag]` without converting the other children of `node`.
 
     The accumulation mirrors `tree.element_to_value` exactly (including its treatment of an empty
@@ -72,7 +73,7 @@ def _tag_value(node: etree._Element, tag: str) -> tuple[bool, Any]:
         if child.tag != tag:
             continue
         if len(child) > 0:
-            sub = element_to_value(child)
+            sub = element_to_value(child, known=known)
             if found:
                 if not isinstance(value, list):
                     value = [value]
@@ -105,11 +106,13 @@ def _single_container(node: etree._Element, tag: str) -> etree._Element | None:
     return None
 
 
-def tree_item_value(root: etree._Element, sections: Iterable[str]) -> dict[str, Any]:
+def tree_item_value(root: etree._Element, sections: Iterable[str],
+                    known: Mapping[etree._Element, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The raw payload-form value of `sections` of a config tree (nosync records included).
 
     Equal to copying each section out of `element_to_value(root)` as the primary does (a path
-    missing at any level is ``[]``), but converts only the subtrees named.
+    missing at any level is ``[]``), but converts only the subtrees named (and of those, not
+    the ones `known` already holds the conversion of: see `element_to_value`).
     """
     out: dict[str, Any] = {}
     for dotted in sections:
@@ -119,7 +122,7 @@ def tree_item_value(root: etree._Element, sections: Iterable[str]) -> dict[str, 
             node = _single_container(node, part) if node is not None else None
         value: Any = []
         if node is not None:
-            found, found_value = _tag_value(node, parts[-1])
+            found, found_value = _tag_value(node, parts[-1], known)
             if found:
                 value = found_value
         place_at(out, parts, value)
@@ -154,7 +157,8 @@ def primary_item_values(
 
 
 def backup_item_values(
-    root: etree._Element, registry: SyncItemRegistry, item_ids: Iterable[str]
+    root: etree._Element, registry: SyncItemRegistry, item_ids: Iterable[str],
+    known: Mapping[etree._Element, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The raw sections this node holds per item, and the ids its registry does not know."""
     values: dict[str, dict[str, Any]] = {}
@@ -164,7 +168,7 @@ def backup_item_values(
             if item_id not in unknown:
                 unknown.append(item_id)
             continue
-        values[item_id] = tree_item_value(root, registry.get(item_id).sections)
+        values[item_id] = tree_item_value(root, registry.get(item_id).sections, known)
     return values, unknown
 
 
