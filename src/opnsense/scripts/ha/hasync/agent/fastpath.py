@@ -180,8 +180,8 @@ class ConfigCache:
             else:
                 fresh = {}
             unknown = list(dict.fromkeys(i for i in item_ids if i not in self.registry))
-            known = {i: self._digests.get(i) or fresh[i] for i in dict.fromkeys(item_ids) if i in self.registry}
-            return known, unknown
+            answer = {i: self._digests.get(i) or fresh[i] for i in dict.fromkeys(item_ids) if i in self.registry}
+            return answer, unknown
 
     def capabilities(self, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         with self._lock:

@@ -317,7 +317,8 @@ def payload_from_document(
     start = document.find(b"?>") + 2
     if any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?")):
         payload = _ixr_roundtrip_fix(payload, grafts.holds)
-    return GraftedPayload(payload, grafts) if len(grafts) else payload
+    # (an empty struct became an empty array above: that one stays what the compatible path gets)
+    return GraftedPayload(payload, grafts) if len(grafts) and isinstance(payload, dict) else payload
 
 def send_blob(peer: Any, blob: SectionsBlob) -> Any:
     return peer.call(METHOD, [blob.param])
