@@ -219,12 +219,45 @@ class SyncPlan:
         self.record_digests: dict[str, str] | None = None
         self.prepared: Any = None  # snapshot.PreparedRecord
         self.blob: SectionsBlob | None = None
+        self._early: threading.Thread | None = None
+        self._early_blob: tuple[list[str], SectionsBlob] | None = None
+        self._early_error: BaseException | None = None
 
     def prepare(self) -> str:
         if self.full:
             return f"{len(self.item_ids)} items, all sent (--full)"
         self.ours, cached = self.view.digests(self.registry, self.item_ids)
         return f"{len(self.item_ids)} items, digests {'unchanged since the last run' if cached else 'computed'}"
+
+    def start_early(self) -> None:
+        """With ``--full`` what goes out is known before the probe: parse config.xml and build
+        the fast-path blob on this node's other core while the backup answers it. `send` uses
+        the blob if the backup takes the fast path; `join_early` must follow the probe."""
+        if not (self.full and self.fast) or self._early is not None:
+            return
+        sections = self.sections
+
+        def build() -> None:
+            try:
+                self._early_blob = sections, build_blob(self.view.root, sections,
+                                                        declarations=self.registry.declarations())
+            except BaseException as exc:  # re-raised by `send`, in the sync's own thread
+                self._early_error = exc
+
+        self._early = threading.Thread(target=build, name="blob-early", daemon=True)
+        self._early.start()
+
+    def join_early(self) -> None:
+        if self._early is not None:
+            self._early.join()
+
+    def _blob(self) -> SectionsBlob:
+        self.join_early()
+        if self._early_error is not None:
+            raise self._early_error
+        if self._early_blob is not None and self._early_blob[0] == self.sections:
+            return self._early_blob[1]
+        return build_blob(self.view.root, self.sections, declarations=self.registry.declarations())
 
     def probe(self, peer: Any) -> Any:
         """The backup's firmware_version reply; decides `send_ids` on the way."""
@@ -367,7 +400,7 @@ class SyncPlan:
     def send(self, peer: Any) -> str:
         self._learn_capabilities(peer)
         if self.uses_fast_path:
-            blob = self.blob = build_blob(self.view.root, self.sections, declarations=self.registry.declarations())
+            blob = self.blob = self._blob()
             request: Callable[[], Any] = lambda: send_blob(peer, blob)  # noqa: E731
             self.transfer = "fast path"
         else:

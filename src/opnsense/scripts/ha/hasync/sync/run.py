@@ -244,7 +244,11 @@ class SyncRun:
             note = plan.probe_note()
             return f"backup {remote}, local {local}" + (f"; {note}" if note else "")
 
-        self.step("firmware_version", probe)
+        plan.start_early()  # --full: the payload is built while the backup answers the probe
+        try:
+            self.step("firmware_version", probe)
+        finally:
+            plan.join_early()  # nothing below reads config.xml while the blob is being built
         self._warn_unprotected_local(plan)
         result.items_unchanged = list(plan.unchanged)
         result.sections = plan.top_keys()
