@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.payload import digest
 from hasync.payload.build import VIRTUALIP
+from hasync.sync import plan as planmod
 from hasync.sync import snapshot
 from hasync.sync.run import SyncOptions, SyncResult, SyncRun
 from hasync.wire import discovery
@@ -294,10 +296,6 @@ def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pa
     """With --full the items are known before the probe, so the blob is built once, in the
     "blob-early" thread; a digest-first sync (the control) builds it after the probe, in the
     sync's own thread, as it must (the probe decides what is sent)."""
-    import threading
-
-    from hasync.sync import plan as planmod
-
     builders: list[str] = []
     original = planmod.build_blob
 
