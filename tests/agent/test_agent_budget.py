@@ -5,13 +5,12 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from hasync.agent.server import AgentLimits, BodyBudget
 from hasync.wire import xmlrpc
 from support.nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
+from support.polling import wait_for
 
 
 def test_budget_lets_one_request_use_max_body_but_shares_the_rest() -> None:
@@ -38,14 +37,6 @@ def open_request(port: int, body_length: int) -> ssl.SSLSocket:
     return sock
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
-    """Poll until the agent's handler thread has done its part (bounded: a clear failure, no hang)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the agent did not reach the expected state in time"
-        time.sleep(0.01)
-
-
 def read_reply(sock: ssl.SSLSocket) -> bytes:
     chunks = []
     while chunk := sock.recv(65536):
@@ -62,7 +53,7 @@ def test_a_second_large_body_waits_for_the_budget(tmp_path: Path) -> None:
         port = server.server_address[1]
         first = open_request(port, len(big))
         first.sendall(big[:100])  # the first body is in flight, holding 3000 bytes of budget
-        wait_until(lambda: server.body_budget.used == len(big))  # its handler has reserved it
+        wait_for(lambda: server.body_budget.used == len(big), "its handler to reserve the body", interval=0.01)
         second = open_request(port, len(big))
         refused = read_reply(second)
         assert refused.startswith(b"HTTP/1.0 503") and b"retry later" in refused

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema
-import pytest
 
 from hasync.config.store import ConfigStore
 from hasync.core import schemas
 from support.agents import cli, free_port, start_agent, stop
-from support.nodes import Pair, make_pair
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Pair:
-    return make_pair(tmp_path)
-
-
-@pytest.fixture
-def agent(pair: Pair) -> Iterator[str]:
-    proc, url = start_agent(pair.backup, "--tls-cert", str(pair.cert_file), "--tls-key", str(pair.key_file),
-                            "--services-dir", str(pair.services_dir), "--state-dir", str(pair.state_dir))
-    pair.point_primary_at(url.removesuffix("xmlrpc.php"))
-    yield url
-    assert stop(proc) == 0
+from support.nodes import Pair
 
 
 def test_serve_stops_cleanly_on_sigterm(pair: Pair) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,7 @@ from hasync.config.store import ConfigStore
 from hasync.wire.protocol import LOCKOUT_MARK
 from support.agents import cli, start_agent, stop
 from support.lockout import REFUSALS, edit_primary, leave_group, new_password, sync_user
-from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Pair:
-    return make_pair(tmp_path)
-
-
-@pytest.fixture
-def agent(pair: Pair) -> Iterator[str]:
-    proc, url = start_agent(pair.backup, "--tls-cert", str(pair.cert_file), "--tls-key", str(pair.key_file),
-                            "--services-dir", str(pair.services_dir), "--state-dir", str(pair.state_dir))
-    pair.point_primary_at(url.removesuffix("xmlrpc.php"))
-    try:
-        yield url
-    finally:
-        assert stop(proc) == 0
+from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair
 
 
 def sha(conf_dir: Path) -> str:

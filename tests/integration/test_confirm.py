@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from support.health import agent as inprocess_agent
 from support.health import backend
 from support.lockout import REFUSALS, edit_primary
 from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair
+from support.polling import wait_for
 
 WINDOW = 3
 BOUND = 60.0  # generous upper bound for anything that should happen "within the window plus a few seconds"
@@ -111,16 +112,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def wait_for(condition: Callable[[], bool], what: str, bound: float = BOUND) -> float:
-    """Poll until `condition` holds; the seconds it took. Fails only after the generous `bound`."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > bound:
-            raise AssertionError(f"not within {bound}s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def confirm_state(pair: Pair) -> dict[str, Any]:
     return confirmmod.read_state(state_dir(pair.backup))
 
@@ -128,7 +119,9 @@ def confirm_state(pair: Pair) -> dict[str, Any]:
 def wait_rolled_back(pair: Pair, pre: bytes, what: str) -> float:
     """Until config.xml is `pre` again *and* the outcome is recorded: the agent restores first and
     records second (a crash in between repeats the restore at the next start)."""
-    return wait_for(lambda: config(pair.backup) == pre and confirm_state(pair)["armed"] is None, what)
+    started = time.monotonic()
+    wait_for(lambda: config(pair.backup) == pre and confirm_state(pair)["armed"] is None, what, BOUND)
+    return time.monotonic() - started
 
 
 def bulk_up(pair: Pair) -> None:
@@ -230,7 +223,7 @@ def merge_held(pair: Pair, agent: Agent, window: int) -> Iterator[tuple[subproce
     pair.point_primary_at(proxy.url)
     primary = primary_sync(pair, "--confirm", str(window), "--no-fast-path")
     try:
-        wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed")
+        wait_for(lambda: confirm_state(pair)["armed"] is not None and config(pair.backup) != pre, "merge armed", BOUND)
         yield primary, confirm_state(pair)["armed"]
     finally:
         primary.kill()
@@ -286,7 +279,7 @@ def test_agent_sigkilled_while_armed_still_rolls_back(pair: Pair, agent: Agent, 
         agent.kill()  # SIGKILL: no cleanup, the armed rollback only exists on disk
     assert confirm_state(pair)["armed"] == armed and config(pair.backup) != pre
     if restart == "after the deadline":
-        wait_for(lambda: time.time() > float(armed["deadline"]) + 0.5, "deadline passed")
+        wait_for(lambda: time.time() > float(armed["deadline"]) + 0.5, "deadline passed", BOUND)
         agent.start(agent.port)
         assert config(pair.backup) == pre  # carried out at start, before the agent listens
     else:
@@ -328,7 +321,7 @@ def _arm_and_race(pair: Pair, peer: PeerClient, payload: dict[str, Any], window:
     deadline = float(peer.call("hasync.confirm_state")["armed"]["deadline"])
     time.sleep(max(0.0, deadline - time.time() + jitter))
     reply = peer.call("hasync.confirm", [{"id": ident}])
-    wait_for(lambda: confirm_state(pair)["armed"] is None, "settled")
+    wait_for(lambda: confirm_state(pair)["armed"] is None, "settled", BOUND)
     outcomes = [p for p in confirm_state(pair)["past"] if p["id"] == ident]
     assert len(outcomes) == 1, outcomes
     assert reply["state"] == outcomes[0]["state"], (reply, outcomes)
@@ -482,5 +475,5 @@ def test_rollback_takes_down_the_carp_vips_the_sync_brought_up(pair: Pair) -> No
             run.run()
         assert vhids(kernel) == {"eth0": [2], "eth1": [1]}  # the merge brought the CARP VIPs up
         wait_rolled_back(pair, pre, "rolled back")
-        wait_for(lambda: vhids(kernel) == {}, "VIPs taken down")  # reconfiguration follows the restore
+        wait_for(lambda: vhids(kernel) == {}, "VIPs taken down", BOUND)  # reconfiguration follows the restore
     assert [p["state"] for p in confirm_state(pair)["past"]] == ["rolled-back"]

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from hasync.services.backends import (
 )
 from hasync.wire import xmlrpc
 from support.paths import FIXTURES, shared_path
+from support.polling import wait_for
 from support.processes import reap_orphans  # noqa: F401 - autouse fixture
 
 PLUGINCTL = "/usr/local/sbin/pluginctl"
@@ -440,17 +440,6 @@ def test_dir_hooks(declared: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # services dir: real processes
 # ------------------------------------------------------------------------------------------
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll with a deadline so a broken build fails instead of hanging; not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def kill_quietly(pid: int | None) -> None:
     if pid:

@@ -326,7 +326,7 @@ def _canonical_stripped(value: Any, path: str) -> Any:
             if type(item) is str:
                 if key == ATTRIBUTES or key.endswith(ATTRIBUTES):
                     continue  # not a struct: `_canonical_member` keeps attributes only as one
-                out[key] = item if item.strip() else ""
+                out[str(key)] = item if item.strip() else ""
             elif not _is_nosync(item):
                 _canonical_member(out, key, item, path)
         return out if out else ""
