@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from lxml import etree
@@ -306,12 +306,7 @@ def _canonical_value(value: Any, path: str) -> Any:
             elif not _is_nosync(item):
                 _canonical_member(out, key, item, where)
         return out if out else ""
-    if isinstance(value, list):
-        items = [_canonical_value(item, path) for item in value if item is not False and not _is_nosync(item)]
-        return items if items else ""
-    if isinstance(value, tuple):
-        return normalize(value)  # strip_nosync does not look inside tuples
-    return scalar_text(value)
+    return _canonical_rest(value, path, _canonical_value)
 
 
 def _canonical_stripped(value: Any, path: str) -> Any:
@@ -330,8 +325,14 @@ def _canonical_stripped(value: Any, path: str) -> Any:
             elif not _is_nosync(item):
                 _canonical_member(out, key, item, path)
         return out if out else ""
+    return _canonical_rest(value, path, _canonical_stripped)
+
+
+def _canonical_rest(value: Any, path: str, walk: Callable[[Any, str], Any]) -> Any:
+    """What is not a dict, for both walks: a list goes on with `walk`, a tuple and a scalar as
+    `normalize` has them (strip_nosync does not look inside tuples)."""
     if isinstance(value, list):
-        items = [_canonical_stripped(item, path) for item in value if item is not False and not _is_nosync(item)]
+        items = [walk(item, path) for item in value if item is not False and not _is_nosync(item)]
         return items if items else ""
     if isinstance(value, tuple):
         return normalize(value)
