@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from hasync.agent import fastpath
+from hasync.agent.server import CallContext, Dispatcher
 from hasync.config import tree
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import parse_config_bytes, serialize
@@ -202,3 +204,25 @@ def test_grafting_on_real_configs() -> None:
     used = sum(assert_grafting_changes_nothing(primary, backup, sections)
                for primary, backup in zip(roots, roots[1:] + roots[:1], strict=True))
     assert used > 0
+
+
+def test_a_failing_digest_warm_up_never_turns_a_written_merge_into_a_fault() -> None:
+    """The warm-up after a fast-path merge is an optimisation: if it raises, the merge (already
+    written) still answers True (control: the warm-up really ran and raised)."""
+    calls: list[str] = []
+
+    def merge_ok(_payload: Any, _context: CallContext) -> bool:
+        calls.append("merge")
+        return True
+
+    def broken(_decoded: Any) -> None:
+        calls.append("warm-up")
+        raise RuntimeError("digest warm-up failed")
+
+    dispatcher = Dispatcher()
+    dispatcher.register(sectionsmod.RESTORE_METHOD, merge_ok)
+    agent = fastpath.FastPathAgent(dispatcher, after_merge=broken)
+    primary = etree.fromstring(b"<opnsense><filter><rule><descr>a</descr></rule></filter></opnsense>")
+    param = sectionsmod.build_blob(primary, ["filter"]).param
+    assert agent.restore_sections_xml(param, CallContext("u", "127.0.0.1")) is True
+    assert calls == ["merge", "warm-up"]

@@ -67,7 +67,10 @@ class FastPathAgent:
                   context.username, context.remote_addr)
         result = merge(decoded.payload, context)
         if self.after_merge is not None:
-            self.after_merge(decoded)
+            try:
+                self.after_merge(decoded)
+            except Exception:  # the merge is done and written: never answer it with a fault
+                log.exception("after the fast-path merge (the digests are computed on request instead)")
         return result
 
 class ConfigCache:
