@@ -75,6 +75,8 @@ class Selector:
 
 @dataclass(frozen=True)
 class Step:
+    """One step of a declaration path: a child key (or `*`), optionally narrowed to records."""
+
     name: str  # "*" = every child key
     selector: Selector | None = None
 
@@ -264,6 +266,9 @@ Identity = tuple[Any, ...]
 
 @dataclass
 class Slot:
+    """Where a declared path lands in a payload: the holding container and key, for reading and
+    writing in place, and the record identity that names it in notes."""
+
     holder: Any
     key: Any
     pointer: tuple[Any, ...]

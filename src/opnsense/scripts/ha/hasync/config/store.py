@@ -46,6 +46,8 @@ HISTORY_MODE = 0o640  # as OPNsense writes /conf/backup
 
 @dataclass(frozen=True)
 class HistoryEntry:
+    """One history file (`backup/config-<time>.xml`) and the revision it records."""
+
     path: Path
     time: float
     description: str

@@ -15,6 +15,8 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class CommandResult:
+    """What a command left: exit code and output, so callers never touch `subprocess` themselves."""
+
     argv: tuple[str, ...]
     returncode: int
     stdout: str

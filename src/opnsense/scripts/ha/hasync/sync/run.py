@@ -40,6 +40,8 @@ def trust_store(conf_dir: str | Path) -> TrustStore:
 
 @dataclass
 class Step:
+    """One step of a sync as the administrator sees it (`sync --json`, the progress lines)."""
+
     step: str
     seconds: float
     ok: bool
@@ -48,6 +50,8 @@ class Step:
 
 @dataclass
 class SyncOptions:
+    """How to sync: what the command line and configd pass in."""
+
     items: list[str] | None = None
     restart_services: bool = False
     pre_check_master: bool = False
@@ -62,6 +66,8 @@ class SyncOptions:
 
 @dataclass
 class SyncResult:
+    """What a sync did, for the exit code, `--json` and the status page."""
+
     status: str = "ok"
     target: str = ""
     items: list[str] = field(default_factory=list)

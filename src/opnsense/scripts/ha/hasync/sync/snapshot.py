@@ -51,6 +51,8 @@ FORMAT = 1
 
 @dataclass
 class ItemRecord:
+    """One item as last pushed: our digest and the backup's, so drift on either side shows."""
+
     id: str
     sections: list[str]
     time: float
@@ -64,6 +66,8 @@ class ItemRecord:
 
 @dataclass
 class Snapshot:
+    """The last push to one backup, per item, with the values sent (read lazily: they are large)."""
+
     directory: Path
     target: str
     items: dict[str, ItemRecord] = field(default_factory=dict)

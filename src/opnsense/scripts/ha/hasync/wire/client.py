@@ -116,6 +116,8 @@ class TrustStore:
 
 @dataclass
 class ClientOptions:
+    """Deadlines, retries and peer verification of one client (the sync's `--timeout` etc.)."""
+
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     total_timeout: float = DEFAULT_TOTAL_TIMEOUT
     retries: int = DEFAULT_RETRIES

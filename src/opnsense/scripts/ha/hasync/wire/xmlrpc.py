@@ -60,6 +60,8 @@ class XmlRpcDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class Fault(Exception):
+    """An XML-RPC fault a peer answered (code and message as PHP's IXR sends them)."""
+
     code: int
     message: str
 
