@@ -70,7 +70,9 @@ class Grafts:
     A dict qualifies when `fill_element` would rebuild its element exactly, which `_convert`
     checks while converting (see `_convert`), and only for as long as nobody changed it: an
     entry holds the dict itself, so `take` can tell the same object from a new one that happens
-    to reuse a freed dict's id, and callers `forget` what they rewrite in place.
+    to reuse a freed dict's id. Nothing may edit a recorded dict in place: the decoder converts
+    the sections it edits (per-node rewrites, nested sections) without grafts, and later steps
+    copy on write (`normalize_payload`, `keep_local`).
     """
 
     def __init__(self) -> None:
@@ -104,10 +106,6 @@ class Grafts:
         element.tail = None
         self.moved[element] = value
         return element
-
-    def forget_all(self) -> None:
-        self._entries.clear()
-        self.moved.clear()
 
 
 class GraftedPayload(dict[str, Any]):

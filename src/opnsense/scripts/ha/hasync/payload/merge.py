@@ -216,13 +216,13 @@ def merge_payload(
             continue
         before = [_reparse(old) for old in snapshot]  # one section's before-state at a time
         del snapshot
-        moved = {p for p in points if p.split(".")[0] == key
-                 and not _same_nodes(_find_below(before, p), find_path(root, p))}
+        changed_here = {p for p in points if p.split(".")[0] == key
+                        and not _same_nodes(_find_below(before, p), find_path(root, p))}
         # A point that changed changes its section (equal fingerprints have equal descendants at
         # every tag path), so the section's own walk is needed only when no point changed.
-        if moved or not _same_nodes(before, after, known_different=True):
+        if changed_here or not _same_nodes(before, after, known_different=True):
             changed_top.append(key)
-        changed.update(moved)
+        changed.update(changed_here)
     changed_points = [p for p in points if p in changed]
     vips_touched = ctx.vips_added or ctx.vips_changed or ctx.vips_removed
     if "virtualip" in data and vips_touched and "virtualip" not in changed_points:
