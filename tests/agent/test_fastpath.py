@@ -41,21 +41,16 @@ from hasync.sync.run import SyncOptions, SyncRun
 from hasync.wire import sections as sectionsmod
 from hasync.wire import xmlrpc
 from hasync.wire.client import PeerClient
+from support.bench import bench_module
 from support.nodes import Pair, make_pair, running_agent
-from support.paths import REPO, SHARED
-from support.xmlshapes import SECTION_CHOICES, TAGS, TEXTS, configs, elements
+from support.paths import SHARED
+from support.xmlshapes import SECTION_CHOICES, TAGS, TEXTS, configs, elements, fingerprint
 
 # --- reference copies of the code the speedups replaced ------------------------------------------
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _NUMERIC_KEY = re.compile(r"^(0|[1-9][0-9]*)$")
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def ref_fingerprint(node: etree._Element) -> tuple[Any, ...]:
-    kids = [child for child in node if isinstance(child.tag, str)]
-    text = "" if kids else (node.text or "")
-    return (node.tag, tuple(sorted(node.attrib.items())), text, tuple(ref_fingerprint(k) for k in kids))
 
 
 def ref_build_elements(tag: str, value: Any) -> list[etree._Element]:
@@ -166,7 +161,7 @@ def test_change_detection_agrees_with_fingerprints(node: etree._Element, choice:
     before = etree.fromstring(etree.tostring(node))
     after = copy.deepcopy(before)
     mutate(after, choice, text)
-    expected = ref_fingerprint(before) == ref_fingerprint(after)
+    expected = fingerprint(before) == fingerprint(after)
     reparsed = merge._reparse(merge._serial(before))  # what merge_payload compares: the re-parsed snapshot
     assert merge._same_nodes([reparsed], [after]) is expected
     assert merge._same_nodes([before], [after]) is expected
@@ -292,21 +287,11 @@ def test_fast_path_payload_on_real_configs() -> None:
 
 
 def test_fast_path_payload_on_a_generated_config() -> None:
-    generate = load_generator()
+    generate = bench_module("generate")
     primary, _ = generate.generate(0.3, seed=11)
     root = parse_config_bytes(primary, "generated")
     registry = SyncItemRegistry.load()
     assert_same_payload(root, registry.sections_for(read_hasync(root).syncitems))
-
-
-def load_generator() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "bench" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- bounded, checked decoding ----------------------------------------------------------------------
@@ -371,7 +356,7 @@ def new_pair(tmp_path: Path, name: str) -> Pair:
 
 def make_generated_pair(tmp_path: Path, name: str, size_mb: float = 0.3) -> Pair:
     pair = new_pair(tmp_path, name)
-    primary, backup = load_generator().generate(size_mb, seed=5)
+    primary, backup = bench_module("generate").generate(size_mb, seed=5)
     (pair.primary / "config.xml").write_bytes(primary)
     (pair.backup / "config.xml").write_bytes(backup)
     return pair

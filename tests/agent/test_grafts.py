@@ -29,8 +29,9 @@ from hasync.config.store import parse_config_bytes, serialize
 from hasync.core.errors import HaError
 from hasync.payload import digest, merge
 from hasync.wire import sections as sectionsmod
-from support.paths import REPO, SHARED
-from support.xmlshapes import SECTION_CHOICES, TEXTS, configs, elements
+from support.bench import bench_module
+from support.paths import SHARED
+from support.xmlshapes import SECTION_CHOICES, TEXTS, configs, elements, fingerprint
 
 REGISTRY = SyncItemRegistry.load()
 
@@ -127,13 +128,6 @@ def test_take_refuses_a_different_dict_and_gives_an_element_once() -> None:
 # --- merges with and without grafts ------------------------------------------------------------------
 
 
-def fingerprint(node: etree._Element) -> tuple[Any, ...]:
-    """What a change is (merge.py): structure, sorted attributes and leaf text; no comments."""
-    kids = [child for child in node if isinstance(child.tag, str)]
-    text = "" if kids else (node.text or "")
-    return (node.tag, tuple(sorted(node.attrib.items())), text, tuple(fingerprint(k) for k in kids))
-
-
 def merged(backup: etree._Element, payload: Any) -> tuple[bytes, dict[str, Any]] | str:
     root = copy.deepcopy(backup)
     try:
@@ -181,12 +175,7 @@ def test_a_grafted_merge_writes_what_a_built_one_writes(primary: etree._Element,
 
 
 def test_grafting_on_a_generated_pair() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "bench" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    generate = bench_module("generate")
     primary_bytes, backup_bytes = generate.generate(0.3, seed=7)
     primary = parse_config_bytes(primary_bytes, "primary")
     backup = parse_config_bytes(backup_bytes, "backup")

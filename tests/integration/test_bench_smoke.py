@@ -7,30 +7,19 @@ that the report states a verdict for every target.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from hasync.config.store import parse_config_bytes
+from support.bench import BENCH, bench_module
 from support.paths import REPO, SHARED
-
-BENCH = REPO / "bench"
-
-
-def load(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_generator_is_seeded_and_sized() -> None:
-    generate = load("generate")
+    generate = bench_module("generate")
     first = generate.generate(0.2, seed=3)
     assert generate.generate(0.2, seed=3) == first  # reproducible, byte for byte
     assert generate.generate(0.2, seed=4)[0] != first[0]  # control: the seed matters

@@ -4,6 +4,8 @@ the sections whose merge rules differ (rule lists, VIPs, nosync records, a DHCP 
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import strategies as st
 from lxml import etree
 
@@ -76,3 +78,11 @@ def configs(draw: st.DrawFn) -> etree._Element:
                 user = etree.SubElement(node, "user")
                 etree.SubElement(user, "name").text = draw(TEXTS)
     return root
+
+
+def fingerprint(node: etree._Element) -> tuple[Any, ...]:
+    """What the merge counts as a change (`payload.merge._same_nodes`), written plainly: the tag,
+    the sorted attributes, leaf text, the element children in order; no comments or tails."""
+    kids = [child for child in node if isinstance(child.tag, str)]
+    text = "" if kids else (node.text or "")
+    return (node.tag, tuple(sorted(node.attrib.items())), text, tuple(fingerprint(k) for k in kids))

@@ -90,19 +90,22 @@ class Grafts:
     def add(self, value: dict[str, Any], element: etree._Element) -> None:
         self._entries[id(value)] = (value, element)
 
+    def _element_of(self, value: Any) -> etree._Element | None:
+        """The element recorded for this very dict (not one that reuses a freed dict's id)."""
+        entry = self._entries.get(id(value))
+        return entry[1] if entry is not None and entry[0] is value else None
+
     def holds(self, value: Any) -> bool:
         """Whether `value` is a recorded dict: then no comment, PI or nosync struct lies below
         it (`_convert` calls none of those exact), so walks looking for them can skip it."""
-        entry = self._entries.get(id(value))
-        return entry is not None and entry[0] is value
+        return self._element_of(value) is not None
 
     def take(self, value: Any, tag: str) -> etree._Element | None:
         """The element `value` came from, once (it is about to be moved), or None."""
-        entry = self._entries.get(id(value))
-        if entry is None or entry[0] is not value or entry[1].tag != tag:
+        element = self._element_of(value)
+        if element is None or element.tag != tag:
             return None
         del self._entries[id(value)]
-        element = entry[1]
         element.tail = None
         self.moved[element] = value
         return element
