@@ -290,12 +290,12 @@ def test_the_agent_parses_config_xml_before_it_listens(pair: Pair) -> None:
         assert cache.loads == 1  # the login, probe and digests read that tree; the merge's tree was adopted
 
 
-@pytest.mark.parametrize("full", [True, False])
-def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pair, full: bool,
+@pytest.mark.parametrize(("full", "dry_run"), [(True, False), (True, True), (False, False)])
+def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pair, full: bool, dry_run: bool,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """With --full the items are known before the probe, so the blob is built once, in the
-    "blob-early" thread; a digest-first sync (the control) builds it after the probe, in the
-    sync's own thread, as it must (the probe decides what is sent)."""
+    "blob-early" thread (a dry run reports on that same blob); a digest-first sync (the control)
+    builds it after the probe, in the sync's own thread, as it must (the probe decides what is sent)."""
     builders: list[str] = []
     original = planmod.build_blob
 
@@ -306,6 +306,6 @@ def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pa
     monkeypatch.setattr(planmod, "build_blob", recording)
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
-        result = sync(pair, full=full)
-    assert result.transfer == "fast path"
+        result = sync(pair, full=full, dry_run=dry_run)
+    assert result.transfer == ("" if dry_run else "fast path")
     assert builders == (["blob-early"] if full else [threading.main_thread().name])

@@ -373,7 +373,7 @@ class SyncPlan:
     def dry_run(self, peer: Any) -> str:
         self._learn_capabilities(peer)
         if self.uses_fast_path:
-            blob = build_blob(self.view.root, self.sections, declarations=self.registry.declarations())
+            blob = self._blob()  # with --full, the one built during the probe
             return (f"would send {len(self.send_ids)} items by the fast path, {blob.compressed} bytes "
                     f"({blob.size} inflated); nothing sent")
         size = len(xmlrpc.dumps_request(RESTORE_METHOD, [self.payload()]))
