@@ -38,8 +38,8 @@ from hasync.core.errors import HaError, MergeError, MethodFault, RemoteFault
 from hasync.payload import merge, validate
 from hasync.payload.build import REDACTED, build_payload
 from hasync.sync.run import SyncOptions, SyncRun
+from hasync.wire import protocol, xmlrpc
 from hasync.wire import sections as sectionsmod
-from hasync.wire import xmlrpc
 from hasync.wire.client import PeerClient
 from support.bench import bench_module
 from support.nodes import Pair, make_pair, running_agent
@@ -249,7 +249,7 @@ def test_splice_keeps_position_order_and_tails() -> None:
 def compatible_payload(root: etree._Element, sections: list[str]) -> Any:
     """What the backup decodes on the compatible path (through the real IXR codec)."""
     payload = build_payload(root, sections)
-    return xmlrpc.loads_request(xmlrpc.dumps_request(sectionsmod.RESTORE_METHOD, [payload]))[1][0]
+    return xmlrpc.loads_request(xmlrpc.dumps_request(protocol.RESTORE_METHOD, [payload]))[1][0]
 
 
 def assert_same_payload(root: etree._Element, sections: list[str]) -> None:
@@ -400,7 +400,7 @@ def test_fast_path_only_with_an_agent_that_offers_it(tmp_path: Path) -> None:
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         caps = PeerClient(server.url, "hasync", "demo-sync-password").call("hasync.capabilities")
-        assert sectionsmod.FEATURE in caps["features"]
+        assert protocol.FAST_PATH_FEATURE in caps["features"]
         ours = sync(pair, full=True)
         forced = sync(pair, full=True, fast_path=False)
     assert ours.transfer == "fast path" and "fast path offered" in ours.steps[1].detail

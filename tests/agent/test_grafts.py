@@ -28,6 +28,7 @@ from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import parse_config_bytes, serialize
 from hasync.core.errors import HaError
 from hasync.payload import digest, merge
+from hasync.wire import protocol
 from hasync.wire import sections as sectionsmod
 from support.bench import bench_module
 from support.paths import SHARED
@@ -209,7 +210,7 @@ def test_a_failing_digest_warm_up_never_turns_a_written_merge_into_a_fault() -> 
         raise RuntimeError("digest warm-up failed")
 
     dispatcher = Dispatcher()
-    dispatcher.register(sectionsmod.RESTORE_METHOD, merge_ok)
+    dispatcher.register(protocol.RESTORE_METHOD, merge_ok)
     agent = fastpath.FastPathAgent(dispatcher, after_merge=broken)
     primary = etree.fromstring(b"<opnsense><filter><rule><descr>a</descr></rule></filter></opnsense>")
     param = sectionsmod.build_blob(primary, ["filter"]).param

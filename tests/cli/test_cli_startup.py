@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from hasync import cli
+from support.nodes import Pair, make_pair, running_agent
 from support.paths import PACKAGE_ROOT
 
 # the lab (halab) is no command of the product any more: it never loads, asserted here too
@@ -63,6 +65,40 @@ def test_a_sync_run_loads_none_of_them_either() -> None:
              "assert 'tempfile' not in sys.modules and 'subprocess' not in sys.modules, "
              "[m for m in ('tempfile', 'subprocess') if m in sys.modules]")
     assert loaded_after(probe) == []
+
+
+# What only a sync that writes or merges needs: the merge, the failover layer, and the standard
+# library's temp files and processes (`opnsense-version` is looked for at its installed path, so
+# no command runs on a system without it).
+SEND_ONLY = ("hasync.payload.merge", "hasync.failover.base", "tempfile", "subprocess")
+
+
+def sync_process(conf_dir: Path, *flags: str) -> tuple[int, list[str]]:
+    """Run `opnsense-ha sync` in a fresh interpreter: its exit code and which of SEND_ONLY it loaded."""
+    argv = ["--conf-dir", str(conf_dir), "sync", *flags]
+    code = ("import json, sys\nfrom hasync import cli\n"
+            f"code = cli.main({argv!r})\n"
+            f"print(json.dumps([code, [m for m in {SEND_ONLY!r} if m in sys.modules]]))")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OPNSENSE_HA_FAILOVER": "none"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    exit_code, loaded = json.loads(out.stdout.splitlines()[-1])
+    return exit_code, loaded
+
+
+def test_a_real_no_op_sync_loads_nothing_only_a_send_needs(tmp_path: Path) -> None:
+    """The whole run, not just the imports: probe over TLS, digests compared, snapshot read."""
+    pair: Pair = make_pair(tmp_path)
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        code, loaded_by_full = sync_process(pair.primary, "--full")
+        assert code == 0
+        assert "tempfile" in loaded_by_full  # the control: it wrote the snapshot, and the probe saw it
+        # the first digest-first sync computes this config version's digests and caches them
+        # (a write); from then on a sync that finds nothing to send writes nothing either
+        assert sync_process(pair.primary)[0] == 0
+        code, loaded_by_noop = sync_process(pair.primary)
+        assert code == 0
+        assert loaded_by_noop == []
 
 
 def test_every_command_is_found_in_the_module_that_registers_it() -> None:

@@ -32,15 +32,8 @@ from hasync.core.fileio import RACY_WINDOW, file_key
 from hasync.payload import digest as digestmod
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PROBE_METHOD
-from hasync.wire.sections import (
-    FEATURE,
-    MAX_INFLATED,
-    METHOD,
-    PERNODE_FEATURE,
-    RESTORE_METHOD,
-    Decoded,
-    decode_param,
-)
+from hasync.wire.protocol import FAST_PATH_FEATURE, PERNODE_FEATURE, RESTORE_METHOD
+from hasync.wire.sections import MAX_INFLATED, METHOD, Decoded, decode_param
 
 log = logging.getLogger("hasync.fastpath")
 
@@ -50,7 +43,7 @@ class FastPathAgent:
 
     dispatcher: Dispatcher
     max_inflated: int = MAX_INFLATED
-    features: set[str] = field(default_factory=lambda: {FEATURE})
+    features: set[str] = field(default_factory=lambda: {FAST_PATH_FEATURE})
     # called once a merge went through (its reply not sent yet): `register` passes the cache's
     # digest warm-up here
     after_merge: Callable[[Decoded], None] | None = None
@@ -231,7 +224,7 @@ def _dropping_cache(cache: ConfigCache, merge: Callable[[Any, CallContext], Any]
 
 def register(dispatcher: Dispatcher, features: set[str] | None = None,
              cache: ConfigCache | None = None) -> FastPathAgent:
-    """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FEATURE`.
+    """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FAST_PATH_FEATURE`.
 
     With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
     same replies, no re-parse and no re-digest while config.xml is unchanged); a merge drops the
@@ -240,7 +233,7 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
     agent = FastPathAgent(dispatcher)
     agent.register()
     if features is not None:
-        features.update((FEATURE, PERNODE_FEATURE))
+        features.update((FAST_PATH_FEATURE, PERNODE_FEATURE))
     if cache is not None:
         agent.after_merge = lambda decoded: _warm_digests(cache, decoded)
         for name in (RESTORE_METHOD, METHOD):

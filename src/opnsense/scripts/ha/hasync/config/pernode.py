@@ -264,7 +264,7 @@ def from_wire(value: Any) -> Declarations:
 Identity = tuple[Any, ...]
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
     """Where a declared path lands in a payload: the holding container and key, for reading and
     writing in place, and the record identity that names it in notes."""

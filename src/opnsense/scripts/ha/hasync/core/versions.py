@@ -8,6 +8,7 @@ between two nodes on one machine without touching the code.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +18,23 @@ from hasync.core.osiface import CommandRunner, SubprocessRunner
 
 VERSION_OVERRIDE = "version.json"
 
+#: Where OPNsense installs the tool (opnsense/core `src/sbin`). Looked for here rather than on
+#: PATH: configd's PATH is not ours to rely on, and `shutil.which` would cost every sync the
+#: import of shutil (with bz2 and lzma, ~2 ms of a no-op's start) on systems that never have it.
+OPNSENSE_VERSION_TOOL = Path("/usr/local/sbin/opnsense-version")
 
-def local_versions(conf_dir: str | Path, runner: CommandRunner | None = None) -> dict[str, dict[str, str]]:
+
+def local_versions(conf_dir: str | Path, runner: CommandRunner | None = None,
+                   tool: Path = OPNSENSE_VERSION_TOOL) -> dict[str, dict[str, str]]:
     override = Path(conf_dir) / VERSION_OVERRIDE
     if override.is_file():
         data: Any = json.loads(override.read_text())
         return {part: {"version": str(data[part]["version"])} for part in ("base", "firmware", "kernel")}
-    import shutil  # here: shutil (with bz2, lzma) costs every sync ~3 ms at start, this runs only on OPNsense
-
-    tool = shutil.which("opnsense-version")
-    if tool:
+    if os.access(tool, os.X_OK):
         runner = runner or SubprocessRunner()
         out = {}
         for part, flag in (("base", "-v base"), ("firmware", "-v"), ("kernel", "-v kernel")):
-            result = runner.run([tool, *flag.split()], timeout=10)
+            result = runner.run([str(tool), *flag.split()], timeout=10)
             out[part] = {"version": result.stdout.strip() if result.ok else ""}
         return out
     return {part: {"version": __version__} for part in ("base", "firmware", "kernel")}

@@ -31,7 +31,8 @@ from hasync.payload.build import check_sections, payload_for_items
 from hasync.sync import snapshot
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PeerProbe, compact_probe, probe, remember_peer
-from hasync.wire.sections import PERNODE_FEATURE, RESTORE_METHOD, SectionsBlob, build_blob, describe, send_blob
+from hasync.wire.protocol import PERNODE_FEATURE, RESTORE_METHOD
+from hasync.wire.sections import SectionsBlob, build_blob, describe, send_blob
 
 log = logging.getLogger("hasync.fastpath")
 

@@ -38,7 +38,7 @@ def trust_store(conf_dir: str | Path) -> TrustStore:
     return TrustStore(state_dir(conf_dir) / "trust.json")
 
 
-@dataclass
+@dataclass(eq=False)
 class Step:
     """One step of a sync as the administrator sees it (`sync --json`, the progress lines)."""
 
@@ -48,7 +48,7 @@ class Step:
     detail: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class SyncOptions:
     """How to sync: what the command line and configd pass in."""
 
@@ -64,7 +64,7 @@ class SyncOptions:
     confirm: int | None = None  # commit-confirmed window in seconds (confirm.py); None: the setting, 0: off
 
 
-@dataclass
+@dataclass(eq=False)
 class SyncResult:
     """What a sync did, for the exit code, `--json` and the status page."""
 

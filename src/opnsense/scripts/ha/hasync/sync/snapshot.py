@@ -155,7 +155,7 @@ def record(
     return prepare(conf_dir, registry, item_ids, payload, target, now, digests).commit(backup_digests)
 
 
-@dataclass
+@dataclass(eq=False)
 class PreparedRecord:
     """A snapshot record with everything computed but the backup's digests, nothing written yet.
 

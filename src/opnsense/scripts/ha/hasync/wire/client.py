@@ -114,7 +114,7 @@ class TrustStore:
         return removed
 
 
-@dataclass
+@dataclass(eq=False)
 class ClientOptions:
     """Deadlines, retries and peer verification of one client (the sync's `--timeout` etc.)."""
 

@@ -22,7 +22,7 @@ from hasync.core.fileio import atomic_write
 from hasync.core.paths import state_dir
 from hasync.payload import digest as digestmod
 from hasync.wire.client import PeerClient
-from hasync.wire.sections import FEATURE
+from hasync.wire.protocol import FAST_PATH_FEATURE
 
 log = logging.getLogger("hasync.discovery")
 
@@ -33,7 +33,7 @@ PROBE_METHOD = "hasync.sync_probe"
 
 PROBE_REPLY_LIMIT = 1024 * 1024
 
-@dataclass
+@dataclass(eq=False)
 class PeerProbe:
     """What one round trip told us about the backup."""
 
@@ -45,7 +45,7 @@ class PeerProbe:
 
     @property
     def fast_path(self) -> bool:
-        return self.offers(FEATURE)
+        return self.offers(FAST_PATH_FEATURE)
 
     def offers(self, feature: str) -> bool:
         features = (self.capabilities or {}).get("features") or []

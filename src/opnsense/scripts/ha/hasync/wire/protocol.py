@@ -1,11 +1,20 @@
 """The few conventions between two opnsense-ha nodes beyond OPNsense's own XML-RPC.
 
 Both ends need them (the primary sends, the agent reads), so they live here rather than in
-either side: two request headers, and the text a lock-out refusal ends with, by which a primary
-recognises it even through the compatible path.
+either side: the names of the fast path's features, two request headers, and the text a lock-out
+refusal ends with, by which a primary recognises it even through the compatible path. (Here rather
+than in `wire.sections` also because a primary reads them in every sync, and that module, the
+fast path's encoder, is loaded only by a sync that sends.)
 """
 
 from __future__ import annotations
+
+#: The capability by which an agent offers the fast path (`wire.sections`).
+FAST_PATH_FEATURE = "restore_sections_xml"
+#: The capability of an agent that applies the primary's self_address/swap rules sent along.
+PERNODE_FEATURE = "pernode-1"
+#: OPNsense's merge method: the compatible path calls it, the fast path ends in its handler.
+RESTORE_METHOD = "opnsense.restore_config_section"
 
 #: Request header (value "1") by which `sync --allow-lockout` asks the agent to merge anyway.
 ALLOW_LOCKOUT_HEADER = "X-Opnsense-Ha-Allow-Lockout"

@@ -4,7 +4,7 @@ Why: the compatible `opnsense.restore_config_section` call carries the payload a
 structs, about twice the size of the config, and both ends walk every value in Python (PHP's
 array form, then IXR markup, then back). Between two agents of ours the primary can send what it
 already has, the config's own XML, compressed. Stock OPNsense peers never see this: the client
-uses it only when the backup's `hasync.capabilities` lists the feature `FEATURE`.
+uses it only when the backup's `hasync.capabilities` lists `protocol.FAST_PATH_FEATURE`.
 
 Wire form (`METHOD`, one struct param):
 
@@ -15,7 +15,7 @@ Wire form (`METHOD`, one struct param):
   sections, e.g. the DHCP failover peer or a unicast CARP peer): the primary's rules
   (`Declarations.as_json`) and its ``{if: {ipaddr, subnet, ipaddrv6, subnetv6}}``, the
   only inputs of those rewrites that are not in the sections themselves; the agent applies the
-  same function the compatible path does (it offers the feature `PERNODE_FEATURE`);
+  same function the compatible path does (it offers `protocol.PERNODE_FEATURE`);
 * ``data``: the zlib stream as ``<base64>`` chunks of at most `CHUNK` bytes (libxml2 refuses text
   nodes over 10 MB without its "huge" mode, which we keep off).
 
@@ -57,10 +57,6 @@ from hasync.wire import xmlrpc
 
 METHOD = "hasync.restore_sections_xml"
 
-FEATURE = "restore_sections_xml"
-
-PERNODE_FEATURE = "pernode-1"  # the agent applies the primary's self_address/swap rules sent along
-
 FORMAT = "hasync-sections-1"
 
 COMPRESSION = "zlib"
@@ -70,8 +66,6 @@ CHUNK = 6 * 1024 * 1024  # raw bytes per <base64> param item: 8 MiB of base64, u
 MAX_INFLATED = 768 * 1024 * 1024
 
 COMPRESS_LEVEL = 1  # loopback and LAN links are fast; level 1 gets ~4x on configs at ~100 MB/s
-
-RESTORE_METHOD = "opnsense.restore_config_section"
 
 def locate(root: etree._Element, dotted: str) -> list[etree._Element] | None:
     """The elements whose toArray value sits at `dotted`, or None when the path is missing.
