@@ -67,25 +67,25 @@ def test_a_sync_run_loads_none_of_them_either() -> None:
     assert loaded_after(probe) == []
 
 
-# What only a sync that writes or merges needs: the merge, the failover layer, and the standard
-# library's temp files and processes (`opnsense-version` is looked for at its installed path, so
-# no command runs on a system without it).
-SEND_ONLY = ("hasync.payload.merge", "hasync.failover.base", "tempfile", "subprocess")
+# What a no-op sync never needs: the merge and the failover layer, the standard library's temp
+# files (only a write needs them) and processes (`opnsense-version` is looked for at its installed
+# path, so no command runs where it is absent), and ctypes (the agent's malloc setting).
+NOT_IN_A_NO_OP = ("hasync.payload.merge", "hasync.failover.base", "tempfile", "subprocess", "ctypes")
 
 
 def sync_process(conf_dir: Path, *flags: str) -> tuple[int, list[str]]:
-    """Run `opnsense-ha sync` in a fresh interpreter: its exit code and which of SEND_ONLY it loaded."""
+    """Run `opnsense-ha sync` in a fresh interpreter: its exit code and which of NOT_IN_A_NO_OP it loaded."""
     argv = ["--conf-dir", str(conf_dir), "sync", *flags]
     code = ("import json, sys\nfrom hasync import cli\n"
             f"code = cli.main({argv!r})\n"
-            f"print(json.dumps([code, [m for m in {SEND_ONLY!r} if m in sys.modules]]))")
+            f"print(json.dumps([code, [m for m in {NOT_IN_A_NO_OP!r} if m in sys.modules]]))")
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OPNSENSE_HA_FAILOVER": "none"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     exit_code, loaded = json.loads(out.stdout.splitlines()[-1])
     return exit_code, loaded
 
 
-def test_a_real_no_op_sync_loads_nothing_only_a_send_needs(tmp_path: Path) -> None:
+def test_a_real_no_op_sync_loads_none_of_what_it_never_needs(tmp_path: Path) -> None:
     """The whole run, not just the imports: probe over TLS, digests compared, snapshot read."""
     pair: Pair = make_pair(tmp_path)
     with running_agent(pair) as server:

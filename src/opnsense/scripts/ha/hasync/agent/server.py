@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hasync.core.errors import HaError, MergeError, MethodFault, ServiceError
+from hasync.core.memory import gc_paused
 from hasync.wire import xmlrpc
 from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER, CONFIRM_HEADER
 
@@ -39,6 +40,7 @@ DEFAULT_BODY_DEADLINE = 120.0
 DEFAULT_MAX_CONNECTIONS = 32
 DRAIN_LIMIT = 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 256 * 1024 * 1024
+DEFAULT_GC_PAUSE_BODY = 256 * 1024  # a merge of even a small config; a probe or login is a few KB
 
 IXR_CAPABILITIES = {
     "xmlrpc": {"specUrl": "http://www.xmlrpc.com/spec", "specVersion": 1},
@@ -152,6 +154,9 @@ class AgentLimits:
     # to max_body; beyond that, concurrent bodies share this budget, so a few authenticated peers
     # cannot make the agent hold max_connections x max_body at the same time.
     max_inflight: int = DEFAULT_MAX_INFLIGHT
+    # Requests with a body at least this large (a merge of a config past a few MB) run with the
+    # cyclic GC paused (`core.memory.gc_paused`); small ones, the probes and logins, never do.
+    gc_pause_body: int = DEFAULT_GC_PAUSE_BODY
 
 
 class BodyBudget:
@@ -373,7 +378,10 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             context = CallContext(verdict.username, remote, self.headers.get("Authorization"),
                                   self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1",
                                   self.headers.get(CONFIRM_HEADER, "").strip())
-            self._send(200, self._dispatch(body, context))
+            paused = gc_paused() if len(body) >= self.server.limits.gc_pause_body else contextlib.nullcontext()
+            with paused:
+                reply = self._dispatch(body, context)
+            self._send(200, reply)
         finally:
             budget.release(size)
 
