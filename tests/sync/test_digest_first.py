@@ -15,6 +15,7 @@ Proven over real TLS against a real agent:
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import threading
 from pathlib import Path
@@ -309,3 +310,17 @@ def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pa
         result = sync(pair, full=full, dry_run=dry_run)
     assert result.transfer == ("" if dry_run else "fast path")
     assert builders == (["blob-early"] if full else [threading.main_thread().name])
+
+
+def test_a_sync_runs_with_the_cyclic_collector_paused_and_restores_it(pair: Pair) -> None:
+    """`SyncRun.run` (what the CLI, configd and the bench call) pauses the collector for its whole
+    run; the progress callback sees it off, and it is on again afterwards (the control)."""
+    seen: list[bool] = []
+    assert gc.isenabled()
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        result = SyncRun(ConfigStore(pair.primary), SyncItemRegistry.load(), SyncOptions(full=True),
+                         progress=lambda step: seen.append(gc.isenabled())).run()
+    assert result.status == "ok", result.message
+    assert seen and not any(seen)
+    assert gc.isenabled()

@@ -11,7 +11,6 @@ from hasync.cli.commands.common import add_client_options, client_options, failo
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core import schemas
-from hasync.core.memory import gc_paused
 from hasync.sync.run import Step, SyncOptions, SyncRun, trust_store
 from hasync.wire.client import ClientOptions
 
@@ -71,8 +70,7 @@ def run_sync(args: argparse.Namespace) -> int:
     run = SyncRun(ConfigStore(args.conf_dir), registry, options,
                   failover=failover_backend(args.conf_dir) if args.pre_check_master else None,
                   progress=print_step)
-    with gc_paused():  # a sync of a large config builds (and drops) a million acyclic objects
-        result = run.run()
+    result = run.run()
     if args.json:
         document = result.as_json()
         schemas.validate("sync-result", document)
