@@ -2,8 +2,11 @@
 
 config.xml, payload files and XML-RPC bodies are all parsed through here: a DTD is refused
 outright (neither format uses one), so billion-laughs, quadratic-blowup and external-entity
-documents fail fast with a clear message instead of consuming memory. libxml2's default depth
-limit (256) bounds nesting.
+documents fail fast with a clear message instead of consuming memory. Without a DTD no entity
+can be declared, and a reference to an undeclared one is a well-formedness error of libxml2's
+(there is no recover mode here): so no tree that comes back holds an entity node, and none is
+searched for (a walk of every node, ~16 ms of a 20 MB config). libxml2's default depth limit
+(256) bounds nesting.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def _parser(remove_blank_text: bool) -> etree.XMLParser:
         huge_tree=False,
         remove_blank_text=remove_blank_text,
         remove_comments=False,
+        collect_ids=False,  # no xml:id table: nothing looks elements up by id (~10% of a parse)
     )
 
 
@@ -32,7 +36,4 @@ def parse_bytes(data: bytes, *, remove_blank_text: bool = True) -> etree._Elemen
     doc = etree.fromstring(data, _parser(remove_blank_text)).getroottree()
     if getattr(doc.docinfo, "doctype", "") or doc.docinfo.internalDTD is not None:
         raise UnsafeXmlError("document type declarations (DTD) are not allowed")
-    root = doc.getroot()
-    for _ in root.iter(etree.Entity):
-        raise UnsafeXmlError("entity references are not allowed")
-    return root
+    return doc.getroot()
