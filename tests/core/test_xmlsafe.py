@@ -32,3 +32,10 @@ def test_control_the_same_parser_without_the_dtd_check_would_keep_an_entity_node
 
 def test_character_and_predefined_references_are_plain_text() -> None:
     assert xmlsafe.parse_bytes(b"<a>&amp;&lt;&#65;&#x42;</a>").text == "&<AB"
+
+
+def test_an_external_dtd_on_a_local_path_is_refused_unread() -> None:
+    """Refused by the DTD check, never loaded: a parser that tried to read it (lxml does with
+    `collect_ids=False`) would fail on the missing file instead, or read a file that exists."""
+    with pytest.raises(xmlsafe.UnsafeXmlError, match="DTD"):
+        xmlsafe.parse_bytes(b'<!DOCTYPE a SYSTEM "/nonexistent/opnsense-ha-test.dtd"><a/>')
