@@ -19,8 +19,7 @@ from hasync.core.osiface import CommandRunner, SubprocessRunner
 VERSION_OVERRIDE = "version.json"
 
 #: Where OPNsense installs the tool (opnsense/core `src/sbin`). Looked for here rather than on
-#: PATH: configd's PATH is not ours to rely on, and `shutil.which` would cost every sync the
-#: import of shutil (with bz2 and lzma, ~2 ms of a no-op's start) on systems that never have it.
+#: PATH: the PATH configd and cron give a script is not ours to rely on.
 OPNSENSE_VERSION_TOOL = Path("/usr/local/sbin/opnsense-version")
 
 
