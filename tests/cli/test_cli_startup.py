@@ -19,7 +19,7 @@ import pytest
 
 from hasync import cli
 from support.nodes import Pair, make_pair, running_agent
-from support.paths import PACKAGE_ROOT
+from support.paths import PACKAGE_ROOT, REPO
 
 # the lab (halab) is no command of the product any more: it never loads, asserted here too
 HEAVY = ("jsonschema", "cryptography", "bcrypt", "passlib", "hasync.agent", "halab", "hasync.health.checks",
@@ -127,3 +127,35 @@ def test_help_and_errors_still_list_every_command(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     for command in ("serve", "sync", "trust", "check", "history", "apply-payload"):
         assert repr(command) in err, command
+
+
+EXIT_PROBE = """
+import atexit, gc, sys
+atexit.register(lambda: print(gc.get_freeze_count() > 0, flush=True))  # runs before the last collection
+from hasync import cli
+if sys.argv[1] == "exit_process":
+    cli.exit_process(3)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(("how", "frozen"), [("exit_process", True), ("sys.exit", False)])
+def test_a_process_ends_with_everything_frozen_for_the_last_collection(how: str, frozen: bool) -> None:
+    """`exit_process` leaves the interpreter's exit collection nothing to walk; `sys.exit` is the control."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE, how], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 3
+    assert out.stdout.strip() == str(frozen)
+
+
+def test_every_process_entry_ends_through_exit_process() -> None:
+    """The launcher, `python -m hasync`, the console script and every configd script."""
+    scripts = sorted(PACKAGE_ROOT.glob("ha_*.py"))
+    assert scripts
+    for script in scripts:
+        assert "configd.exit_process(configd." in script.read_text() and "sys.exit(" not in script.read_text(), script
+    launcher = (REPO / "src" / "sbin" / "opnsense-ha").read_text()
+    assert launcher.rstrip().endswith("run()")
+    assert (PACKAGE_ROOT / "hasync" / "__main__.py").read_text().rstrip().endswith("run()")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'opnsense-ha = "hasync.cli:run"' in pyproject

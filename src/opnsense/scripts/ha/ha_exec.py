@@ -8,4 +8,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hasync import configd
 
-sys.exit(configd.exec_action(sys.argv[1:]))
+configd.exit_process(configd.exec_action(sys.argv[1:]))

@@ -8,4 +8,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hasync import configd
 
-sys.exit(configd.run_json(["items"]))
+configd.exit_process(configd.run_json(["items"]))

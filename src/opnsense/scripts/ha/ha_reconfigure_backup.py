@@ -11,4 +11,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hasync import configd
 
-sys.exit(configd.run_script(["sync", "--pre-check-master", "--restart-services"]))
+configd.exit_process(configd.run_script(["sync", "--pre-check-master", "--restart-services"]))

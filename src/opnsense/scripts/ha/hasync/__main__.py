@@ -1,5 +1,3 @@
-import sys
+from hasync.cli import run
 
-from hasync.cli import main
-
-sys.exit(main())
+run()

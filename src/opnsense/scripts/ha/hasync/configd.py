@@ -41,6 +41,10 @@ def global_args() -> list[str]:
     return args
 
 
+#: How every configd script ends: `cli.exit_process` (no garbage collection at the process's exit).
+exit_process = cli.exit_process
+
+
 def run_cli(argv: Sequence[str]) -> tuple[int, str, str]:
     """Run `opnsense-ha <global options> argv` in-process; (exit status, stdout, stderr).
 

@@ -15,11 +15,13 @@ typo) every module is imported, so the listing and argparse's errors stay comple
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from hasync.cli import commands
 from hasync.core.errors import HaError
@@ -95,5 +97,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`, without the interpreter's last garbage collection.
+
+    At exit Python walks every object the run created (the modules, a parsed config) looking for
+    cycles, only to free them all anyway: ~10 ms of a no-op sync's ~100 ms. Frozen objects are
+    not walked, and freezing is harmless when nothing runs afterwards. For process entry points
+    only (the launcher, `python -m hasync`, the configd scripts), never for in-process callers.
+    """
+    gc.freeze()
+    sys.exit(code)
+
+
+def run() -> NoReturn:
+    """The `opnsense-ha` process: `main` with the command line, then `exit_process`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
