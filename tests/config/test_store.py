@@ -154,6 +154,29 @@ def test_serialize_roundtrip_is_stable(conf: Path) -> None:
     assert serialize(parse_config_bytes(once, "y")) == once
 
 
+def test_serialize_leaves_the_tree_as_parsed() -> None:
+    """The agent keeps the tree it wrote and merges into it later (`ConfigCache.take`): writing
+    must not add indentation a parse of the file would not have."""
+    root = parse_config_bytes(BASE, "x")
+    before = etree.tostring(root)
+    written = serialize(root)
+    assert etree.tostring(root) == before
+    assert etree.tostring(parse_config_bytes(written, "y")) == before
+    etree.indent(root)  # control: indenting in place, as the store did, changes the tree
+    assert etree.tostring(root) != before
+
+
+def test_serialize_formats_as_libxml2_does_for_opnsense() -> None:
+    """OPNsense writes config.xml with libxml2's formatted output (`Config::__toString`): two
+    spaces per level, and an element holding text beside its children is written as it is (so is
+    whitespace kept with xml:space="preserve")."""
+    source = (b'<opnsense><a><b>1</b></a><mixed>text<b>1</b></mixed>'
+              b'<kept xml:space="preserve"> <b>1</b> </kept></opnsense>')
+    assert serialize(parse_config_bytes(source, "x")) == (
+        b'<?xml version="1.0"?>\n<opnsense>\n  <a>\n    <b>1</b>\n  </a>\n  <mixed>text<b>1</b></mixed>\n'
+        b'  <kept xml:space="preserve"> <b>1</b> </kept>\n</opnsense>\n')
+
+
 # --- crash safety: SIGKILL at the two dangerous points --------------------------------------
 
 CRASH_WRITER = textwrap.dedent(

@@ -69,10 +69,16 @@ def parse_config_bytes(data: bytes, source: str) -> etree._Element:
 
 
 def serialize(root: etree._Element) -> bytes:
-    """Bytes in OPNsense's layout: XML declaration, 2-space indent, root <opnsense>."""
-    etree.indent(root, space="  ")
-    # one join, not `a + b + c`: each `+` copies the whole document (a 50 MB config held three times)
-    return b"".join((b'<?xml version="1.0"?>\n', etree.tostring(root, encoding="utf-8"), b"\n"))
+    """Bytes in OPNsense's layout: XML declaration, 2-space indent, root <opnsense>.
+
+    libxml2's own formatted output, as OPNsense's `Config::__toString` writes (a DOM parsed without
+    blank text, saved with `formatOutput`): elements holding text beside child elements, or
+    whitespace under ``xml:space="preserve"``, are written as they are. The tree is not touched:
+    it stays as free of indentation as a fresh parse (`parse_config_bytes`), so the agent can keep
+    what it wrote and later merge into it (`agent.fastpath.ConfigCache.take`) with the same result
+    as into a re-parse of the file.
+    """
+    return b'<?xml version="1.0"?>\n' + etree.tostring(root, encoding="utf-8", pretty_print=True)
 
 
 class ConfigStore:

@@ -78,7 +78,7 @@ class Grafts:
     def __init__(self) -> None:
         self._entries: dict[int, tuple[dict[str, Any], etree._Element]] = {}
         # what `take` handed out, element -> its dict: still `element_to_value(element)` once
-        # merged (nothing edits a moved record; re-indenting touches only ignored whitespace)
+        # merged (nothing edits a moved record, and writing it leaves the tree as it is)
         self.moved: dict[etree._Element, dict[str, Any]] = {}
 
     def __len__(self) -> int:
@@ -131,19 +131,20 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
     """`element_to_value`, and whether `fill_element` would rebuild `node`'s children exactly.
 
     What a dict loses (module docstring) makes a rebuild differ: a comment or PI, text beside
-    child elements (mixed content), a tail that is not whitespace, a tag that comes back after
-    another (interleaved groups come back grouped), leaf attributes anywhere but on the first
-    element of its group, a list tag's empty first leaf followed by more (or holding
-    whitespace). A child record or an attribute struct holding ``nosync`` counts as a
-    difference too: the decoder's `remove_nosync` deletes such structs from the dict in place.
-    Whitespace between elements does not matter: the store re-indents what it writes.
+    child elements (mixed content), a tail, a tag that comes back after another (interleaved
+    groups come back grouped), leaf attributes anywhere but on the first element of its group,
+    a list tag's empty first leaf followed by more (or holding whitespace). A child record or an
+    attribute struct holding ``nosync`` counts as a difference too: the decoder's
+    `remove_nosync` deletes such structs from the dict in place. Whitespace between elements
+    counts as well: the store writes libxml2's formatted output, which keeps the layout of an
+    element holding any text beside its children (`store.serialize`).
     """
     if known is not None:
         done = known.get(node)
         if done is not None:
             return done, False
     result: dict[str, Any] = {}
-    exact = grafts is not None and not (node.text and node.text.strip())
+    exact = grafts is not None and not node.text
     if node.attrib:
         result[ATTRIBUTES] = {str(k): str(v) for k, v in node.attrib.items()}
         if "nosync" in node.attrib:
@@ -158,7 +159,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
         if exact:
             if name != previous and name in result:
                 exact = False  # interleaved with another tag
-            elif child.tail and child.tail.strip():
+            elif child.tail:
                 exact = False
             previous = name
         if len(child) > 0:
