@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import re
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from hasync.agent import fastpath
+from hasync.config import store as storemod
 from hasync.config import tree
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
@@ -604,20 +606,132 @@ def test_config_cache_adopts_what_the_store_writes(tmp_path: Path) -> None:
     assert cache.root().findtext("system/hostname") == "elsewhere" and cache.loads == 2
 
 
-def test_a_merge_never_works_on_the_tree_readers_hold(tmp_path: Path) -> None:
+def first_user_password(root: etree._Element) -> str:
+    return root.findtext("system/user/password") or ""
+
+
+def test_a_writer_takes_the_cached_tree_and_logins_keep_their_copy(tmp_path: Path) -> None:
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 4e9)
+    login_view = cache.accounts()  # what a login running beside the merge holds
+    cached = cache.root()
+    hostname, password = cached.findtext("system/hostname"), first_user_password(cached)
+    with pytest.raises(RuntimeError), store.transaction("test: failing merge") as root:
+        assert root is cached and cache.loads == 1  # taken over, not parsed again
+        root.find("system/hostname").text = "half-merged"  # type: ignore[union-attr]
+        root.find("system/user/password").text = "changed"  # type: ignore[union-attr]
+        raise RuntimeError("merge failed half way")
+    # the half-merged tree is gone: the next reader parses the untouched file
+    assert cache.root() is not cached and cache.root().findtext("system/hostname") == hostname
+    assert cache.loads == 2
+    assert first_user_password(login_view) == password  # a login's copy was never touched
+    cached = cache.root()
+    with store.transaction("test: merge") as root:
+        assert root is cached and cache.loads == 2
+        root.find("system/user/password").text = "changed"  # type: ignore[union-attr]
+    assert cache.root() is root and cache.loads == 2  # what was written becomes the cache
+    assert first_user_password(cache.accounts()) == "changed"  # a new copy for later logins
+    assert first_user_password(login_view) == password
+
+
+def test_a_writer_never_waits_for_a_reader_of_the_cache(tmp_path: Path) -> None:
+    """A digest request holds the cache and then reads config.xml, so it waits for a writer's
+    exclusive lock: a writer that waited for the cache in turn would wait forever."""
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    store.lock_timeout = 5.0  # bounds the reader's wait should the writer ever block it
+    cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 4e9)
+    cached = cache.root()
+    reading = threading.Event()
+
+    def reader() -> None:
+        with cache.lock:
+            reading.set()
+            store.read_bytes()
+
+    take = store.take_parsed
+    assert take is not None
+
+    def take_beside_a_reader(locked_bytes: Any) -> etree._Element | None:
+        threading.Thread(target=reader, daemon=True).start()
+        assert reading.wait(5)
+        return take(locked_bytes)
+
+    store.take_parsed = take_beside_a_reader
+    written: list[etree._Element] = []
+
+    def writer() -> None:
+        with store.transaction("test: merge beside a reader") as root:
+            root.find("system/hostname").text = "merged"  # type: ignore[union-attr]
+        written.append(root)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert written, "the writer waited for the cache a reader holds while it waits for the file"
+    assert written[0] is not cached  # it parsed its own; the reader kept the cached tree
+    assert cached.findtext("system/hostname") != "merged"
+
+
+def merged_twice(tmp_path: Path, name: str, monkeypatch: Any, reindenting: bool) -> tuple[bytes, bytes]:
+    """Merge the primary's VIPs into a backup whose agent cache adopts what it writes, then an empty
+    VIP set into that same tree, and the empty set into a fresh parse of the file between the two."""
+    if reindenting:  # control: the store as it wrote before, re-indenting the tree it was given
+        def old_serialize(root: etree._Element) -> bytes:
+            etree.indent(root, space="  ")
+            return b'<?xml version="1.0"?>\n' + etree.tostring(root, encoding="utf-8") + b"\n"
+        monkeypatch.setattr(storemod, "serialize", old_serialize)
+    pair = new_pair(tmp_path, name)
+    registry = SyncItemRegistry.load()
+    vips = {"virtualip": tree.element_to_value(ConfigStore(pair.primary).load())["virtualip"]}
+    store = ConfigStore(pair.backup)
+    with store.transaction("test: a backup without VIPs of its own") as root:
+        root.find("virtualip").clear()  # type: ignore[union-attr]
+    cache = fastpath.ConfigCache(store, registry, clock=lambda: 4e9)
+    for payload in (vips, {"virtualip": []}):
+        if payload is not vips:
+            fresh = tmp_path / f"{name}-fresh"
+            fresh.mkdir()
+            (fresh / "config.xml").write_bytes(store.config_path.read_bytes())
+        held = cache.root()
+        with store.transaction(merge.revision_description(payload)) as root:
+            assert root is held  # taken over from the cache: parsed once at the start, then adopted
+            merge.merge_payload(root, payload, registry)
+    with ConfigStore(fresh).transaction(merge.revision_description({"virtualip": []})) as root:
+        merge.merge_payload(root, {"virtualip": []}, registry)
+    return revision_time_masked(store.config_path), revision_time_masked(fresh / "config.xml")
+
+
+def test_merging_into_the_tree_the_agent_wrote_equals_merging_into_a_parse(tmp_path: Path,
+                                                                         monkeypatch: Any) -> None:
+    kept, fresh = merged_twice(tmp_path, "now", monkeypatch, reindenting=False)
+    assert kept == fresh and b"<virtualip/>" in fresh
+    # control: a store that re-indents the tree it writes leaves whitespace in it that a parse does
+    # not have, and a section the merge empties is written differently
+    kept, fresh = merged_twice(tmp_path, "before", monkeypatch, reindenting=True)
+    assert kept != fresh
+
+
+def test_a_writer_parses_when_the_cached_tree_is_not_the_file(tmp_path: Path, monkeypatch: Any) -> None:
     pair = new_pair(tmp_path, "n")
     store = ConfigStore(pair.backup)
     cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 4e9)
     cached = cache.root()
-    hostname = cached.findtext("system/hostname")
-    with pytest.raises(RuntimeError), store.transaction("test: failing merge") as root:
-        assert root is not cached  # its own parse: a login may be reading the cached one
-        root.find("system/hostname").text = "half-merged"  # type: ignore[union-attr]
-        raise RuntimeError("merge failed half way")
-    assert cache.root() is cached and cached.findtext("system/hostname") == hostname
+    with ConfigStore(pair.backup).transaction("test: elsewhere") as other:  # another writer
+        other.find("system/hostname").text = "elsewhere"  # type: ignore[union-attr]
     with store.transaction("test: merge") as root:
-        assert root is not cached
-        root.find("system/hostname").text = "merged"  # type: ignore[union-attr]
-    assert cache.root() is root  # what was written becomes the cache (adopted, not re-parsed)
-    assert cached.findtext("system/hostname") == hostname  # a reader's tree was never touched
+        assert root is not cached and root.findtext("system/hostname") == "elsewhere"
+    # a young entry: a same-size write in the same timestamp tick is caught by content, read
+    # through the writer's own locked handle (a second lock on the file would wait forever)
+    monkeypatch.setattr(fastpath, "file_key", lambda path: (0, 0, path.stat().st_size, 0, 0))
+    young = fastpath.ConfigCache(ConfigStore(pair.backup), SyncItemRegistry.load(), clock=lambda: 0.5)
+    cached = young.root()
+    data = young.store.config_path.read_bytes()
+    young.store.config_path.write_bytes(data.replace(b"<hostname>elsewhere<", b"<hostname>elsewherX<"))
+    with young.store.transaction("test: merge") as root:
+        assert root is not cached and root.findtext("system/hostname") == "elsewherX"
+    cached = young.root()
+    with young.store.transaction("test: merge") as root:  # control: unchanged, young or not
+        assert root is cached
 

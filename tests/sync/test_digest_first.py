@@ -247,10 +247,10 @@ def test_the_compact_probe_carries_the_same_digests_and_a_stock_backup_is_rememb
         assert discovery.compact_probe(client, ["users"], pair.primary) is None
 
 
-def test_a_full_sync_parses_the_backups_config_once_and_frees_the_cached_tree_for_the_merge(
+def test_a_full_sync_parses_the_backups_config_once_and_merges_into_the_cached_tree(
         pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 12: the probe's capabilities come from the agent's cached tree (no second parse of
-    config.xml), the cached tree is let go before the merge parses its own, and the tree the
+    config.xml), the merge changes that very tree instead of parsing its own, and the tree the
     merge writes is the new cache (so the drift digests right after need no parse either).
     Control: without the cache the capabilities load config.xml through the store."""
     from hasync.config.store import ConfigStore as Store
@@ -261,17 +261,24 @@ def test_a_full_sync_parses_the_backups_config_once_and_frees_the_cached_tree_fo
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         cache = agent_cache(server)
-        cache.root()  # as after any earlier request
-        dropped: list[bool] = []
-        original_drop = cache.drop
-        monkeypatch.setattr(cache, "drop", lambda: dropped.append(True) or original_drop())
+        held = cache.root()  # as after any earlier request
+        take = cache.store.take_parsed
+        assert take is not None
+        taken: list[Any] = []
+
+        def recording_take(read: Any) -> Any:
+            taken.append(take(read))
+            return taken[-1]
+
+        monkeypatch.setattr(cache.store, "take_parsed", recording_take)
         before = cache.loads
         result = sync(pair, full=True)
         assert result.transfer == "fast path"
         assert loads == []  # neither the capabilities nor the digests loaded config.xml themselves
-        assert dropped  # the merge did not run beside the old cached tree
+        assert taken == [held]  # the merge changed the cached tree: no parse of its own beside it
         assert cache.loads == before  # the merged tree was adopted, nothing re-parsed
-        assert cache.root().findtext("revision/description", "").startswith("Merged ")
+        assert cache.root() is held
+        assert held.findtext("revision/description", "").startswith("Merged ")
 
     extensions_module = __import__("hasync.agent.hasync_methods", fromlist=["Extensions"])
     node = server.dispatcher.methods["hasync.history"].__self__.node  # type: ignore[attr-defined]

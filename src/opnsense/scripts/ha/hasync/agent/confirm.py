@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,8 @@ class ArmedRollback:
     _timer: threading.Timer | None = None
 
     # called by BackupNode.restore_config_section inside its transaction, after the merge and the
-    # lock-out guard, just before the write; `before` is config.xml's bytes under the store lock
-    def before_write(self, context: CallContext, before: bytes) -> None:
+    # lock-out guard, just before the write; `read_before` reads config.xml's bytes under the store lock
+    def before_write(self, context: CallContext, read_before: Callable[[], bytes]) -> None:
         with self.lock:
             state = read_state(self.state_dir)
             armed = state["armed"]
@@ -84,6 +85,7 @@ class ArmedRollback:
                 return
             seconds, ident = parse_header(context.confirm)
             now = self.clock.time()
+            before = read_before()
             write_file(self.state_dir / BEFORE_FILE, before)
             state["armed"] = {"id": ident, "state": ARMED, "armed_at": round(now, 3),
                               "deadline": round(now + seconds, 3), "deadline_iso": iso(now + seconds),

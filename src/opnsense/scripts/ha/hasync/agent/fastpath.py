@@ -23,6 +23,7 @@ from typing import Any
 from lxml import etree
 
 from hasync.agent.hasync_methods import item_ids_argument
+from hasync.agent.lockout import accounts_copy
 from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
@@ -69,7 +70,7 @@ class FastPathAgent:
         return result
 
 class ConfigCache:
-    """The agent's parsed config.xml and per-item digests, for read-only use between writes.
+    """The agent's parsed config.xml and per-item digests, between writes.
 
     Why: every request authenticates against config.xml, and `hasync.digest`/`capabilities`
     read it too. Parsing a 50 MB config costs ~0.6 s and digesting it seconds, which would make
@@ -77,8 +78,12 @@ class ConfigCache:
     inode, size, mtime, ctime) is unchanged; an entry taken while the file was younger than
     `RACY_WINDOW` is also checked by content hash until the file is older (two writes in one
     timestamp tick with the same size would look unchanged otherwise; git's "racily clean").
-    Callers must not modify the tree `root()` returns. It is never handed to a writer either:
-    logins read it outside the cache's lock, so a merge always works on its own parse.
+
+    A writer (a merge, a rollback) takes the cached tree under config.xml's exclusive lock
+    (`take`, through `ConfigStore.take_parsed`) and changes it instead of parsing the file again
+    (at 20 MB a parse and freeing the old tree cost ~0.2 s); what it writes comes back through
+    `adopt`. So the full tree is read only under this cache's lock (`digests`, `capabilities`,
+    or holding `lock`), and logins, which run beside a merge, read `accounts`, a copy of their own.
     """
 
     def __init__(self, store: ConfigStore, registry: SyncItemRegistry,
@@ -86,14 +91,16 @@ class ConfigCache:
         self.store = store
         self.registry = registry
         self.clock = clock
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._key: tuple[int, ...] | None = None
         self._content: str | None = None  # sha256 of the bytes, while the entry is racy
         self._root: etree._Element | None = None
+        self._accounts: etree._Element | None = None
         self._digests: dict[str, str] = {}
         self._capabilities: dict[str, Any] | None = None
         self.loads = 0  # how often config.xml was parsed (tests use it)
         store.written = self.adopt
+        store.take_parsed = self.take
 
     def _valid(self) -> bool:
         key = file_key(self.store.config_path)
@@ -126,6 +133,10 @@ class ConfigCache:
             young = self.clock() - before[3] / 1e9 <= RACY_WINDOW
             self._content = hashlib.sha256(data).hexdigest() if young else None
 
+    def _clear(self) -> None:
+        self._key, self._content, self._root, self._accounts = None, None, None, None
+        self._digests, self._capabilities = {}, None
+
     def adopt(self, root: etree._Element, data: bytes) -> None:
         """The store just wrote `root` as `data` (its lock is held): keep that tree, no re-parse.
 
@@ -133,11 +144,10 @@ class ConfigCache:
         writer holds, and both would wait forever. A busy cache simply stays stale (its key no
         longer matches) and re-reads later.
         """
-        if not self._lock.acquire(blocking=False):
+        if not self.lock.acquire(blocking=False):
             return
         try:
-            self._key, self._content, self._root = None, None, None
-            self._digests, self._capabilities = {}, None
+            self._clear()
             key = file_key(self.store.config_path)
             if key is None:
                 return
@@ -145,20 +155,52 @@ class ConfigCache:
             young = self.clock() - key[3] / 1e9 <= RACY_WINDOW
             self._content = hashlib.sha256(data).hexdigest() if young else None
         finally:
-            self._lock.release()
+            self.lock.release()
+
+    def take(self, locked_bytes: Callable[[], bytes]) -> etree._Element | None:
+        """For a writer holding config.xml's exclusive lock: the cached tree if it is the file as
+        it is now (`locked_bytes` reads the file through the writer's handle, for a young entry's
+        content check), else None. The entry is emptied either way: the tree is the writer's to
+        change, and a writer that fails leaves the next reader a fresh parse of the untouched file.
+
+        Never waits for the cache (as `adopt`): a reader holding it may be waiting for the file
+        lock the writer holds. The writer then parses the file itself and the reader keeps its tree.
+        """
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            root, key, content = self._root, self._key, self._content
+            self._clear()
+            if root is None or key is None or file_key(self.store.config_path) != key:
+                return None
+            if content is not None and hashlib.sha256(locked_bytes()).hexdigest() != content:
+                return None
+            return root
+        finally:
+            self.lock.release()
 
     def drop(self) -> None:
-        with self._lock:
-            self._key, self._content, self._root = None, None, None
-            self._digests, self._capabilities = {}, None
+        with self.lock:
+            self._clear()
 
     def root(self) -> etree._Element:
-        """The config tree as of now (for reading only)."""
-        with self._lock:
+        """The config tree as of now, for reading only and only while holding `lock` (a writer
+        may take it and change it as soon as the lock is free)."""
+        with self.lock:
             if self._root is None or not self._valid():
                 self._refresh()
             assert self._root is not None
             return self._root
+
+    def accounts(self) -> etree._Element:
+        """The users and groups of config.xml as of now (`lockout.accounts_copy`), all a login
+        reads (`auth.verify_credentials`): a copy made once per version of the file, which no
+        writer ever changes, so logins need not wait for a merge."""
+        with self.lock:
+            root = self.root()
+            if self._accounts is None:
+                self._accounts = accounts_copy(root)
+            return self._accounts
 
     def digests(self, item_ids: Sequence[str],
                 known: Mapping[etree._Element, dict[str, Any]] | None = None) -> tuple[dict[str, str], list[str]]:
@@ -167,7 +209,7 @@ class ConfigCache:
         `known`: conversions of elements of the cached tree at hand already (`tree.Grafts.moved`).
         """
 
-        with self._lock:
+        with self.lock:
             root = self.root()
             wanted = [i for i in item_ids if i in self.registry and i not in self._digests]
             if wanted:
@@ -182,7 +224,7 @@ class ConfigCache:
             return answer, unknown
 
     def capabilities(self, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        with self._lock:
+        with self.lock:
             self.root()  # validates the entry
             if self._capabilities is None or self._key is None:
                 reply = compute()
@@ -212,23 +254,13 @@ def _warm_digests(cache: ConfigCache, decoded: Decoded) -> None:
         cache.digests(ids, grafts.moved if grafts is not None else None)
 
 
-def _dropping_cache(cache: ConfigCache, merge: Callable[[Any, CallContext], Any]) -> Callable[[Any, CallContext], Any]:
-    """`merge`, after letting go of the cached tree: the merge parses its own and the tree it
-    writes becomes the cache, so holding the old one only adds a whole parsed config to the peak."""
-    def handler(argument: Any, context: CallContext) -> Any:
-        cache.drop()
-        return merge(argument, context)
-
-    return handler
-
-
 def register(dispatcher: Dispatcher, features: set[str] | None = None,
              cache: ConfigCache | None = None) -> FastPathAgent:
     """Add `METHOD` to an agent's dispatcher; `features` (the capabilities set) gets `FAST_PATH_FEATURE`.
 
     With a `cache`, `hasync.digest` and `hasync.capabilities` answer from it (same functions,
-    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge drops the
-    cached tree and parses its own, and the tree it writes becomes the cache.
+    same replies, no re-parse and no re-digest while config.xml is unchanged); a merge takes the
+    cached tree (`ConfigCache.take`), and the tree it writes becomes the cache.
     """
     agent = FastPathAgent(dispatcher)
     agent.register()
@@ -236,10 +268,6 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
         features.update((FAST_PATH_FEATURE, PERNODE_FEATURE))
     if cache is not None:
         agent.after_merge = lambda decoded: _warm_digests(cache, decoded)
-        for name in (RESTORE_METHOD, METHOD):
-            if name in dispatcher.methods:
-                dispatcher.register(name, _dropping_cache(cache, dispatcher.methods[name]))
-
 
         if "hasync.digest" in dispatcher.methods:
             def digest(argument: Any, _context: CallContext) -> dict[str, Any]:

@@ -32,7 +32,9 @@ log = logging.getLogger("hasync.backup")
 
 
 class MergeHook(Protocol):
-    def before_write(self, context: CallContext, before: bytes) -> None: ...
+    # `read_before` reads config.xml's bytes as they are before the write (a 20 MB read, only
+    # when needed: a commit-confirmed sync keeps them to roll back to)
+    def before_write(self, context: CallContext, read_before: Callable[[], bytes]) -> None: ...
 
 
 class BackupNode:
@@ -105,8 +107,8 @@ class BackupNode:
                 # raises before anything is written if the request's credentials would stop working
                 lockout.guard_merge(accounts_before, root, context.authorization, allow=context.allow_lockout,
                                     now=self.store.clock.time(), who=who)
-                if self.merge_hook is not None:  # config.xml's bytes, still under the store's lock
-                    self.merge_hook.before_write(context, self.store.config_path.read_bytes())
+                if self.merge_hook is not None:  # still under the store's lock
+                    self.merge_hook.before_write(context, self.store.config_path.read_bytes)
             log.info("%s (from %s@%s)", description, context.username, context.remote_addr)
             for warning in report.warnings:
                 log.warning("%s", warning)

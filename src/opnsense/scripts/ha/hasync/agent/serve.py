@@ -114,12 +114,14 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         accept_unknown_sections=options.accept_unknown_sections,
     )
     dispatcher = node.register(Dispatcher())
-    # parsed config.xml and digests, reused while the file is unchanged (logins read it every request)
+    # parsed config.xml and digests, reused while the file is unchanged (logins read its users
+    # every request) and handed to the next merge instead of a second parse
     cache = fastpath.ConfigCache(store, registry)
     # Parsed now, before the agent listens: the first login of the first sync then reads a warm
     # tree, as every later one does (a 20 MB config costs ~0.15 s to parse).
-    cache.root()
+    cache.accounts()
     if options.extensions:
+        # (`capabilities` reads it only inside `ConfigCache.capabilities`, under the cache's lock)
         extensions = Extensions(node, read_config=cache.root)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)
@@ -129,7 +131,7 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         return AgentServer(
             parse_listen(options.listen),
             dispatcher,
-            Authenticator(cache.root),
+            Authenticator(cache.accounts),
             tls=context,
             allow_loopback=options.allow_loopback,
             limits=options.limits,

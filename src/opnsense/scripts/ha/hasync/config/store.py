@@ -94,6 +94,10 @@ class ConfigStore:
         # called with (tree, bytes) after every write through the store, under its lock (the
         # agent's read cache adopts the tree it just wrote instead of parsing it again)
         self.written: Callable[[etree._Element, bytes], None] | None = None
+        # called by `transaction` under the exclusive lock, with a reader of the locked file's
+        # bytes: a parsed tree that is config.xml as it is now, handed over to be changed, or None
+        # (the agent's read cache gives up the tree it holds instead of letting it be parsed twice)
+        self.take_parsed: Callable[[Callable[[], bytes]], etree._Element | None] | None = None
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -182,9 +186,24 @@ class ConfigStore:
     def transaction(self, description: str, username: str = SYSTEM_USERNAME) -> Iterator[etree._Element]:
         """Exclusive lock across read-modify-write. Nothing is written if the block raises."""
         with self._locked(exclusive=True) as handle:
-            root = self._read_locked(handle)
+            root = self._take_parsed(handle)
+            if root is None:
+                root = self._read_locked(handle)
             yield root
             self._write_locked(handle, root, description, username)
+
+    def _take_parsed(self, handle: IO[bytes]) -> etree._Element | None:
+        if self.take_parsed is None:
+            return None
+
+        def locked_bytes() -> bytes:
+            handle.seek(0)
+            return handle.read()
+
+        root = self.take_parsed(locked_bytes)
+        if root is not None:
+            self._sweep_temp_files()  # what `_read_locked` does besides parsing
+        return root
 
     def write(self, root: etree._Element, description: str, username: str = SYSTEM_USERNAME) -> None:
         """Replace the config with `root` (a tree obtained from `load`) under an exclusive lock."""
