@@ -678,10 +678,10 @@ def merged_twice(tmp_path: Path, name: str, monkeypatch: Any, reindenting: bool)
     """Merge the primary's VIPs into a backup whose agent cache adopts what it writes, then an empty
     VIP set into that same tree, and the empty set into a fresh parse of the file between the two."""
     if reindenting:  # control: the store as it wrote before, re-indenting the tree it was given
-        def old_serialize(root: etree._Element) -> bytes:
+        def old_write(root: etree._Element, out: Any) -> None:
             etree.indent(root, space="  ")
-            return b'<?xml version="1.0"?>\n' + etree.tostring(root, encoding="utf-8") + b"\n"
-        monkeypatch.setattr(storemod, "serialize", old_serialize)
+            out.write(b'<?xml version="1.0"?>\n' + etree.tostring(root, encoding="utf-8") + b"\n")
+        monkeypatch.setattr(storemod, "write_config", old_write)
     pair = new_pair(tmp_path, name)
     registry = SyncItemRegistry.load()
     vips = {"virtualip": tree.element_to_value(ConfigStore(pair.primary).load())["virtualip"]}

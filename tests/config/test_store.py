@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -166,6 +167,17 @@ def test_serialize_leaves_the_tree_as_parsed() -> None:
     assert etree.tostring(root) != before
 
 
+def test_a_write_streams_what_serialize_gives_and_reports_its_sha256(conf: Path) -> None:
+    store = ConfigStore(conf)
+    seen: list[tuple[etree._Element, str]] = []
+    store.written = lambda root, content: seen.append((root, content))
+    with store.transaction("test: write") as root:
+        root.find("counter").text = "7"  # type: ignore[union-attr]
+    data = (conf / "config.xml").read_bytes()
+    assert data == serialize(root) == store.history_files()[0].read_bytes()
+    assert seen == [(root, hashlib.sha256(data).hexdigest())]
+
+
 def test_serialize_formats_as_libxml2_does_for_opnsense() -> None:
     """OPNsense writes config.xml with libxml2's formatted output (`Config::__toString`): two
     spaces per level, and an element holding text beside its children is written as it is (so is
@@ -186,7 +198,8 @@ CRASH_WRITER = textwrap.dedent(
     from hasync.config import store as store_mod
     point = sys.argv[2]
     real = store_mod.ConfigStore._rewrite_in_place
-    def crashing(self, handle, data):
+    def crashing(self, handle, chunks):
+        data = b"".join(chunks)
         if point == "before-rewrite":
             os.kill(os.getpid(), signal.SIGKILL)
         handle.seek(0)

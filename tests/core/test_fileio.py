@@ -6,6 +6,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,39 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path, monkeypa
         atomic_write(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+def test_atomic_write_streams_from_a_writer_and_a_failing_writer_changes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "config.xml"
+
+    def in_parts(out: Any) -> None:
+        for part in range(3):
+            out.write(b"part %d\n" % part)
+
+    atomic_write(target, in_parts)
+    assert target.read_bytes() == b"part 0\npart 1\npart 2\n"
+
+    def failing(out: Any) -> None:
+        out.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"part 0\npart 1\npart 2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.xml"]
+
+
+def test_same_content_compares_bytes_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fileio, "COPY_CHUNK", 4)  # several chunks, a difference in the last one
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"0123456789")
+    second.write_bytes(b"0123456789")
+    assert fileio.same_content(first, second)
+    second.write_bytes(b"0123456788")  # control: same size, last byte differs
+    assert not fileio.same_content(first, second)
+    second.write_bytes(b"012345678")
+    assert not fileio.same_content(first, second)
+    assert not fileio.same_content(first, tmp_path / "missing")
 
 
 def test_concurrent_trust_store_writers_never_collide(tmp_path: Path) -> None:

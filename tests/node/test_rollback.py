@@ -4,13 +4,14 @@ after later edits; on the backup and from the primary through the agent."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 from lxml import etree
 
+from hasync.config import store as storemod
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core.osiface import SubprocessRunner
@@ -132,6 +133,30 @@ def test_history_marks_the_sync_and_the_target(pair: Pair, capsys: Any) -> None:
     assert "rollback: rollback would restore" in text
 
 
+def test_preserving_compares_files_and_reads_config_xml_only_to_keep_it(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before every merge the agent checks that config.xml is in history; for the usual config
+    (written with history) that is a chunked file comparison, without reading it whole."""
+    reads: list[int] = []
+    original = storemod.LockedConfig.data
+
+    def recording(self: storemod.LockedConfig) -> bytes:
+        data = original.fget(self)  # type: ignore[attr-defined]
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(storemod.LockedConfig, "data", property(recording))
+    store, states = ConfigStore(pair.backup), state_dir(pair.backup)
+    with store.transaction("test: written with history"):
+        pass
+    assert rollbackmod.preserve_current(store, states) is None and reads == []
+    # control: a config written some other way is read and kept
+    store.config_path.write_bytes(store.config_path.read_bytes().replace(b"fw-b", b"fw-x"))
+    kept = rollbackmod.preserve_current(store, states)
+    assert kept is not None and kept.read_bytes() == store.config_path.read_bytes()
+    assert reads == [len(kept.read_bytes())]
+
+
 def test_history_notes_what_a_rollback_restored(pair: Pair, capsys: Any) -> None:
     with agent(pair):
         sync(pair)
@@ -152,7 +177,8 @@ def test_a_crash_while_rewriting_leaves_the_restored_version(pair: Pair, monkeyp
         sync(pair)
     synced = config_bytes(pair.backup)
 
-    def crash_half_way(self: ConfigStore, handle: IO[bytes], data: bytes) -> None:
+    def crash_half_way(self: ConfigStore, handle: IO[bytes], chunks: Iterable[bytes]) -> None:
+        data = b"".join(chunks)
         handle.seek(0)
         handle.truncate()
         handle.write(data[: len(data) // 2])

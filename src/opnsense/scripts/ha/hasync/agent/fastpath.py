@@ -137,8 +137,9 @@ class ConfigCache:
         self._key, self._content, self._root, self._accounts = None, None, None, None
         self._digests, self._capabilities = {}, None
 
-    def adopt(self, root: etree._Element, data: bytes) -> None:
-        """The store just wrote `root` as `data` (its lock is held): keep that tree, no re-parse.
+    def adopt(self, root: etree._Element, content: str) -> None:
+        """The store just wrote `root` into a file whose sha256 is `content` (its lock is held):
+        keep that tree, no re-parse.
 
         Never waits for the cache: a reader holding it may be waiting for the file lock the
         writer holds, and both would wait forever. A busy cache simply stays stale (its key no
@@ -153,7 +154,7 @@ class ConfigCache:
                 return
             self._root, self._key = root, key
             young = self.clock() - key[3] / 1e9 <= RACY_WINDOW
-            self._content = hashlib.sha256(data).hexdigest() if young else None
+            self._content = content if young else None
         finally:
             self.lock.release()
 

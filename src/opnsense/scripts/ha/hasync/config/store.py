@@ -17,10 +17,12 @@ Compatibility with OPNsense's own PHP writers drives the design:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -29,7 +31,7 @@ from lxml import etree
 
 from hasync.core import xmlsafe
 from hasync.core.errors import ConfigError
-from hasync.core.fileio import atomic_write, flock_within
+from hasync.core.fileio import COPY_CHUNK, Content, atomic_write, flock_within
 from hasync.core.osiface import Clock, SystemClock
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,11 @@ def parse_config_bytes(data: bytes, source: str) -> etree._Element:
     return root
 
 
-def serialize(root: etree._Element) -> bytes:
-    """Bytes in OPNsense's layout: XML declaration, 2-space indent, root <opnsense>.
+DECLARATION = b'<?xml version="1.0"?>\n'
+
+
+def write_config(root: etree._Element, out: IO[bytes]) -> None:
+    """Write `root` to `out` in OPNsense's layout: XML declaration, 2-space indent, root <opnsense>.
 
     libxml2's own formatted output, as OPNsense's `Config::__toString` writes (a DOM parsed without
     blank text, saved with `formatOutput`): elements holding text beside child elements, or
@@ -77,8 +82,20 @@ def serialize(root: etree._Element) -> bytes:
     it stays as free of indentation as a fresh parse (`parse_config_bytes`), so the agent can keep
     what it wrote and later merge into it (`agent.fastpath.ConfigCache.take`) with the same result
     as into a re-parse of the file.
+
+    Streamed (`etree.xmlfile`): the document never exists whole in memory; serialising a 20 MB
+    config as bytes peaks at ~56 MB more.
     """
-    return b'<?xml version="1.0"?>\n' + etree.tostring(root, encoding="utf-8", pretty_print=True)
+    out.write(DECLARATION)
+    with etree.xmlfile(out, encoding="utf-8") as document:
+        document.write(root, pretty_print=True)
+
+
+def serialize(root: etree._Element) -> bytes:
+    """The bytes `write_config` writes (the store itself writes to disk directly)."""
+    buffer = io.BytesIO()
+    write_config(root, buffer)
+    return buffer.getvalue()
 
 
 class ConfigStore:
@@ -91,9 +108,9 @@ class ConfigStore:
         self.clock: Clock = clock or SystemClock()
         self.restored_from: Path | None = None  # set when a load had to fall back to history
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT
-        # called with (tree, bytes) after every write through the store, under its lock (the
-        # agent's read cache adopts the tree it just wrote instead of parsing it again)
-        self.written: Callable[[etree._Element, bytes], None] | None = None
+        # called with (tree, sha256 hex of the file) after every write through the store, under
+        # its lock (the agent's read cache adopts the tree it just wrote instead of parsing it again)
+        self.written: Callable[[etree._Element, str], None] | None = None
         # called by `transaction` under the exclusive lock, with a reader of the locked file's
         # bytes: a parsed tree that is config.xml as it is now, handed over to be changed, or None
         # (the agent's read cache gives up the tree it holds instead of letting it be parsed twice)
@@ -175,7 +192,7 @@ class ConfigStore:
             except (OSError, ConfigError):
                 continue
             log.warning("%s; restored the newest valid backup %s", error, entry.name)
-            self._rewrite_in_place(handle, content)
+            self._rewrite_in_place(handle, [content])
             self.restored_from = entry
             return root
         raise ConfigError(f"{error} (and no valid backup in {self.backup_dir} to restore)")
@@ -213,12 +230,13 @@ class ConfigStore:
     def _write_locked(self, handle: IO[bytes], root: etree._Element, description: str, username: str) -> None:
         now = self.clock.time()
         set_revision(root, username=username, description=description, when=now)
-        data = serialize(root)
-        self._write_history(data, now)
-        self._rewrite_in_place(handle, data)
+        history = self._write_history(lambda out: write_config(root, out), now)
+        content = hashlib.sha256()  # config.xml's, for the agent's cache: hashed while it is copied
+        with open(history, "rb") as source:
+            self._rewrite_in_place(handle, _hashing(iter(lambda: source.read(COPY_CHUNK), b""), content))
         self._prune(backup_count(root))
-        if self.written is not None:  # still under the lock: the file is exactly `data`
-            self.written(root, data)
+        if self.written is not None:  # still under the lock: the file's sha256 is `content`
+            self.written(root, content.hexdigest())
 
     @contextlib.contextmanager
     def locked_bytes(self) -> Iterator[LockedConfig]:
@@ -229,20 +247,21 @@ class ConfigStore:
         """
         with self._locked(exclusive=True) as handle:
             self._sweep_temp_files()
-            yield LockedConfig(self, handle, handle.read())
+            yield LockedConfig(self, handle)
 
-    def _rewrite_in_place(self, handle: IO[bytes], data: bytes) -> None:
+    def _rewrite_in_place(self, handle: IO[bytes], chunks: Iterable[bytes]) -> None:
         # Truncate before writing: a writer killed mid-write then leaves a prefix of the new
         # version, which lacks the closing </opnsense> and never parses, so load() restores the
         # history copy. Overwriting the old bytes first could leave new prefix + old tail, which
         # does parse when the cut falls inside repeated records (seen in test_crash_load).
         handle.seek(0)
         handle.truncate()
-        handle.write(data)
+        for chunk in chunks:
+            handle.write(chunk)
         handle.flush()
         os.fsync(handle.fileno())
 
-    def _write_history(self, data: bytes, when: float) -> Path:
+    def _write_history(self, data: Content, when: float) -> Path:
         self.backup_dir.mkdir(mode=0o750, exist_ok=True)
         stamp = when
         target = self.backup_dir / f"config-{stamp:.4f}.xml"
@@ -305,10 +324,18 @@ class ConfigStore:
 class LockedConfig:
     """config.xml held under the exclusive lock by `ConfigStore.locked_bytes`."""
 
-    def __init__(self, store: ConfigStore, handle: IO[bytes], data: bytes) -> None:
+    def __init__(self, store: ConfigStore, handle: IO[bytes]) -> None:
         self._store = store
         self._handle = handle
-        self.data = data
+        self._data: bytes | None = None
+
+    @property
+    def data(self) -> bytes:
+        """The file's bytes, read on first use (a caller that only compares files reads none)."""
+        if self._data is None:
+            self._handle.seek(0)
+            self._data = self._handle.read()
+        return self._data
 
     def replace(self, data: bytes) -> Path:
         """Make `data` (a complete, valid config) the current config, crash-safely.
@@ -319,10 +346,16 @@ class LockedConfig:
         root = parse_config_bytes(data, "replacement config")
         store = self._store
         written = store._write_history(data, store.clock.time())
-        store._rewrite_in_place(self._handle, data)
+        store._rewrite_in_place(self._handle, [data])
         store._prune(backup_count(root))
-        self.data = data
+        self._data = data
         return written
+
+
+def _hashing(chunks: Iterable[bytes], content: hashlib._Hash) -> Iterator[bytes]:
+    for chunk in chunks:
+        content.update(chunk)
+        yield chunk
 
 
 def set_revision(root: etree._Element, *, username: str, description: str, when: float) -> None:

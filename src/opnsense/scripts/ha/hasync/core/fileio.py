@@ -31,7 +31,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | str, *, mode: int | None = None, temp_prefix: str | None = None) -> None:
+COPY_CHUNK = 1024 * 1024
+
+# what `atomic_write` writes: the bytes, text (UTF-8), or a function writing into the open file
+# (a large document streamed to disk is never held in memory whole)
+Content = bytes | str | Callable[[IO[bytes]], None]
+
+
+def atomic_write(path: Path, data: Content, *, mode: int | None = None, temp_prefix: str | None = None) -> None:
     """Replace `path` by `data`: readers see the old file or the new one, never a part of either.
 
     The data goes to a temp file with a unique name in the same directory (two writers cannot
@@ -51,7 +58,10 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int | None = None, temp
     temp = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(out)
+            else:
+                out.write(data.encode() if isinstance(data, str) else data)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temp, mode)
@@ -61,6 +71,23 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int | None = None, temp
             temp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def same_content(first: Path, second: Path) -> bool:
+    """Whether two files hold the same bytes, read a chunk at a time (two 20 MB configs are
+    compared without holding either whole); an unreadable file is not the same."""
+    try:
+        if first.stat().st_size != second.stat().st_size:
+            return False
+        with open(first, "rb") as one, open(second, "rb") as other:
+            while True:
+                chunk = one.read(COPY_CHUNK)
+                if chunk != other.read(COPY_CHUNK):
+                    return False
+                if not chunk:
+                    return True
+    except OSError:
+        return False
 
 
 def flock_within(handle: IO[bytes] | int, timeout: float, *, shared: bool = False, clock: Clock | None = None) -> bool:

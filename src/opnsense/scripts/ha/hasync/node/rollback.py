@@ -47,7 +47,7 @@ from lxml import etree
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.core.errors import ConfigError, HaError
-from hasync.core.fileio import atomic_write
+from hasync.core.fileio import atomic_write, same_content
 from hasync.failover import model
 from hasync.failover.base import FailoverBackend
 from hasync.node.reconfigure import reconfigure_vips, restart_item_services, vip_changes
@@ -240,12 +240,6 @@ def _hostname(data: bytes) -> str:
 # --- preserving the pre-merge version ----------------------------------------------------------
 
 
-def _same_bytes(path: Path, data: bytes) -> bool:
-    with contextlib.suppress(OSError):
-        return path.stat().st_size == len(data) and path.read_bytes() == data
-    return False
-
-
 def preserve_current(store: ConfigStore, state_dir: Path) -> Path | None:
     """Keep a copy of config.xml if its exact bytes are neither the newest history file nor kept yet.
 
@@ -258,13 +252,13 @@ def preserve_current(store: ConfigStore, state_dir: Path) -> Path | None:
     """
     directory = state_dir / PRESERVED_DIR
     with store.locked_bytes() as locked:
-        data = locked.data
         files = store.history_files()
-        if files and _same_bytes(files[0], data):
+        if files and same_content(files[0], store.config_path):
             return None
         kept = _preserved_files(state_dir)
-        if kept and _same_bytes(kept[0], data):
+        if kept and same_content(kept[0], store.config_path):
             return None
+        data = locked.data  # read only now: the usual merge finds its config in history and reads none
         try:
             parse_config_bytes(data, str(store.config_path))
         except ConfigError:
