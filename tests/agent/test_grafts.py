@@ -144,6 +144,9 @@ def merged(backup: etree._Element, payload: Any) -> tuple[bytes, dict[str, Any]]
         reused, _ = digest.backup_item_values(root, REGISTRY, ids, payload.grafts.moved)
         assert fresh == reused
         assert digest.item_digests(fresh, REGISTRY) == digest.item_digests(reused, REGISTRY)
+        # and item by item, as the agent computes them (one item's values in memory at a time)
+        assert digest.backup_item_digests(root, REGISTRY, [*ids, "nope"], payload.grafts.moved) == \
+            (digest.item_digests(fresh, REGISTRY), ["nope"])
     return serialize(root), report.public_dict()
 
 

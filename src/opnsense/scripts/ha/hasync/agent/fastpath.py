@@ -214,8 +214,7 @@ class ConfigCache:
             root = self.root()
             wanted = [i for i in item_ids if i in self.registry and i not in self._digests]
             if wanted:
-                values, _ = digestmod.backup_item_values(root, self.registry, wanted, known)
-                fresh = digestmod.item_digests(values, self.registry)
+                fresh, _ = digestmod.backup_item_digests(root, self.registry, wanted, known)
                 if self._key is not None:
                     self._digests.update(fresh)
             else:

@@ -230,8 +230,8 @@ class Extensions:
 
     def digest(self, argument: Any, _context: CallContext) -> dict[str, Any]:
         ids = item_ids_argument(argument, "hasync.digest") or self.node.registry.ids()
-        values, unknown = digestmod.backup_item_values(self.node.store.load(), self.node.registry, ids)
-        return digestmod.digest_reply(digestmod.item_digests(values, self.node.registry), unknown)
+        digests, unknown = digestmod.backup_item_digests(self.node.store.load(), self.node.registry, ids)
+        return digestmod.digest_reply(digests, unknown)
 
     def export_sections(self, argument: Any, _context: CallContext) -> dict[str, Any]:
         ids = item_ids_argument(argument, "hasync.export_sections") or self.node.registry.ids()

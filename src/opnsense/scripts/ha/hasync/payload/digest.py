@@ -359,6 +359,22 @@ def item_digests(values: Mapping[str, Mapping[str, Any]], registry: SyncItemRegi
     return {item_id: item_digest(value, registry) for item_id, value in values.items()}
 
 
+def backup_item_digests(
+    root: etree._Element, registry: SyncItemRegistry, item_ids: Iterable[str],
+    known: Mapping[etree._Element, dict[str, Any]] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """`item_digests(backup_item_values(...))` and the unknown ids, one item at a time: only one
+    item's values are ever in memory (the agent digests a 20 MB config right after a merge,
+    beside both its trees; all values at once would add ~20 MB more at that peak)."""
+    digests: dict[str, str] = {}
+    unknown: list[str] = []
+    for item_id in item_ids:
+        values, missing = backup_item_values(root, registry, [item_id], known)
+        unknown.extend(i for i in missing if i not in unknown)
+        digests.update(item_digests(values, registry))
+    return digests, unknown
+
+
 def digest_reply(digests: Mapping[str, str], unknown: Sequence[str]) -> dict[str, Any]:
     """The `hasync.digest` reply shape (also what the snapshot stores)."""
     return {"algorithm": ALGORITHM, "canonical": CANONICAL_FORM, "items": dict(digests), "unknown": list(unknown)}
