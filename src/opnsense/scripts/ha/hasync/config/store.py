@@ -243,7 +243,7 @@ class ConfigStore:
         """config.xml's exact bytes under the exclusive lock, for byte-exact restores (rollback).
 
         Unlike `transaction`, nothing is parsed or re-serialised, and nothing is written unless
-        the caller asks with `LockedConfig.replace`.
+        the caller asks with `LockedConfig.replace`; the bytes are read when first used.
         """
         with self._locked(exclusive=True) as handle:
             self._sweep_temp_files()
