@@ -653,10 +653,10 @@ def test_a_writer_never_waits_for_a_reader_of_the_cache(tmp_path: Path) -> None:
     take = store.take_parsed
     assert take is not None
 
-    def take_beside_a_reader(locked_bytes: Any) -> etree._Element | None:
+    def take_beside_a_reader(locked_sha256: Any) -> etree._Element | None:
         threading.Thread(target=reader, daemon=True).start()
         assert reading.wait(5)
-        return take(locked_bytes)
+        return take(locked_sha256)
 
     store.take_parsed = take_beside_a_reader
     written: list[etree._Element] = []

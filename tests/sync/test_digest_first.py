@@ -266,8 +266,8 @@ def test_a_full_sync_parses_the_backups_config_once_and_merges_into_the_cached_t
         assert take is not None
         taken: list[Any] = []
 
-        def recording_take(read: Any) -> Any:
-            taken.append(take(read))
+        def recording_take(locked_sha256: Any) -> Any:
+            taken.append(take(locked_sha256))
             return taken[-1]
 
         monkeypatch.setattr(cache.store, "take_parsed", recording_take)

@@ -107,7 +107,7 @@ class ConfigCache:
         if key is None or key != self._key:
             return False
         if self._content is not None:
-            if hashlib.sha256(self.store.read_bytes()).hexdigest() != self._content:
+            if self.store.content_sha256() != self._content:
                 return False
             if self.clock() - key[3] / 1e9 > RACY_WINDOW:
                 self._content = None  # any later write gets a later mtime
@@ -158,10 +158,10 @@ class ConfigCache:
         finally:
             self.lock.release()
 
-    def take(self, locked_bytes: Callable[[], bytes]) -> etree._Element | None:
+    def take(self, locked_sha256: Callable[[], str]) -> etree._Element | None:
         """For a writer holding config.xml's exclusive lock: the cached tree if it is the file as
-        it is now (`locked_bytes` reads the file through the writer's handle, for a young entry's
-        content check), else None. The entry is emptied either way: the tree is the writer's to
+        it is now (`locked_sha256` hashes the file through the writer's handle, for a young
+        entry's content check), else None. The entry is emptied either way: the tree is the writer's to
         change, and a writer that fails leaves the next reader a fresh parse of the untouched file.
 
         Never waits for the cache (as `adopt`): a reader holding it may be waiting for the file
@@ -174,7 +174,7 @@ class ConfigCache:
             self._clear()
             if root is None or key is None or file_key(self.store.config_path) != key:
                 return None
-            if content is not None and hashlib.sha256(locked_bytes()).hexdigest() != content:
+            if content is not None and locked_sha256() != content:
                 return None
             return root
         finally:

@@ -380,7 +380,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
                                   self.headers.get(CONFIRM_HEADER, "").strip())
             paused = gc_paused() if len(body) >= self.server.limits.gc_pause_body else contextlib.nullcontext()
             with paused:
-                reply = self._dispatch(body, context)
+                request = self._decode(body)
+                del body  # (7 MB for a 20 MB config's merge) not kept beside what it decodes to
+                reply = request if isinstance(request, bytes) else self._dispatch(*request, context)
             self._send(200, reply)
         finally:
             budget.release(size)
@@ -408,11 +410,15 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
                 self.rfile.read(length)
             self._disarm()
 
-    def _dispatch(self, body: bytes, context: CallContext) -> bytes:
+    @staticmethod
+    def _decode(body: bytes) -> tuple[str, list[Any]] | bytes:
+        """The request's method and params, or the fault to answer."""
         try:
-            method, params = xmlrpc.loads_request(body)
+            return xmlrpc.loads_request(body)
         except xmlrpc.XmlRpcDecodeError as exc:
             return xmlrpc.dumps_fault(exc.code, str(exc))
+
+    def _dispatch(self, method: str, params: list[Any], context: CallContext) -> bytes:
         try:
             result = self.server.dispatcher.call(method, params, context)
             return xmlrpc.dumps_response(result)

@@ -111,10 +111,10 @@ class ConfigStore:
         # called with (tree, sha256 hex of the file) after every write through the store, under
         # its lock (the agent's read cache adopts the tree it just wrote instead of parsing it again)
         self.written: Callable[[etree._Element, str], None] | None = None
-        # called by `transaction` under the exclusive lock, with a reader of the locked file's
-        # bytes: a parsed tree that is config.xml as it is now, handed over to be changed, or None
-        # (the agent's read cache gives up the tree it holds instead of letting it be parsed twice)
-        self.take_parsed: Callable[[Callable[[], bytes]], etree._Element | None] | None = None
+        # called by `transaction` under the exclusive lock, with a function giving the locked
+        # file's sha256: a parsed tree that is config.xml as it is now, handed over to be changed,
+        # or None (the agent's read cache gives up its tree instead of letting it be parsed twice)
+        self.take_parsed: Callable[[Callable[[], str]], etree._Element | None] | None = None
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -170,6 +170,11 @@ class ConfigStore:
         with self._locked(exclusive=False) as handle:
             return handle.read()
 
+    def content_sha256(self) -> str:
+        """sha256 of config.xml's bytes, read a chunk at a time under the shared lock."""
+        with self._locked(exclusive=False) as handle:
+            return _sha256_of(handle)
+
     def read_span(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of config.xml, read under the shared lock."""
         with self._locked(exclusive=False) as handle:
@@ -213,11 +218,7 @@ class ConfigStore:
         if self.take_parsed is None:
             return None
 
-        def locked_bytes() -> bytes:
-            handle.seek(0)
-            return handle.read()
-
-        root = self.take_parsed(locked_bytes)
+        root = self.take_parsed(lambda: _sha256_of(handle))
         if root is not None:
             self._sweep_temp_files()  # what `_read_locked` does besides parsing
         return root
@@ -350,6 +351,12 @@ class LockedConfig:
         store._prune(backup_count(root))
         self._data = data
         return written
+
+
+def _sha256_of(handle: IO[bytes]) -> str:
+    handle.seek(0)
+    # (typed IO[bytes], the handle is a buffered file from `open`, which has the readinto needed)
+    return hashlib.file_digest(handle, "sha256").hexdigest()  # type: ignore[arg-type]
 
 
 def _hashing(chunks: Iterable[bytes], content: hashlib._Hash) -> Iterator[bytes]:

@@ -253,6 +253,16 @@ def payload_from_document(
     rules: Declarations | None = None,
 ) -> dict[str, Any]:
     """Rebuild the compatible payload from the inflated sections document (see module docstring)."""
+    return payload_from_tree(_parse_document(document), _has_marks(document), sections, interfaces, rules)
+
+
+def _has_marks(document: bytes) -> bool:
+    """Whether the document holds a `nosync`, a comment or a PI (see `payload_from_tree`)."""
+    start = document.find(b"?>") + 2
+    return any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?"))
+
+
+def _parse_document(document: bytes) -> etree._Element:
     # XML-RPC carries CR raw and the receiving parser turns CR LF and lone CR into LF; lxml wrote
     # every CR of a value as a character reference (a LF too, inside attribute values), which is
     # the only way one can be in here. LF goes back as a reference: raw, an attribute would
@@ -261,11 +271,18 @@ def payload_from_document(
         document = (document.replace(b"&#13;&#10;", b"&#10;").replace(b"&#13;\n", b"\n")
                     .replace(b"&#13;", b"&#10;"))
     try:
-        top = xmlsafe.parse_bytes(document, remove_blank_text=False)
+        return xmlsafe.parse_bytes(document, remove_blank_text=False)
     except etree.XMLSyntaxError as exc:
         raise _fault(f"the sections document is not well-formed ({exc})") from None
     except xmlsafe.UnsafeXmlError as exc:
         raise _fault(str(exc)) from None
+
+
+def payload_from_tree(
+    top: etree._Element, marked: bool, sections: Sequence[str], interfaces: dict[str, Any] | None,
+    rules: Declarations | None = None,
+) -> dict[str, Any]:
+    """`payload_from_document` on the parsed document; `marked`: `_has_marks` of its bytes."""
     holders = [node for node in top if isinstance(node.tag, str)]
     if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
             any(h.tag != "section" for h in holders):
@@ -308,8 +325,7 @@ def payload_from_document(
     pernode.rewrite_for_backup(payload, {"interfaces": interfaces or {}}, rewriting)
     # toArray makes an empty struct only of an element holding nothing but comments or PIs, and
     # remove_nosync can empty one; IXR sends an empty struct as an empty array. Walk only then.
-    start = document.find(b"?>") + 2
-    if any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?")):
+    if marked:
         payload = _ixr_roundtrip_fix(payload, grafts.holds)
     # (an empty struct became an empty array above: that one stays what the compatible path gets)
     return GraftedPayload(payload, grafts) if len(grafts) and isinstance(payload, dict) else payload
@@ -343,8 +359,10 @@ def decode_param(argument: Any, limit: int = MAX_INFLATED) -> Decoded:
     document = inflate(chunks, size, limit)
     if hashlib.sha256(document).hexdigest() != sha.lower():
         raise _fault("the inflated document does not match its sha256")
+    marked, top = _has_marks(document), _parse_document(document)
+    del document  # (15 MB at 20 MB) not kept beside the arrays the conversion builds
     try:
-        payload = payload_from_document(document, sections, interfaces, rules)
+        payload = payload_from_tree(top, marked, sections, interfaces, rules)
     except HaError as exc:  # e.g. the DHCP failover rewrite finds no interface facing the peer
         raise _fault(str(exc)) from None
     return Decoded(payload, sections, size)
