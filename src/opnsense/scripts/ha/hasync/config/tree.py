@@ -25,6 +25,7 @@ What a dict cannot keep (documented in the README as well):
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from sys import intern
 from typing import Any, TypeAlias
 
 from lxml import etree
@@ -146,7 +147,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
     result: dict[str, Any] = {}
     exact = grafts is not None and not node.text
     if node.attrib:
-        result[ATTRIBUTES] = {str(k): str(v) for k, v in node.attrib.items()}
+        result[ATTRIBUTES] = {intern(str(k)): str(v) for k, v in node.attrib.items()}
         if "nosync" in node.attrib:
             exact = False  # remove_nosync drops an attribute struct with a non-empty nosync
     previous = None
@@ -156,6 +157,9 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
         if not isinstance(name, str):  # comments, processing instructions
             exact = False
             continue
+        # lxml makes a new string for every tag it is asked for, and each dict would keep its own
+        # copy of "descr", "interface", ...: 440,000 of them (24 MiB) for a 20 MB config
+        name = intern(name)
         if exact:
             if name != previous and name in result:
                 exact = False  # interleaved with another tag
@@ -198,7 +202,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
             else:
                 result[name] = text
             if child.attrib:
-                result[name + ATTRIBUTES] = {str(k): str(v) for k, v in child.attrib.items()}
+                result[intern(name + ATTRIBUTES)] = {intern(str(k)): str(v) for k, v in child.attrib.items()}
                 if "nosync" in child.attrib:
                     exact = False
     return result, exact
