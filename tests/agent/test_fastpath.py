@@ -17,6 +17,7 @@ What is proven here:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import re
@@ -334,13 +335,23 @@ def test_bad_fast_path_params_are_refused(mangle: Any, message: str) -> None:
         sectionsmod.decode_param(param)
 
 
+def param_of(document: bytes, sections: list[str]) -> dict[str, Any]:
+    """A well-formed fast-path param carrying `document` as it is (size and sha256 honest)."""
+    return {"format": sectionsmod.FORMAT, "compression": "zlib", "size": len(document),
+            "sha256": hashlib.sha256(document).hexdigest(), "sections": sections,
+            "data": [zlib.compress(document)], "interfaces": {}}
+
+
 def test_a_section_holding_foreign_elements_is_refused() -> None:
     document = b'<?xml version="1.0"?>\n<sections><section path="filter"><nat/></section></sections>'
     with pytest.raises(MethodFault, match=r"expected <filter> elements only"):
-        sectionsmod.payload_from_document(document, ["filter"], None)
+        sectionsmod.decode_param(param_of(document, ["filter"]))
     entity = b'<!DOCTYPE s [<!ENTITY e "x">]><sections><section path="filter"><filter>&e;</filter></section></sections>'
     with pytest.raises(MethodFault, match=r"DTD|not well-formed"):
-        sectionsmod.payload_from_document(entity, ["filter"], None)
+        sectionsmod.decode_param(param_of(entity, ["filter"]))
+    # control: the same param carrying a proper section decodes
+    proper = b'<?xml version="1.0"?>\n<sections><section path="filter"><filter><rule/></filter></section></sections>'
+    assert "filter" in sectionsmod.decode_param(param_of(proper, ["filter"])).payload
 
 
 # --- end to end over TLS: negotiation and byte-identical results --------------------------------------

@@ -115,7 +115,7 @@ class ConfigCache:
 
     def _refresh(self) -> None:
         """Parse the current file into a new entry (the file is read once, under its lock)."""
-        self.drop()
+        self._clear()
         before = file_key(self.store.config_path)
         data = self.store.read_bytes()
         try:
@@ -179,10 +179,6 @@ class ConfigCache:
             return root
         finally:
             self.lock.release()
-
-    def drop(self) -> None:
-        with self.lock:
-            self._clear()
 
     def root(self) -> etree._Element:
         """The config tree as of now, for reading only and only while holding `lock` (a writer

@@ -217,7 +217,6 @@ class ConfigStore:
     def _take_parsed(self, handle: IO[bytes]) -> etree._Element | None:
         if self.take_parsed is None:
             return None
-
         root = self.take_parsed(lambda: _sha256_of(handle))
         if root is not None:
             self._sweep_temp_files()  # what `_read_locked` does besides parsing

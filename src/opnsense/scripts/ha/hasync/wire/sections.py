@@ -248,14 +248,6 @@ def read_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[st
             raise _fault(f"'pernode': {exc}") from None
     return sections, data, size, sha, interfaces, rules
 
-def payload_from_document(
-    document: bytes, sections: Sequence[str], interfaces: dict[str, Any] | None,
-    rules: Declarations | None = None,
-) -> dict[str, Any]:
-    """Rebuild the compatible payload from the inflated sections document (see module docstring)."""
-    return payload_from_tree(_parse_document(document), _has_marks(document), sections, interfaces, rules)
-
-
 def _has_marks(document: bytes) -> bool:
     """Whether the document holds a `nosync`, a comment or a PI (see `payload_from_tree`)."""
     start = document.find(b"?>") + 2
@@ -282,7 +274,8 @@ def payload_from_tree(
     top: etree._Element, marked: bool, sections: Sequence[str], interfaces: dict[str, Any] | None,
     rules: Declarations | None = None,
 ) -> dict[str, Any]:
-    """`payload_from_document` on the parsed document; `marked`: `_has_marks` of its bytes."""
+    """Rebuild the compatible payload from the parsed sections document (see module docstring);
+    `marked`: `_has_marks` of its bytes."""
     holders = [node for node in top if isinstance(node.tag, str)]
     if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
             any(h.tag != "section" for h in holders):
