@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import os
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from hasync.agent import fastpath
 from hasync.agent.server import AgentServer
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.core.errors import HaError
 from hasync.payload import digest
 from hasync.payload.build import VIRTUALIP
 from hasync.sync import plan as planmod
@@ -298,17 +300,26 @@ def test_the_agent_parses_config_xml_before_it_listens(pair: Pair) -> None:
         assert cache.loads == 1  # the login, probe and digests read that tree; the merge's tree was adopted
 
 
+def _inside_exchange() -> str | None:
+    """The XML-RPC method whose exchange (`PeerClient._exchange`) is on the caller's stack, if any."""
+    for frame in inspect.stack():
+        if frame.function == "_exchange" and "method" in frame.frame.f_locals:
+            return str(frame.frame.f_locals["method"])
+    return None
+
+
 @pytest.mark.parametrize(("full", "dry_run"), [(True, False), (True, True), (False, False)])
 def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pair, full: bool, dry_run: bool,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """With --full the items are known before the probe, so the blob is built once, in the
-    "blob-early" thread (a dry run reports on that same blob); a digest-first sync (the control)
-    builds it after the probe, in the sync's own thread, as it must (the probe decides what is sent)."""
-    builders: list[str] = []
+    """With --full the items are known before the probe, so the blob is built once, inside the
+    probe's exchange (sent, reply not yet read) and in the sync's own thread: no second thread
+    contends for the GIL with the requests (a dry run reports on that same blob). A digest-first
+    sync (the control) builds it after the probe, as it must (the probe decides what is sent)."""
+    builders: list[tuple[str, str | None]] = []
     original = planmod.build_blob
 
     def recording(*args: Any, **kwargs: Any) -> Any:
-        builders.append(threading.current_thread().name)
+        builders.append((threading.current_thread().name, _inside_exchange()))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(planmod, "build_blob", recording)
@@ -316,7 +327,48 @@ def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pa
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         result = sync(pair, full=full, dry_run=dry_run)
     assert result.transfer == ("" if dry_run else "fast path")
-    assert builders == (["blob-early"] if full else [threading.main_thread().name])
+    assert builders == [(threading.main_thread().name, "system.multicall" if full else None)]
+
+
+def test_the_snapshot_record_is_prepared_while_the_backup_merges(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot's share of the work runs inside the merge request's exchange, in the sync's
+    own thread, and its result is what the snapshot commits (nothing computed twice)."""
+    prepared: list[tuple[str, str | None]] = []
+    original = snapshot.prepare
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        prepared.append((threading.current_thread().name, _inside_exchange()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "prepare", recording)
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        result = sync(pair, full=True)
+    assert result.transfer == "fast path"
+    assert prepared == [(threading.main_thread().name, "hasync.restore_sections_xml")]
+    assert set(snapshot.load(pair.primary).items) == set(result.items)
+
+
+def test_an_error_building_the_early_blob_fails_the_send_not_the_probe(pair: Pair,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blob is built inside the probe's request; its error is kept and raised where the blob
+    is used, so the probe's reply is still read, the failed step is the send, and nothing merges.
+    The control: the same sync without the fault merges."""
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise HaError("cannot build the blob (injected)")
+
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        before = state(pair.backup)
+        with monkeypatch.context() as patch:
+            patch.setattr(planmod, "build_blob", broken)
+            failed = SyncRun(ConfigStore(pair.primary), SyncItemRegistry.load(), SyncOptions(full=True)).run()
+        assert failed.status == "error" and "injected" in failed.message
+        assert [(step.step, step.ok) for step in failed.steps][-2:] == [("firmware_version", True),
+                                                                        ("restore_config_section", False)]
+        assert state(pair.backup) == before
+        sync(pair, full=True)  # the control
+        assert state(pair.backup) != before
 
 
 def test_a_sync_runs_with_the_cyclic_collector_paused_and_restores_it(pair: Pair) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -220,9 +219,8 @@ class SyncPlan:
         self.record_digests: dict[str, str] | None = None
         self.prepared: Any = None  # snapshot.PreparedRecord
         self.blob: SectionsBlob | None = None
-        self._early: threading.Thread | None = None
         self._early_blob: tuple[list[str], SectionsBlob] | None = None
-        self._early_error: BaseException | None = None
+        self._early_error: Exception | None = None
 
     def prepare(self) -> str:
         if self.full:
@@ -230,30 +228,18 @@ class SyncPlan:
         self.ours, cached = self.view.digests(self.registry, self.item_ids)
         return f"{len(self.item_ids)} items, digests {'unchanged since the last run' if cached else 'computed'}"
 
-    def start_early(self) -> None:
-        """With ``--full`` what goes out is known before the probe: parse config.xml and build
-        the fast-path blob on this node's other core while the backup answers it. `send` uses
-        the blob if the backup takes the fast path; `join_early` must follow the probe."""
-        if not (self.full and self.fast) or self._early is not None:
-            return
-        sections = self.sections
-
-        def build() -> None:
-            try:
-                self._early_blob = sections, build_blob(self.view.root, sections,
-                                                        declarations=self.registry.declarations())
-            except BaseException as exc:  # re-raised by `send`, in the sync's own thread
-                self._early_error = exc
-
-        self._early = threading.Thread(target=build, name="blob-early", daemon=True)
-        self._early.start()
-
-    def join_early(self) -> None:
-        if self._early is not None:
-            self._early.join()
+    def _build_early(self) -> None:
+        """With ``--full`` what goes out is known before the probe: the fast-path blob is built
+        while the backup answers it (a bcrypt login on a fresh agent). Runs inside the probe's
+        request (`PeerClient.call`'s `while_waiting`), so an error is kept for `send` to raise:
+        the probe's reply still gets read, and the failure is reported where it belongs."""
+        try:
+            self._early_blob = self.sections, build_blob(self.view.root, self.sections,
+                                                         declarations=self.registry.declarations())
+        except Exception as exc:  # re-raised by `_blob`
+            self._early_error = exc
 
     def _blob(self) -> SectionsBlob:
-        self.join_early()
         if self._early_error is not None:
             raise self._early_error
         if self._early_blob is not None and self._early_blob[0] == self.sections:
@@ -264,7 +250,9 @@ class SyncPlan:
         """The backup's firmware_version reply; decides `send_ids` on the way."""
         digest_first = self.ours is not None
         found = compact_probe(peer, self.item_ids, self.view.store.conf_dir) if digest_first else None
-        self.peer_probe = found or probe(peer, self.item_ids if digest_first else None, capabilities=not digest_first)
+        early = self._build_early if self.full and self.fast else None
+        self.peer_probe = found or probe(peer, self.item_ids if digest_first else None, capabilities=not digest_first,
+                                         while_waiting=early)
         if digest_first and found is None:
             remember_peer(self.view.store.conf_dir, peer.url, stock=not self.peer_probe.extensions)
         self._decide(peer)
@@ -382,40 +370,37 @@ class SyncPlan:
 
     def _prepare_record(self, target: str) -> None:
         """What the snapshot records: payload form, digests and the compressed values, all
-        computed while the backup merges; written once the merge is confirmed."""
-        payload = self.record_payload()
-        if self.ours is None or any(i not in self.ours for i in self.record_ids):
-            self.record_digests = {
-                item.id: digestmod.item_digest(digestmod.value_item_value(payload, item.sections, copy_values=False),
-                                               self.registry)
-                for item in self.registry.resolve(self.record_ids)
-            }
-        else:
-            self.record_digests = {i: self.ours[i] for i in self.record_ids}
+        computed while the backup merges (inside the merge request's `while_waiting`); written
+        once the merge is confirmed. Never raises: the merge's reply must still be read."""
         try:
+            payload = self.record_payload()
+            if self.ours is None or any(i not in self.ours for i in self.record_ids):
+                self.record_digests = {
+                    item.id: digestmod.item_digest(
+                        digestmod.value_item_value(payload, item.sections, copy_values=False), self.registry)
+                    for item in self.registry.resolve(self.record_ids)
+                }
+            else:
+                self.record_digests = {i: self.ours[i] for i in self.record_ids}
             self.prepared = snapshot.prepare(self.view.store.conf_dir, self.registry, self.record_ids, payload,
                                              target, digests=self.record_digests)
-        except (HaError, OSError) as exc:  # recorded the plain way afterwards, which reports it
+        except Exception as exc:  # recorded the plain way afterwards, which reports it
             log.info("snapshot not prepared during the merge: %s", exc)
 
     def send(self, peer: Any) -> str:
         self._learn_capabilities(peer)
+
+        def prepare() -> None:  # the snapshot's share of the work, done while the backup merges
+            self._prepare_record(peer.url)
+
         if self.uses_fast_path:
             blob = self.blob = self._blob()
-            request: Callable[[], Any] = lambda: send_blob(peer, blob)  # noqa: E731
             self.transfer = "fast path"
+            reply = send_blob(peer, blob, while_waiting=prepare)
         else:
             payload = self.payload()
-            request = lambda: peer.call(RESTORE_METHOD, [payload])  # noqa: E731
             self.transfer = "XML-RPC"
-        # the snapshot's share of the work runs on this node's other core while the backup merges
-        worker = threading.Thread(target=self._prepare_record, args=(peer.url,), name="snapshot-prepare",
-                                  daemon=True)
-        worker.start()
-        try:
-            reply = request()
-        finally:
-            worker.join()
+            reply = peer.call(RESTORE_METHOD, [payload], while_waiting=prepare)
         detail = describe(self.blob) if self.blob is not None else "merged"
         if reply is not True:
             raise HaError(f"backup did not confirm the merge (answered {str(reply)[:100]!r})")

@@ -254,11 +254,7 @@ class SyncRun:
             note = plan.probe_note()
             return f"backup {remote}, local {local}" + (f"; {note}" if note else "")
 
-        plan.start_early()  # --full: the payload is built while the backup answers the probe
-        try:
-            self.step("firmware_version", probe)
-        finally:
-            plan.join_early()  # nothing below reads config.xml while the blob is being built
+        self.step("firmware_version", probe)  # with --full, the fast-path blob is built meanwhile
         self._warn_unprotected_local(plan)
         result.items_unchanged = list(plan.unchanged)
         result.sections = plan.top_keys()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,20 +56,22 @@ def _multicall_value(entry: Any) -> tuple[bool, Any]:
         return True, entry[0]
     return False, entry
 
-def probe(peer: Any, digest_items: Sequence[str] | None = None, capabilities: bool = True) -> PeerProbe:
+def probe(peer: Any, digest_items: Sequence[str] | None = None, capabilities: bool = True,
+          while_waiting: Callable[[], None] | None = None) -> PeerProbe:
     """firmware_version plus hasync.capabilities and/or hasync.digest, in one request.
 
     One `system.multicall` saves TLS handshakes and logins (a bcrypt verify each) per sync. A
     peer without multicall gets the calls one by one; a peer without `hasync.*` answers those
     with faults, which simply mean "stock backup". A digest-first sync leaves the capabilities
     out (a no-op sync never needs them: fewer bytes) and asks for them only when it sends.
+    `while_waiting` goes to the first request (`PeerClient.call`), so it runs once.
     """
     names = ["opnsense.firmware_version"] + (["hasync.capabilities"] if capabilities else [])
     calls: list[dict[str, Any]] = [{"methodName": name, "params": []} for name in names]
     if digest_items is not None:
         calls.append({"methodName": "hasync.digest", "params": [list(digest_items)]})
     try:
-        replies = peer.call("system.multicall", [calls])
+        replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
     except RemoteFault:
         replies = None
     if not isinstance(replies, list) or len(replies) != len(calls):

@@ -323,8 +323,8 @@ def payload_from_tree(
     # (an empty struct became an empty array above: that one stays what the compatible path gets)
     return GraftedPayload(payload, grafts) if len(grafts) and isinstance(payload, dict) else payload
 
-def send_blob(peer: Any, blob: SectionsBlob) -> Any:
-    return peer.call(METHOD, [blob.param])
+def send_blob(peer: Any, blob: SectionsBlob, while_waiting: Callable[[], None] | None = None) -> Any:
+    return peer.call(METHOD, [blob.param], while_waiting=while_waiting)
 
 Describe = Callable[[SectionsBlob], str]
 
