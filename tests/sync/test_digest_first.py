@@ -37,7 +37,8 @@ from hasync.sync import plan as planmod
 from hasync.sync import snapshot
 from hasync.sync.run import SyncOptions, SyncResult, SyncRun
 from hasync.wire import discovery
-from support.nodes import Pair, make_pair, running_agent
+from hasync.wire.client import ClientOptions, PeerClient
+from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 
 
 @pytest.fixture
@@ -345,8 +346,39 @@ def test_the_snapshot_record_is_prepared_while_the_backup_merges(pair: Pair, mon
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         result = sync(pair, full=True)
     assert result.transfer == "fast path"
-    assert prepared == [(threading.main_thread().name, "hasync.restore_sections_xml")]
+    assert prepared == [(threading.main_thread().name, "system.multicall")]  # the merge's request
     assert set(snapshot.load(pair.primary).items) == set(result.items)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_the_backups_digests_after_the_merge_come_with_the_merge(pair: Pair, fast_path: bool) -> None:
+    """The fast path asks for the backup's digests in the merge's own request (one multicall,
+    run in order: the merge, then the digests), and the probe already told that the backup is
+    one of our agents: no `system.listMethods`, no request of its own. The snapshot records
+    exactly what the backup answers for its items afterwards. The control is the compatible
+    path, which asks in a request of its own (still without the method list)."""
+    calls: list[str] = []
+    with running_agent(pair) as server:
+        original = server.dispatcher.call
+
+        def recording(method: str, params: list[Any], context: Any) -> Any:
+            calls.append(method)
+            return original(method, params, context)
+
+        server.dispatcher.call = recording  # type: ignore[method-assign]
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        result = sync(pair, full=True, fast_path=fast_path)
+        server.dispatcher.call = original  # type: ignore[method-assign]
+        recorded = {item_id: record.backup_digest for item_id, record in snapshot.load(pair.primary).items.items()}
+        client = PeerClient(f"https://127.0.0.1:{server.server_address[1]}/xmlrpc.php", SYNC_USER, SYNC_PASSWORD,
+                            ClientOptions(verify_peer=False))
+        answered, _unknown = digest.parse_digest_reply(client.call("hasync.digest", [sorted(recorded)]))
+    assert result.transfer == ("fast path" if fast_path else "XML-RPC")
+    assert "system.listMethods" not in calls and calls.count("hasync.digest") == 1
+    merge = calls.index("hasync.restore_sections_xml" if fast_path else "opnsense.restore_config_section")
+    assert calls[merge + 1] == "hasync.digest"
+    assert (calls[merge - 1] == "system.multicall") == fast_path  # the merge travelled inside a multicall
+    assert recorded == answered and all(recorded.values())
 
 
 def test_an_error_building_the_early_blob_fails_the_send_not_the_probe(pair: Pair,

@@ -219,6 +219,8 @@ class SyncPlan:
         self.record_digests: dict[str, str] | None = None
         self.prepared: Any = None  # snapshot.PreparedRecord
         self.blob: SectionsBlob | None = None
+        self.digests_asked = False  # the fast path's merge request asked for the backup's digests too
+        self.backup_digests: Any = None  # its reply (None when that call failed)
         self._early_blob: tuple[list[str], SectionsBlob] | None = None
         self._early_error: Exception | None = None
 
@@ -396,7 +398,10 @@ class SyncPlan:
         if self.uses_fast_path:
             blob = self.blob = self._blob()
             self.transfer = "fast path"
-            reply = send_blob(peer, blob, while_waiting=prepare)
+            extensions = self.peer_probe is not None and self.peer_probe.extensions
+            self.digests_asked = extensions
+            reply, self.backup_digests = send_blob(peer, blob, while_waiting=prepare,
+                                                   digest_items=self.record_ids if extensions else None)
         else:
             payload = self.payload()
             self.transfer = "XML-RPC"

@@ -292,7 +292,9 @@ class SyncRun:
         result.sections = plan.top_keys()
         snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
                                    item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
-                                   prepared=plan.prepared)
+                                   prepared=plan.prepared,
+                                   extensions=plan.peer_probe.extensions if plan.peer_probe else None,
+                                   asked=plan.digests_asked, backup_reply=plan.backup_digests)
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
         try:
             self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))

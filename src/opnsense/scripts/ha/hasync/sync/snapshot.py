@@ -37,6 +37,7 @@ from hasync.core.fileio import atomic_write
 from hasync.core.paths import state_dir
 from hasync.payload import digest as digestmod
 from hasync.wire.discovery import discover
+from hasync.wire.protocol import DIGEST_METHOD
 
 if TYPE_CHECKING:
     from hasync.sync.run import SyncResult
@@ -232,17 +233,25 @@ def record_after_sync(
     item_ids: list[str] | None = None,
     digests: dict[str, str] | None = None,
     prepared: PreparedRecord | None = None,
+    *,
+    extensions: bool | None = None,
+    asked: bool = False,
+    backup_reply: Any = None,
 ) -> None:
     """Called by `SyncRun` right after the backup confirmed the merge. Never raises.
 
-    `item_ids`: the items that were sent (default: all of `result.items`).
+    `item_ids`: the items that were sent (default: all of `result.items`). The backup's digests
+    of them as they are now: `backup_reply` when the merge request `asked` for them already (the
+    fast path's multicall), else asked for here, of a backup whose probe showed our `extensions`
+    (False: a stock backup, not asked; None: unknown, its method list tells).
     """
     ids = list(result.items) if item_ids is None else list(item_ids)
     backup_digests: dict[str, str] = {}
     try:
-        if discover(peer).has("hasync.digest"):
-            backup_digests, _unknown = digestmod.parse_digest_reply(
-                peer.call("hasync.digest", [ids]))
+        if not asked and extensions is not False and (extensions or discover(peer).has(DIGEST_METHOD)):
+            backup_reply = peer.call(DIGEST_METHOD, [ids])
+        if backup_reply is not None:
+            backup_digests, _unknown = digestmod.parse_digest_reply(backup_reply)
     except HaError as exc:
         log.info("no digests from the backup after the sync: %s", exc)
     try:

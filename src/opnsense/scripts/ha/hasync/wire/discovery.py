@@ -21,6 +21,7 @@ from hasync.core.errors import HaError, RemoteFault
 from hasync.core.fileio import atomic_write
 from hasync.core.paths import state_dir
 from hasync.payload import digest as digestmod
+from hasync.wire import xmlrpc
 from hasync.wire.client import PeerClient
 from hasync.wire.protocol import FAST_PATH_FEATURE
 
@@ -52,9 +53,10 @@ class PeerProbe:
         return isinstance(features, list) and feature in features
 
 def _multicall_value(entry: Any) -> tuple[bool, Any]:
-    if isinstance(entry, list) and len(entry) == 1:
-        return True, entry[0]
-    return False, entry
+    try:
+        return True, xmlrpc.multicall_entry(entry)
+    except (xmlrpc.Fault, xmlrpc.XmlRpcDecodeError):
+        return False, entry
 
 def probe(peer: Any, digest_items: Sequence[str] | None = None, capabilities: bool = True,
           while_waiting: Callable[[], None] | None = None) -> PeerProbe:

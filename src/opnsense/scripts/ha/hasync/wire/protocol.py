@@ -15,6 +15,8 @@ FAST_PATH_FEATURE = "restore_sections_xml"
 PERNODE_FEATURE = "pernode-1"
 #: OPNsense's merge method: the compatible path calls it, the fast path ends in its handler.
 RESTORE_METHOD = "opnsense.restore_config_section"
+#: The agent's per-item digests of its config.xml (`payload.digest`).
+DIGEST_METHOD = "hasync.digest"
 
 #: Request header (value "1") by which `sync --allow-lockout` asks the agent to merge anyway.
 ALLOW_LOCKOUT_HEADER = "X-Opnsense-Ha-Allow-Lockout"

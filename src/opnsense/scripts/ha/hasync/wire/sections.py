@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,10 +51,13 @@ from lxml import etree
 from hasync.config.pernode import Declarations, from_wire
 from hasync.config.tree import LIST_TAGS, GraftedPayload, Grafts, element_to_grafts, element_to_value
 from hasync.core import xmlsafe
-from hasync.core.errors import HaError, MethodFault
+from hasync.core.errors import HaError, MethodFault, RemoteFault, TransportError
 from hasync.payload import pernode
 from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
 from hasync.wire import xmlrpc
+from hasync.wire.protocol import DIGEST_METHOD
+
+log = logging.getLogger("hasync.sections")
 
 METHOD = "hasync.restore_sections_xml"
 
@@ -323,8 +327,34 @@ def payload_from_tree(
     # (an empty struct became an empty array above: that one stays what the compatible path gets)
     return GraftedPayload(payload, grafts) if len(grafts) and isinstance(payload, dict) else payload
 
-def send_blob(peer: Any, blob: SectionsBlob, while_waiting: Callable[[], None] | None = None) -> Any:
-    return peer.call(METHOD, [blob.param], while_waiting=while_waiting)
+def send_blob(peer: Any, blob: SectionsBlob, while_waiting: Callable[[], None] | None = None,
+              digest_items: Sequence[str] | None = None) -> tuple[Any, Any]:
+    """Send `blob`: the merge's reply, and with `digest_items` the backup's `DIGEST_METHOD` reply
+    for those items as they are after the merge (None if that call failed).
+
+    The digests come in the same request, a `system.multicall` that the agent runs in order:
+    what the primary's snapshot records, without two more requests (a TLS handshake and a login
+    each). A merge that fails raises `RemoteFault` as the plain call would, with its code and message.
+    """
+    if digest_items is None:
+        return peer.call(METHOD, [blob.param], while_waiting=while_waiting), None
+    calls = [{"methodName": METHOD, "params": [blob.param]},
+             {"methodName": DIGEST_METHOD, "params": [list(digest_items)]}]
+    replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
+    if not isinstance(replies, list) or len(replies) != len(calls):
+        raise TransportError(f"{peer.peer_key} answered the merge's system.multicall with {str(replies)[:100]!r}")
+    try:
+        merged = xmlrpc.multicall_entry(replies[0])
+    except xmlrpc.Fault as fault:
+        raise RemoteFault(fault.code, fault.message) from None
+    except xmlrpc.XmlRpcDecodeError as exc:
+        raise TransportError(f"{peer.peer_key} answered the merge with {exc}") from None
+    try:
+        digests = xmlrpc.multicall_entry(replies[1])
+    except (xmlrpc.Fault, xmlrpc.XmlRpcDecodeError) as exc:
+        log.info("no digests from %s with the merge: %s", peer.peer_key, exc)
+        digests = None
+    return merged, digests
 
 Describe = Callable[[SectionsBlob], str]
 

@@ -367,6 +367,18 @@ def loads_request(body: bytes) -> tuple[str, list[Any]]:
     return name_node.text.strip() if name_node.text else "", params
 
 
+def multicall_entry(entry: Any) -> Any:
+    """One result of a `system.multicall` reply: the call's value (it travels as a one-element
+    array), or `Fault` raised for the struct a failed call answers with instead (IXR answers
+    each call of a multicall on its own). Anything else raises `XmlRpcDecodeError`."""
+    if isinstance(entry, list) and len(entry) == 1:
+        return entry[0]
+    if isinstance(entry, dict) and "faultCode" in entry:
+        code = entry["faultCode"]
+        raise Fault(code if isinstance(code, int) else 0, str(entry.get("faultString", "")))
+    raise XmlRpcDecodeError(f"not a system.multicall result: {str(entry)[:80]!r}")
+
+
 def loads_response(body: bytes) -> Any:
     """Decode a methodResponse; raises `Fault` for a fault reply."""
     root = _parse(body)
