@@ -16,6 +16,7 @@ from hasync.config.store import ConfigStore, serialize
 from hasync.config.tree import element_to_value, find_path
 from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
+from hasync.failover.model import carp_vips
 from hasync.node.apply import apply_payload_file, load_payload_bytes
 from hasync.payload.build import REDACTED, build_payload, payload_for_items
 from hasync.payload.merge import MergeReport, merge_payload, revision_description
@@ -267,12 +268,18 @@ def test_vhid_vips_replaced_own_vips_kept_first_in_order(synced: tuple[Any, Any,
 
 def test_vip_report(synced: tuple[Any, Any, MergeReport]) -> None:
     _, _, report = synced
-    assert [(v.key, v.vhid) for v in report.vips_added] == [("ipalias_lan_vip3_192.168.10.60_32", 3),
+    assert [(v.key, v.spec.vhid) for v in report.vips_added] == [("ipalias_lan_vip3_192.168.10.60_32", 3),
                                                           ("carp_wan_vip9", 9)]
     assert [(v.key, v.changed_fields) for v in report.vips_changed] == [("carp_wan_vip1", ("password",))]
-    assert [(v.key, v.device) for v in report.vips_removed] == [("carp_wan_vip5", "vtnet0")]
-    spec = report.vips_changed[0].to_spec()
+    assert [(v.key, v.spec.device) for v in report.vips_removed] == [("carp_wan_vip5", "vtnet0")]
+    spec = report.vips_changed[0].spec
     assert (spec.device, spec.vhid, spec.advskew, spec.password) == ("vtnet0", 1, 100, "carp-secret-1")
+    # the whole spec, mode and peer6 included, is what the failover layer reads from the merged tree
+    _, backup, _ = synced
+    reported = sorted((vip.spec for vip in report.vips_added + report.vips_changed if vip.spec.mode == "carp"),
+                      key=lambda spec: spec.vhid)
+    assert reported == [read for read in sorted(carp_vips(backup), key=lambda spec: spec.vhid)
+                        if read.vhid in {1, 9} and read.mode == "carp"]
     assert "carp-secret-1" not in repr(report)
     assert "carp-secret-1" not in json.dumps(report.public_dict())
 
@@ -305,7 +312,7 @@ def test_empty_vip_set_removes_stale_carp_vips_but_keeps_own() -> None:
     )
     report = merge(root, {"virtualip": []})
     assert texts(root, "virtualip.vip", "mode") == ["ipalias"]
-    assert [v.vhid for v in report.vips_removed] == [5]
+    assert [v.spec.vhid for v in report.vips_removed] == [5]
 
 
 def test_kept_vips_keep_their_original_order() -> None:
@@ -332,7 +339,7 @@ def test_vips_into_a_backup_without_virtualip() -> None:
     root = parse("<opnsense><interfaces><wan><if>em0</if></wan></interfaces></opnsense>")
     report = merge(root, {"virtualip": {"vip": [{"mode": "carp", "interface": "wan", "vhid": "2"}]}})
     assert texts(root, "virtualip.vip", "vhid") == ["2"]
-    assert [(v.key, v.device) for v in report.vips_added] == [("carp_wan_vip2", "em0")]
+    assert [(v.key, v.spec.device) for v in report.vips_added] == [("carp_wan_vip2", "em0")]
 
 
 # --- protected and unknown sections ----------------------------------------------------------

@@ -326,7 +326,7 @@ def test_corrected_unicast_peer_reconfigures_carp_on_the_backup(registry: SyncIt
     merge_payload(backup, payload_for_items(primary, without_declarations(registry), ["virtualip"]), registry)
     assert backup.xpath("string(virtualip/vip[vhid='5']/peer)") == "10.77.1.3"  # OPNsense's behaviour (#8120)
     report = merge_payload(backup, payload_for_items(primary, registry, ["virtualip"]), registry)
-    assert [(vip.vhid, vip.changed_fields) for vip in report.vips_changed] == [(5, ("peer", "peer6"))]
+    assert [(vip.spec.vhid, vip.changed_fields) for vip in report.vips_changed] == [(5, ("peer", "peer6"))]
 
 
 @pytest.mark.parametrize("rules", [{"self_address": ["virtualip.vip[*]"]}, {"self_address": [7]},

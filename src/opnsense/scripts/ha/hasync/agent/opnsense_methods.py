@@ -144,9 +144,9 @@ class BackupNode:
 
     def _reconfigure(self, root: Any, report: MergeReport) -> None:
         if self.failover is not None and (report.vips_added or report.vips_changed or report.vips_removed):
-            touched = {vip.vhid for vip in (*report.vips_added, *report.vips_changed)}
+            touched = {vip.spec.vhid for vip in (*report.vips_added, *report.vips_changed)}
             specs = [spec for spec in model.carp_vips(root) if spec.vhid in touched]
-            removed = [vip.to_spec() for vip in report.vips_removed]
+            removed = [vip.spec for vip in report.vips_removed]
             try:
                 reconfigure_vips(self.failover, root, specs, removed)
             except HaError as exc:

@@ -80,44 +80,21 @@ VIP_FIELDS: tuple[str, ...] = ("password", "advskew", "subnet", "subnet_bits", "
 
 @dataclass(frozen=True)
 class VipChange:
-    """A CARP/IP-alias VIP that the merge added, changed or removed (values after the merge,
-    before it for a removed VIP). `changed_fields` lists which of the fields that need a
-    reconfiguration (password, advskew, subnet, subnet_bits, advbase, peer, peer6) differ."""
+    """A CARP/IP-alias VIP that the merge added, changed or removed: its `spec` after the merge
+    (before it, for a removed VIP), its `vip_key`, and in `changed_fields` which of the fields
+    that need a reconfiguration (`VIP_FIELDS`) differ."""
 
     key: str
-    mode: str
-    interface: str
-    device: str
-    vhid: int
-    subnet: str
-    subnet_bits: int
-    advbase: int
-    advskew: int
-    password: str = field(default="", repr=False)
-    peer: str = ""
-    uuid: str = ""
+    spec: VipSpec
     changed_fields: tuple[str, ...] = ()
-
-    def to_spec(self) -> VipSpec:
-        return VipSpec(
-            interface=self.interface,
-            device=self.device,
-            vhid=self.vhid,
-            advbase=self.advbase,
-            advskew=self.advskew,
-            subnet=self.subnet,
-            subnet_bits=self.subnet_bits,
-            password=self.password,
-            peer=self.peer,
-            uuid=self.uuid,
-        )
 
     def public_dict(self) -> dict[str, Any]:
         """For JSON output: everything but the password value."""
+        spec = self.spec
         return {
-            "key": self.key, "mode": self.mode, "interface": self.interface, "vhid": self.vhid,
-            "subnet": self.subnet, "subnet_bits": self.subnet_bits, "advbase": self.advbase,
-            "advskew": self.advskew, "uuid": self.uuid, "changed_fields": list(self.changed_fields),
+            "key": self.key, "mode": spec.mode, "interface": spec.interface, "vhid": spec.vhid,
+            "subnet": spec.subnet, "subnet_bits": spec.subnet_bits, "advbase": spec.advbase,
+            "advskew": spec.advskew, "uuid": spec.uuid, "changed_fields": list(self.changed_fields),
         }
 
 
@@ -467,21 +444,21 @@ def _php_loose_equal(a: str, b: str) -> bool:
 def _vip_change(root: etree._Element, record: Mapping[str, str], uuid: str, fields: tuple[str, ...] = ()) -> VipChange:
     interface = record.get("interface", "")
     device = (root.findtext(f"interfaces/{interface}/if") or "").strip() if NAME_RE.match(interface) else ""
-    return VipChange(
-        key=vip_key(record),
-        mode=record.get("mode", ""),
+    spec = VipSpec(
         interface=interface,
         device=device or interface,
         vhid=php_intval(record.get("vhid", "")),
-        subnet=record.get("subnet", ""),
-        subnet_bits=php_intval(record.get("subnet_bits", "")),
         advbase=php_intval(record.get("advbase", "") or "1"),
         advskew=php_intval(record.get("advskew", "")),
+        subnet=record.get("subnet", ""),
+        subnet_bits=php_intval(record.get("subnet_bits", "")),
         password=record.get("password", ""),
         peer=record.get("peer", ""),
         uuid=uuid,
-        changed_fields=fields,
+        mode=record.get("mode", ""),
+        peer6=record.get("peer6", ""),
     )
+    return VipChange(key=vip_key(record), spec=spec, changed_fields=fields)
 
 
 def _merge_vips(root: etree._Element, value: Any, ctx: _Context) -> None:
