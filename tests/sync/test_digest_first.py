@@ -309,6 +309,19 @@ def _inside_exchange() -> str | None:
     return None
 
 
+def where_called(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[tuple[str, str | None]]:
+    """Patch `owner.name` to note, per call, its thread and the exchange it runs inside."""
+    calls: list[tuple[str, str | None]] = []
+    original = getattr(owner, name)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, _inside_exchange()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
 @pytest.mark.parametrize(("full", "dry_run"), [(True, False), (True, True), (False, False)])
 def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pair, full: bool, dry_run: bool,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,14 +329,7 @@ def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pa
     probe's exchange (sent, reply not yet read) and in the sync's own thread: no second thread
     contends for the GIL with the requests (a dry run reports on that same blob). A digest-first
     sync (the control) builds it after the probe, as it must (the probe decides what is sent)."""
-    builders: list[tuple[str, str | None]] = []
-    original = planmod.build_blob
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        builders.append((threading.current_thread().name, _inside_exchange()))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(planmod, "build_blob", recording)
+    builders = where_called(monkeypatch, planmod, "build_blob")
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         result = sync(pair, full=full, dry_run=dry_run)
@@ -334,14 +340,7 @@ def test_a_full_sync_builds_its_blob_while_the_backup_answers_the_probe(pair: Pa
 def test_the_snapshot_record_is_prepared_while_the_backup_merges(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """The snapshot's share of the work runs inside the merge request's exchange, in the sync's
     own thread, and its result is what the snapshot commits (nothing computed twice)."""
-    prepared: list[tuple[str, str | None]] = []
-    original = snapshot.prepare
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        prepared.append((threading.current_thread().name, _inside_exchange()))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(snapshot, "prepare", recording)
+    prepared = where_called(monkeypatch, snapshot, "prepare")  # `record` would call it a second time
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
         result = sync(pair, full=True)
