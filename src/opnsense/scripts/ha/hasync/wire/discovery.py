@@ -23,7 +23,7 @@ from hasync.core.paths import state_dir
 from hasync.payload import digest as digestmod
 from hasync.wire import xmlrpc
 from hasync.wire.client import PeerClient
-from hasync.wire.protocol import FAST_PATH_FEATURE
+from hasync.wire.protocol import DIGEST_METHOD, FAST_PATH_FEATURE
 
 log = logging.getLogger("hasync.discovery")
 
@@ -71,7 +71,7 @@ def probe(peer: Any, digest_items: Sequence[str] | None = None, capabilities: bo
     names = ["opnsense.firmware_version"] + (["hasync.capabilities"] if capabilities else [])
     calls: list[dict[str, Any]] = [{"methodName": name, "params": []} for name in names]
     if digest_items is not None:
-        calls.append({"methodName": "hasync.digest", "params": [list(digest_items)]})
+        calls.append({"methodName": DIGEST_METHOD, "params": [list(digest_items)]})
     try:
         replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
     except RemoteFault:
