@@ -99,7 +99,7 @@ def _probe_one_by_one(peer: Any, digest_items: Sequence[str] | None, capabilitie
             caps = peer.call("hasync.capabilities")
             result.capabilities = caps if isinstance(caps, dict) else None
         if digest_items is not None:
-            result.digests = peer.call("hasync.digest", [list(digest_items)])
+            result.digests = peer.call(DIGEST_METHOD, [list(digest_items)])
     except RemoteFault:
         return result
     result.extensions = result.capabilities is not None or result.digests is not None
