@@ -15,7 +15,7 @@ import pytest
 from hasync.core.errors import RemoteFault
 from hasync.wire import xmlrpc
 from hasync.wire.client import ClientOptions, PeerClient
-from hasync.wire.sections import send_blob
+from hasync.wire.sections import METHOD, send_blob
 from support.nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
 
 
@@ -40,9 +40,9 @@ def test_a_refused_merge_raises_the_same_fault_with_or_without_the_digests(tmp_p
         peer = PeerClient(f"https://127.0.0.1:{server.server_address[1]}/xmlrpc.php", SYNC_USER, SYNC_PASSWORD,
                           ClientOptions(verify_peer=False))
         with pytest.raises(RemoteFault) as plain:
-            send_blob(peer, bogus)  # type: ignore[arg-type]
+            peer.call(METHOD, [bogus.param])
         with pytest.raises(RemoteFault) as along:
-            send_blob(peer, bogus, digest_items=["users"])  # type: ignore[arg-type]
+            send_blob(peer, bogus, ["users"])  # type: ignore[arg-type]
         # the control: a good call in the same multicall form returns its value and the digests
         replies = peer.call("system.multicall", [[{"methodName": "opnsense.firmware_version", "params": []},
                                                   {"methodName": "hasync.digest", "params": [["users"]]}]])

@@ -398,10 +398,9 @@ class SyncPlan:
         if self.uses_fast_path:
             blob = self.blob = self._blob()
             self.transfer = "fast path"
-            extensions = self.peer_probe is not None and self.peer_probe.extensions
-            self.digests_asked = extensions
-            reply, self.backup_digests = send_blob(peer, blob, while_waiting=prepare,
-                                                   digest_items=self.record_ids if extensions else None)
+            # (only an agent of ours offers the fast path, so its hasync.digest can come along)
+            self.digests_asked = True
+            reply, self.backup_digests = send_blob(peer, blob, self.record_ids, while_waiting=prepare)
         else:
             payload = self.payload()
             self.transfer = "XML-RPC"

@@ -327,17 +327,15 @@ def payload_from_tree(
     # (an empty struct became an empty array above: that one stays what the compatible path gets)
     return GraftedPayload(payload, grafts) if len(grafts) and isinstance(payload, dict) else payload
 
-def send_blob(peer: Any, blob: SectionsBlob, while_waiting: Callable[[], None] | None = None,
-              digest_items: Sequence[str] | None = None) -> tuple[Any, Any]:
-    """Send `blob`: the merge's reply, and with `digest_items` the backup's `DIGEST_METHOD` reply
-    for those items as they are after the merge (None if that call failed).
+def send_blob(peer: Any, blob: SectionsBlob, digest_items: Sequence[str],
+              while_waiting: Callable[[], None] | None = None) -> tuple[Any, Any]:
+    """Send `blob`: the merge's reply, and the backup's `DIGEST_METHOD` reply for `digest_items`
+    as they are after the merge (None if that call failed).
 
     The digests come in the same request, a `system.multicall` that the agent runs in order:
     what the primary's snapshot records, without two more requests (a TLS handshake and a login
     each). A merge that fails raises `RemoteFault` as the plain call would, with its code and message.
     """
-    if digest_items is None:
-        return peer.call(METHOD, [blob.param], while_waiting=while_waiting), None
     calls = [{"methodName": METHOD, "params": [blob.param]},
              {"methodName": DIGEST_METHOD, "params": [list(digest_items)]}]
     replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
