@@ -136,6 +136,11 @@ def merged(backup: etree._Element, payload: Any) -> tuple[bytes, dict[str, Any]]
     expected = [key for key in report.merged_keys
                 if [fingerprint(n) for n in backup if n.tag == key] != [fingerprint(n) for n in root if n.tag == key]]
     assert report.changed_sections == expected
+    # the items the merge vouches for read the same afterwards: the agent's cache keeps their
+    # digests (`ConfigCache.note_merged`)
+    unchanged = set(report.unchanged_points)
+    vouched = [item.id for item in REGISTRY.resolve(REGISTRY.ids()) if set(item.sections) <= unchanged]
+    assert digest.backup_item_digests(backup, REGISTRY, vouched) == digest.backup_item_digests(root, REGISTRY, vouched)
     if isinstance(payload, tree.GraftedPayload):
         # the post-merge digests reuse the moved records' dicts (agent.fastpath._warm_digests):
         # the same digests as converting the merged tree afresh

@@ -82,7 +82,8 @@ def configs(draw: st.DrawFn) -> etree._Element:
 
 def fingerprint(node: etree._Element) -> tuple[Any, ...]:
     """What the merge counts as a change (`payload.merge._same_nodes`), written plainly: the tag,
-    the sorted attributes, leaf text, the element children in order; no comments or tails."""
+    the sorted attributes, leaf text, whether a leaf holds anything (a comment), the element
+    children in order; no comments or tails otherwise."""
     kids = [child for child in node if isinstance(child.tag, str)]
     text = "" if kids else (node.text or "")
-    return (node.tag, tuple(sorted(node.attrib.items())), text, tuple(fingerprint(k) for k in kids))
+    return (node.tag, tuple(sorted(node.attrib.items())), text, len(node) == 0, tuple(fingerprint(k) for k in kids))

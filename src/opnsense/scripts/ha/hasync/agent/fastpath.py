@@ -31,6 +31,7 @@ from hasync.config.tree import GraftedPayload
 from hasync.core.errors import ConfigError, MethodFault
 from hasync.core.fileio import RACY_WINDOW, file_key
 from hasync.payload import digest as digestmod
+from hasync.payload.merge import MergeReport
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PROBE_METHOD
 from hasync.wire.protocol import FAST_PATH_FEATURE, PERNODE_FEATURE, RESTORE_METHOD
@@ -84,6 +85,10 @@ class ConfigCache:
     (at 20 MB a parse and freeing the old tree cost ~0.2 s); what it writes comes back through
     `adopt`. So the full tree is read only under this cache's lock (`digests`, `capabilities`,
     or holding `lock`), and logins, which run beside a merge, read `accounts`, a copy of their own.
+
+    A merge usually changes a few items: the digests of the others carry over to the tree it
+    writes (`note_merged`), so the primary's request for them right after the merge costs only
+    the items that changed.
     """
 
     def __init__(self, store: ConfigStore, registry: SyncItemRegistry,
@@ -99,6 +104,12 @@ class ConfigCache:
         self._digests: dict[str, str] = {}
         self._capabilities: dict[str, Any] | None = None
         self.loads = 0  # how often config.xml was parsed (tests use it)
+        # A writer's notes between `take` and `adopt` (writers come one at a time, under
+        # config.xml's exclusive lock, and only they touch these): the digests of the tree `take`
+        # handed out, and the tree a merge is about to write with the section paths it left as
+        # they were (`note_merged`).
+        self._taken_digests: dict[str, str] = {}
+        self._merged: tuple[etree._Element, frozenset[str]] | None = None
         store.written = self.adopt
         store.take_parsed = self.take
 
@@ -145,6 +156,8 @@ class ConfigCache:
         writer holds, and both would wait forever. A busy cache simply stays stale (its key no
         longer matches) and re-reads later.
         """
+        merged, taken = self._merged, self._taken_digests
+        self._merged, self._taken_digests = None, {}
         if not self.lock.acquire(blocking=False):
             return
         try:
@@ -155,8 +168,17 @@ class ConfigCache:
             self._root, self._key = root, key
             young = self.clock() - key[3] / 1e9 <= RACY_WINDOW
             self._content = content if young else None
+            if merged is not None and merged[0] is root:  # the tree `take` gave, merged as noted
+                self._digests = {item_id: value for item_id, value in taken.items()
+                                 if set(self.registry.get(item_id).sections) <= merged[1]}
         finally:
             self.lock.release()
+
+    def note_merged(self, root: etree._Element, report: MergeReport) -> None:
+        """For a writer holding config.xml's exclusive lock, about to write the merged `root`: the
+        items whose sections are all among `report.unchanged_points` keep the digest they had
+        when `take` handed the tree out (if it did: a tree the writer parsed itself has none)."""
+        self._merged = (root, frozenset(report.unchanged_points))
 
     def take(self, locked_sha256: Callable[[], str]) -> etree._Element | None:
         """For a writer holding config.xml's exclusive lock: the cached tree if it is the file as
@@ -167,15 +189,17 @@ class ConfigCache:
         Never waits for the cache (as `adopt`): a reader holding it may be waiting for the file
         lock the writer holds. The writer then parses the file itself and the reader keeps its tree.
         """
+        self._taken_digests, self._merged = {}, None
         if not self.lock.acquire(blocking=False):
             return None
         try:
-            root, key, content = self._root, self._key, self._content
+            root, key, content, digests = self._root, self._key, self._content, self._digests
             self._clear()
             if root is None or key is None or file_key(self.store.config_path) != key:
                 return None
             if content is not None and locked_sha256() != content:
                 return None
+            self._taken_digests = digests
             return root
         finally:
             self.lock.release()

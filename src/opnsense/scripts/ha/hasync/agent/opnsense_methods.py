@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from lxml import etree
+
 from hasync.agent import lockout
 from hasync.agent.server import CallContext, Dispatcher
 from hasync.config.items import SyncItemRegistry
@@ -61,6 +63,9 @@ class BackupNode:
         # commit-confirmed sync (confirm.ArmedRollback, set by the extensions): arms a rollback
         # just before a merge is written; None on a stock-like agent
         self.merge_hook: MergeHook | None = None
+        # told the merged tree and its report under the store's lock, right before the write (the
+        # agent's `ConfigCache.note_merged`: it keeps the digests of what the merge left as it was)
+        self.on_merged: Callable[[etree._Element, MergeReport], None] | None = None
 
     @property
     def conf_dir(self) -> Path:
@@ -109,6 +114,8 @@ class BackupNode:
                                     now=self.store.clock.time(), who=who)
                 if self.merge_hook is not None:  # still under the store's lock
                     self.merge_hook.before_write(context, self.store.config_path.read_bytes)
+                if self.on_merged is not None:  # the last step before the write
+                    self.on_merged(root, report)
             log.info("%s (from %s@%s)", description, context.username, context.remote_addr)
             for warning in report.warnings:
                 log.warning("%s", warning)

@@ -117,6 +117,7 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
     # parsed config.xml and digests, reused while the file is unchanged (logins read its users
     # every request) and handed to the next merge instead of a second parse
     cache = fastpath.ConfigCache(store, registry)
+    node.on_merged = cache.note_merged  # a merge leaves most items' digests as they were
     # Parsed now, before the agent listens: the first login of the first sync then reads a warm
     # tree, as every later one does (a 20 MB config costs ~0.15 s to parse).
     cache.accounts()

@@ -129,6 +129,21 @@ def tree_item_value(root: etree._Element, sections: Iterable[str],
     return out
 
 
+def reads_as_empty(nodes: Sequence[etree._Element]) -> bool:
+    """Whether a section path holding exactly `nodes` has the canonical form of a missing one.
+
+    True for no node, and for one bare element (no attribute, no child node, whitespace-only
+    text): the primary sends a path its config lacks as ``[]``, the merge writes that as
+    ``<tag/>``, and `normalize` reads ``[]`` and ``""`` alike.
+    """
+    if not nodes:
+        return True
+    if len(nodes) > 1:
+        return False
+    node = nodes[0]
+    return len(node) == 0 and not node.attrib and not (node.text or "").strip()
+
+
 def value_item_value(value: Mapping[str, Any], sections: Iterable[str], copy_values: bool = True) -> dict[str, Any]:
     """The part of a payload-form value (a whole payload, a snapshot) that `sections` cover.
 

@@ -65,6 +65,7 @@ from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
 from hasync.core.php import php_empty, php_intval
 from hasync.payload.build import RULE_LISTS
+from hasync.payload.digest import reads_as_empty
 from hasync.payload.kept import keep_local
 from hasync.payload.validate import COMPANION_PATHS, NAME_RE, check_payload, normalize_payload
 
@@ -117,6 +118,10 @@ class MergeReport:
     vips_removed: list[VipChange] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     kept_local: list[str] = field(default_factory=list)  # concrete declared-local paths the payload carried
+    # the payload's section paths whose toArray value, as `digest.tree_item_value` reads it, the
+    # merge left as it was: an item whose sections are all here keeps its digest
+    # (`ConfigCache.note_merged`); not part of `public_dict`, an engine detail
+    unchanged_points: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -152,6 +157,7 @@ class _Context:
     vips_added: list[VipChange] = field(default_factory=list)
     vips_changed: list[VipChange] = field(default_factory=list)
     vips_removed: list[VipChange] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # the paths whose element group `_replace` swapped
 
 
 def merge_payload(
@@ -186,6 +192,7 @@ def merge_payload(
     # point can only have changed below a top-level section that did.
     changed_top: list[str] = []
     changed: set[str] = set()
+    empty_both: set[str] = set()  # changed, but missing or bare before and after: one digest
     for key in data:
         after = _children(root, key)
         snapshot = top_before.pop(key)
@@ -193,8 +200,15 @@ def merge_payload(
             continue
         before = [_reparse(old) for old in snapshot]  # one section's before-state at a time
         del snapshot
-        changed_here = {p for p in points if p.split(".")[0] == key
-                        and not _same_nodes(_find_below(before, p), find_path(root, p))}
+        changed_here: set[str] = set()
+        for point in points:
+            if point.split(".")[0] != key:
+                continue
+            old_nodes, new_nodes = _find_below(before, point), find_path(root, point)
+            if not _same_nodes(old_nodes, new_nodes):
+                changed_here.add(point)
+                if reads_as_empty(old_nodes) and reads_as_empty(new_nodes):
+                    empty_both.add(point)
         # A point that changed changes its section (equal fingerprints have equal descendants at
         # every tag path), so the section's own walk is needed only when no point changed.
         if changed_here or not _same_nodes(before, after, known_different=True):
@@ -204,6 +218,12 @@ def merge_payload(
     vips_touched = ctx.vips_added or ctx.vips_changed or ctx.vips_removed
     if "virtualip" in data and vips_touched and "virtualip" not in changed_points:
         changed_points.append("virtualip")
+    # Equal nodes at a point read as the same value, and so do a missing section and the bare
+    # <tag/> the merge writes for it; but a digest reads the nodes through their ancestors (one
+    # container per level, `digest.tree_item_value`), and a replaced ancestor (two containers
+    # made one) can change what it reads there: such a point is not vouched for.
+    unchanged = [p for p in points if (p not in changed_points or p in empty_both)
+                 and not any(p.startswith(path + ".") for path in ctx.replaced)]
     return MergeReport(
         description=revision_description(data),
         merged_keys=list(data),
@@ -214,6 +234,7 @@ def merge_payload(
         vips_removed=ctx.vips_removed,
         warnings=ctx.warnings,
         kept_local=[note.path for note in kept],
+        unchanged_points=unchanged,
     )
 
 
@@ -225,10 +246,12 @@ def _children(parent: etree._Element, tag: str) -> list[etree._Element]:
 
 
 def _fingerprint(node: etree._Element) -> tuple[Any, ...]:
-    """Structure, attributes and leaf text; ignores formatting whitespace and comments."""
+    """Structure, attributes and leaf text; ignores formatting whitespace and comments, except
+    whether a leaf holds any: toArray reads a leaf holding a comment as a struct, not as its text
+    (`tree.element_to_value`), so equal fingerprints mean equal values."""
     kids = [child for child in node if isinstance(child.tag, str)]
     text = "" if kids else (node.text or "")
-    return (node.tag, tuple(sorted(node.attrib.items())), text, tuple(_fingerprint(k) for k in kids))
+    return (node.tag, tuple(sorted(node.attrib.items())), text, len(node) == 0, tuple(_fingerprint(k) for k in kids))
 
 
 def _fingerprint_all(nodes: Iterable[etree._Element]) -> tuple[Any, ...]:
@@ -276,7 +299,7 @@ def _same_nodes(before: list[etree._Element], after: list[etree._Element], known
         new_kids = [child for child in new if isinstance(child.tag, str)]
         old_text = "" if old_kids else (old.text or "")
         new_text = "" if new_kids else (new.text or "")
-        if old_text != new_text or not _same_nodes(old_kids, new_kids):
+        if old_text != new_text or (len(old) == 0) != (len(new) == 0) or not _same_nodes(old_kids, new_kids):
             return False
     return True
 
@@ -352,6 +375,7 @@ def _replace(
     parent: etree._Element, key: str, existing: list[etree._Element], value: Any, path: str, kind: str, ctx: _Context
 ) -> None:
     """Reset-and-replace: the incoming value in its order, after the backup's nosync records."""
+    ctx.replaced.append(path)
     items = value if isinstance(value, list) else [value]
     kept: list[etree._Element] = []
     if kind in ("list", "uuid"):
