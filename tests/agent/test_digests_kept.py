@@ -165,3 +165,23 @@ def test_after_a_full_sync_the_agent_digests_only_what_changed(tmp_path: Path, m
         asked = digests_asked(monkeypatch)
         sync(full=True)
     assert asked == ["aliases"]
+
+
+def test_a_fresh_agent_digests_at_start_so_its_first_merge_keeps_them(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first `sync --full` into a just-started agent: its probe asks for no digests, yet the
+    merge carries over those of the unchanged items, computed when the agent started."""
+    pair = make_pair(tmp_path)
+    backup_before = parse_config_bytes((pair.backup / "config.xml").read_bytes(), "before")
+    compute = digestmod.backup_item_digests
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        asked = digests_asked(monkeypatch)
+        result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
+        assert result.status == "ok", result.message
+    backup_after = parse_config_bytes((pair.backup / "config.xml").read_bytes(), "after")
+    before, _ = compute(backup_before, REGISTRY, result.items)
+    after, _ = compute(backup_after, REGISTRY, result.items)
+    changed = [item_id for item_id in result.items if before[item_id] != after[item_id]]
+    assert changed and len(changed) < len(result.items)
+    assert set(changed) <= set(asked) < set(result.items)

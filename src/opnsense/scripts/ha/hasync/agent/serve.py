@@ -126,6 +126,9 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         extensions = Extensions(node, read_config=cache.root)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)
+        # Its digests too, as a running agent holds them after its last merge: the first probe
+        # answers from them, and the first merge keeps those of the items it leaves alone.
+        cache.digests(registry.ids())
         extensions.armed.resume()  # a commit-confirmed sync whose deadline passed while we were down
     context = tls_context(options, store, state_dir)
     try:
