@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hasync import cli
+from hasync.cli.commands import sync as sync_command
 from support.nodes import Pair, make_pair, running_agent
 from support.paths import PACKAGE_ROOT, REPO
 
@@ -146,6 +147,48 @@ def test_a_process_ends_with_everything_frozen_for_the_last_collection(how: str,
     out = subprocess.run([sys.executable, "-c", EXIT_PROBE, how], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 3
     assert out.stdout.strip() == str(frozen)
+
+
+KEEP_PROBE = """
+import sys
+from hasync import cli
+from hasync.core.memory import keep_until_exit
+
+class Built:
+    def __del__(self):
+        print("freed", flush=True)
+
+def command():
+    built = Built()
+    if sys.argv[1] == "kept":
+        keep_until_exit(built)
+    return 3
+
+code = command()
+print("returned", flush=True)
+cli.exit_process(code)
+"""
+
+
+@pytest.mark.parametrize(("how", "lines"), [("kept", ["returned"]), ("control: not kept", ["freed", "returned"])])
+def test_what_a_command_keeps_until_exit_is_never_freed(how: str, lines: list[str]) -> None:
+    """`keep_until_exit` leaves a command's objects to the process's end, where nothing frees
+    them; without it they are freed as the command returns."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    out = subprocess.run([sys.executable, "-c", KEEP_PROBE, how], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 3
+    assert out.stdout.split() == lines
+
+
+@pytest.mark.parametrize("ends_process", [True, False])
+def test_only_a_process_entry_leaves_the_sync_to_the_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         ends_process: bool) -> None:
+    """In-process callers (tests, the library) get everything freed as usual."""
+    kept: list[object] = []
+    monkeypatch.setattr(sync_command, "keep_until_exit", kept.append)
+    pair = make_pair(tmp_path)
+    cli.main(["--conf-dir", str(pair.primary), "sync", "--dry-run"], ends_process=ends_process)
+    assert [type(value).__name__ for value in kept] == (["SyncRun"] if ends_process else [])
 
 
 def test_every_process_entry_ends_through_exit_process() -> None:

@@ -53,7 +53,7 @@ def run_cli(argv: Sequence[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = cli.main([*global_args(), *argv])
+            code = cli.main([*global_args(), *argv], ends_process=True)
         except SystemExit as exc:  # argparse: bad arguments, --help
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     sys.stderr.write(err.getvalue())
@@ -64,7 +64,7 @@ def run_cli(argv: Sequence[str]) -> tuple[int, str, str]:
 def run_script(argv: Sequence[str]) -> int:
     """For `type:script` actions: the CLI's own exit status is the answer (OK / Error (n))."""
     try:
-        return cli.main([*global_args(), *argv])
+        return cli.main([*global_args(), *argv], ends_process=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 

@@ -76,9 +76,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, ends_process: bool = False) -> int:
+    """Run one command; `ends_process`: the process ends right after (`exit_process`), so the
+    command may leave what it built to that end (`keep_until_exit`)."""
     parser = build_parser(requested_command(argv))
     args = parser.parse_args(argv)
+    args.ends_process = ends_process
     logging.basicConfig(
         level=logging.DEBUG if args.verbose_log else logging.INFO,
         format="opnsense-ha: %(message)s",
@@ -111,7 +114,7 @@ def exit_process(code: int) -> NoReturn:
 
 def run() -> NoReturn:
     """The `opnsense-ha` process: `main` with the command line, then `exit_process`."""
-    exit_process(main())
+    exit_process(main(ends_process=True))
 
 
 if __name__ == "__main__":

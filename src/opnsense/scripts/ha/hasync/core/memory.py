@@ -76,3 +76,20 @@ def gc_paused() -> Iterator[None]:
             _PAUSES.count -= 1
             if _PAUSES.count == 0 and _PAUSES.resume:
                 gc.enable()
+
+
+# Held until the process ends: a list that holds itself is never freed by reference counting,
+# and once `cli.exit_process` freezes it the collection at exit does not look at it either.
+_KEPT_UNTIL_EXIT: list[object] = []
+_KEPT_UNTIL_EXIT.append(_KEPT_UNTIL_EXIT)
+
+
+def keep_until_exit(value: object) -> None:
+    """Leave `value` to the end of the process instead of freeing it when the command returns.
+
+    Why: a sync's parsed config and payload are millions of objects, and freeing them one by one
+    just before the process ends costs ~7 ms at 2 MB and ~80 ms at 20 MB. Only for commands run by a
+    process entry point (`cli.main(..., ends_process=True)`), which ends through
+    `cli.exit_process`; never for in-process callers.
+    """
+    _KEPT_UNTIL_EXIT.append(value)

@@ -145,6 +145,7 @@ class SyncRun:
         self.result = SyncResult(dry_run=options.dry_run)
         self.username = ""
         self.confirmer: PrimaryConfirm | None = None  # set once a merge is sent armed
+        self.plan: SyncPlan | None = None  # the run's plan (what was built and sent), once made
 
     def step(self, name: str, action: Callable[[], str]) -> None:
         started = time.monotonic()
@@ -201,8 +202,7 @@ class SyncRun:
             raise HaError("no sync items selected: hasync.syncitems is empty (choose items in System > "
                           "High Availability, or pass --items)")
         result.items = list(item_ids)
-        plan = SyncPlan(view, self.registry, item_ids, full=self.options.full,
-                                 fast=self.options.fast_path)
+        plan = self.plan = SyncPlan(view, self.registry, item_ids, full=self.options.full, fast=self.options.fast_path)
         self.step("build payload", plan.prepare)
         peer = peer_from_settings(self.store.conf_dir, root, settings, self.options.client)
         result.target = peer.url

@@ -11,6 +11,7 @@ from hasync.cli.commands.common import add_client_options, client_options, failo
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core import schemas
+from hasync.core.memory import keep_until_exit
 from hasync.sync.run import Step, SyncOptions, SyncRun, trust_store
 from hasync.wire.client import ClientOptions
 
@@ -71,6 +72,8 @@ def run_sync(args: argparse.Namespace) -> int:
                   failover=failover_backend(args.conf_dir) if args.pre_check_master else None,
                   progress=print_step)
     result = run.run()
+    if args.ends_process:
+        keep_until_exit(run)
     if args.json:
         document = result.as_json()
         schemas.validate("sync-result", document)
