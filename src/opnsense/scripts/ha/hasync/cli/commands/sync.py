@@ -71,9 +71,9 @@ def run_sync(args: argparse.Namespace) -> int:
     run = SyncRun(ConfigStore(args.conf_dir), registry, options,
                   failover=failover_backend(args.conf_dir) if args.pre_check_master else None,
                   progress=print_step)
-    result = run.run()
     if args.ends_process:
         keep_until_exit(run)
+    result = run.run()
     if args.json:
         document = result.as_json()
         schemas.validate("sync-result", document)
