@@ -185,3 +185,26 @@ def test_a_fresh_agent_digests_at_start_so_its_first_merge_keeps_them(tmp_path: 
     changed = [item_id for item_id in result.items if before[item_id] != after[item_id]]
     assert changed and len(changed) < len(result.items)
     assert set(changed) <= set(asked) < set(result.items)
+
+
+def test_an_agent_whose_start_up_digests_fail_still_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The digests at start are an optimisation: failing, they leave a warning, and the agent
+    starts and syncs (digesting on request)."""
+    pair = make_pair(tmp_path)
+    compute = digestmod.backup_item_digests
+    failing = [True]
+
+    def digests_once_broken(*args: Any, **kwargs: Any) -> Any:
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("a digest bug")
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(digestmod, "backup_item_digests", digests_once_broken)
+    with running_agent(pair) as server:
+        assert not failing[0]  # the start-up digests did run, and failed
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
+    assert result.status == "ok", result.message
+    assert "digests at start failed (RuntimeError)" in caplog.text

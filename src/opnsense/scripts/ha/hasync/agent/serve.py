@@ -128,7 +128,10 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         fastpath.register(dispatcher, extensions.features, cache)
         # Its digests too, as a running agent holds them after its last merge: the first probe
         # answers from them, and the first merge keeps those of the items it leaves alone.
-        cache.digests(registry.ids())
+        try:
+            cache.digests(registry.ids())
+        except Exception as exc:  # an optimisation: the agent serves anyway, digesting on request
+            log.warning("digests at start failed (%s); they are computed on request", type(exc).__name__)
         extensions.armed.resume()  # a commit-confirmed sync whose deadline passed while we were down
     context = tls_context(options, store, state_dir)
     try:
