@@ -20,6 +20,7 @@ from hasync.agent.server import AgentLimits, AgentServer, Dispatcher
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.core.errors import HaError
+from hasync.core.memory import gc_paused
 from hasync.core.osiface import SubprocessRunner
 from hasync.failover.base import FailoverBackend
 from hasync.services.backends import OpnsenseServiceBackend, ServiceBackend, ServicesDirBackend
@@ -126,13 +127,15 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         extensions = Extensions(node, read_config=cache.root)
         extensions.register(dispatcher)
         fastpath.register(dispatcher, extensions.features, cache)
-        # Its digests too, as a running agent holds them after its last merge: the first probe
-        # answers from them, and the first merge keeps those of the items it leaves alone.
+        extensions.armed.resume()  # a commit-confirmed sync whose deadline passed while we were down
+        # Its digests too (after any overdue rollback: of the config it serves), as a running
+        # agent holds them after its last merge: the first probe answers from them, and the
+        # first merge keeps those of the items it leaves alone. ~0.5 s at 20 MB.
         try:
-            cache.digests(registry.ids())
+            with gc_paused():  # (a whole config's values, as for a large request: `core.memory`)
+                cache.digests(registry.ids())
         except Exception as exc:  # an optimisation: the agent serves anyway, digesting on request
             log.warning("digests at start failed (%s); they are computed on request", type(exc).__name__)
-        extensions.armed.resume()  # a commit-confirmed sync whose deadline passed while we were down
     context = tls_context(options, store, state_dir)
     try:
         return AgentServer(
