@@ -27,7 +27,7 @@ from hasync.config import tree
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import parse_config_bytes, serialize
 from hasync.core.errors import HaError
-from hasync.payload import digest, merge
+from hasync.payload import digest, merge, validate
 from hasync.wire import protocol
 from hasync.wire import sections as sectionsmod
 from support.bench import bench_module
@@ -136,6 +136,14 @@ def merged(backup: etree._Element, payload: Any) -> tuple[bytes, dict[str, Any]]
     expected = [key for key in report.merged_keys
                 if [fingerprint(n) for n in backup if n.tag == key] != [fingerprint(n) for n in root if n.tag == key]]
     assert report.changed_sections == expected
+    # and its changed points (what selects the services to restart), each against the same
+    # comparison of the nodes at that path
+    points = validate.check_payload(validate.normalize_payload(dict(payload)), REGISTRY, accept_unknown=True)
+    expected_points = [point for point in points if [fingerprint(n) for n in tree.find_path(backup, point)]
+                       != [fingerprint(n) for n in tree.find_path(root, point)]]
+    if report.vips_added or report.vips_changed or report.vips_removed:  # a VIP change always counts
+        expected_points += [] if "virtualip" in expected_points else ["virtualip"]
+    assert report.sections == expected_points
     # the items the merge vouches for read the same afterwards: the agent's cache keeps their
     # digests (`ConfigCache.note_merged`)
     unchanged = set(report.unchanged_points)
