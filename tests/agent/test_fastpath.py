@@ -22,6 +22,7 @@ import json
 import math
 import re
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -746,3 +747,33 @@ def test_a_writer_parses_when_the_cached_tree_is_not_the_file(tmp_path: Path, mo
     with young.store.transaction("test: merge") as root:  # control: unchanged, young or not
         assert root is cached
 
+
+
+@pytest.mark.parametrize("moved_on", [True, False], ids=["clock moved on", "control: same tick"])
+def test_after_its_own_write_the_cache_checks_content_only_while_it_must(tmp_path: Path, monkeypatch: Any,
+                                                                        moved_on: bool) -> None:
+    """A tree the cache adopts from a write is checked by content on use only while a later write
+    could carry the same timestamp (`ConfigStore.stamped_past`); each check hashes the whole file,
+    and a merge used to be followed by three."""
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda: 0.0)  # every write looks young
+    monkeypatch.setattr(store, "stamped_past", lambda mtime_ns, key: moved_on)
+    hashed: list[str] = []
+    original = ConfigStore.content_sha256
+    monkeypatch.setattr(ConfigStore, "content_sha256", lambda self: hashed.append("x") or original(self))
+    held = cache.root()
+    with store.transaction("test: merge") as root:
+        assert root is held
+        root.find("system/hostname").text = "merged"  # type: ignore[union-attr]
+    for _ in range(3):
+        assert cache.root() is root
+    assert len(hashed) == (0 if moved_on else 3)
+    # either way a later write is seen: by its timestamp, or (same tick) by content
+    data = store.config_path.read_bytes()
+    if moved_on:
+        time.sleep(0.05)  # as claimed: the file system's clock has left the merge's tick
+    store.config_path.write_bytes(data.replace(b"<hostname>merged<", b"<hostname>merges<"))  # same size
+    if not moved_on:  # a file system that cannot tell this write from the merge's by time
+        monkeypatch.setattr(fastpath, "file_key", lambda path, real=fastpath.file_key: cache._key)
+    assert cache.root().findtext("system/hostname") == "merges"

@@ -310,3 +310,24 @@ def test_a_hung_lock_holder_gives_a_clear_error_in_bounded_time(conf: Path) -> N
     assert not (conf / "backup").exists()
     bump(store)  # the lock is free again: works
     assert store.load().findtext("counter") == "1"
+
+
+def test_stamped_past_tells_whether_a_later_write_gets_a_later_time(conf: Path) -> None:
+    """After its own write, a writer asks whether the file system's clock has left that write's
+    timestamp tick (`ConfigStore.stamped_past`, by creating a file beside config.xml)."""
+    store = ConfigStore(conf)
+    bump(store)
+    mtime = store.config_path.stat().st_mtime_ns
+    before = sorted(conf.iterdir())
+    time.sleep(0.05)  # longer than any timestamp tick of a file system with sub-second times
+    assert store.stamped_past(mtime)
+    # control: a file system whose times cannot tell the two apart (here: every file's time is 0)
+    assert not store.stamped_past(0, key=lambda path: (0, 0, 0, 0, 0))
+    assert sorted(conf.iterdir()) == before  # the probe file is gone either way
+
+
+def test_a_writer_sweeps_a_probe_file_a_crash_left(conf: Path) -> None:
+    leftover = conf / ".tmp-config-abc.tick"
+    leftover.write_bytes(b"")
+    bump(ConfigStore(conf))
+    assert not leftover.exists()

@@ -167,7 +167,7 @@ class ConfigCache:
                 return
             self._root, self._key = root, key
             young = self.clock() - key[3] / 1e9 <= RACY_WINDOW
-            self._content = content if young else None
+            self._content = content if young and not self.store.stamped_past(key[3], file_key) else None
             if merged is not None and merged[0] is root:  # the tree `take` gave, merged as noted
                 self._digests = {item_id: value for item_id, value in taken.items()
                                  if set(self.registry.get(item_id).sections) <= merged[1]}
