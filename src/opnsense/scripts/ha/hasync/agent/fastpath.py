@@ -60,6 +60,7 @@ class FastPathAgent:
             raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: this agent has no {RESTORE_METHOD}")
         log.debug("fast path: %d sections, %d bytes inflated, from %s@%s", len(decoded.sections), decoded.size,
                   context.username, context.remote_addr)
+        context.kept_until_sent.append(decoded)
         result = merge(decoded.payload, context)
         if self.after_merge is not None:
             try:
