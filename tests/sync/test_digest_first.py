@@ -414,3 +414,53 @@ def test_a_sync_runs_with_the_cyclic_collector_paused_and_restores_it(pair: Pair
     assert result.status == "ok", result.message
     assert seen and not any(seen)
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "control: compatible path"])
+def test_the_fast_path_writes_its_snapshot_while_the_backup_reloads_its_filter(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    """The fast path has the backup's digests with the merge's reply, so the snapshot needs no
+    request: it is written while filter_configure is on its way (`PeerClient.call`'s
+    while_waiting). The compatible path may still have to ask for them, so it records first."""
+    started = threading.Event()
+    seen: list[bool] = []
+    original = snapshot.record_after_sync
+
+    def recording(*args: Any, **kwargs: Any) -> None:
+        seen.append(started.wait(1.0))  # did the backup have the filter request by now?
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "record_after_sync", recording)
+    with running_agent(pair) as server:
+        reload = server.dispatcher.methods["opnsense.filter_configure"]
+
+        def filter_configure(argument: Any, context: Any) -> Any:
+            started.set()
+            return reload(argument, context)
+
+        server.dispatcher.register("opnsense.filter_configure", filter_configure)
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        sync(pair, full=True, fast_path=fast)
+    assert seen == [fast]
+    assert snapshot.load(pair.primary) is not None
+
+
+def test_a_snapshot_is_written_when_the_filter_request_never_left(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    connect = PeerClient._connect
+    made: list[str] = []
+
+    def connecting(self: PeerClient, deadline: float) -> Any:
+        made.append("x")
+        if len(made) == 3:  # probe, merge, then filter_configure: the backup went away
+            raise ConnectionRefusedError("refused")
+        return connect(self, deadline)
+
+    monkeypatch.setattr(PeerClient, "_connect", connecting)
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        result = SyncRun(ConfigStore(pair.primary), SyncItemRegistry.load(),
+                         SyncOptions(full=True, client=ClientOptions(retries=0))).run()
+    assert result.status == "error" and "filter_configure" in [step.step for step in result.steps]
+    assert result.transfer == "fast path"
+    recorded = snapshot.load(pair.primary)
+    assert recorded is not None and all(record.backup_digest for record in recorded.items.values())

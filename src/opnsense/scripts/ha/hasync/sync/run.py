@@ -290,15 +290,30 @@ class SyncRun:
             confirmer.merged = True
         result.transfer = plan.transfer
         result.sections = plan.top_keys()
-        snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
-                                   item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
-                                   prepared=plan.prepared,
-                                   extensions=plan.peer_probe.extensions if plan.peer_probe else None,
-                                   asked=plan.digests_asked, backup_reply=plan.backup_digests)
+        recorded = False
+
+        def record() -> None:  # never raises (`record_after_sync`)
+            nonlocal recorded
+            recorded = True
+            snapshot.record_after_sync(self.store.conf_dir, self.registry, result, plan.record_payload(), peer,
+                                       item_ids=plan.record_ids, digests=plan.record_digests or plan.ours,
+                                       prepared=plan.prepared,
+                                       extensions=plan.peer_probe.extensions if plan.peer_probe else None,
+                                       asked=plan.digests_asked, backup_reply=plan.backup_digests)
+
+        # With the backup's digests in hand already (the fast path asked along with the merge),
+        # the record needs no request of its own: it is written while the backup reloads its
+        # filter. Otherwise, and whenever that request did not get as far, it is written first.
+        overlap = plan.digests_asked
+        if not overlap:
+            record()
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
         try:
-            self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure")))
+            self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure",
+                                                                while_waiting=record if overlap else None)))
         except AuthError:
+            if not recorded:
+                record()
             if not self.options.allow_lockout:
                 raise
             note = ("the backup no longer accepts the sync credentials (merged with --allow-lockout): its filter "
@@ -308,6 +323,10 @@ class SyncRun:
             if confirmer is not None:  # the check will fail to log in: the backup rolls back by itself
                 self._confirm(confirmer)
             return
+        except BaseException:
+            if not recorded:
+                record()
+            raise
         if self.options.restart_services:
             restart_all(peer, self, result)
         if confirmer is not None:
