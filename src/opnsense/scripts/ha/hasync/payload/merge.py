@@ -52,7 +52,7 @@ Decisions where we deliberately differ from the PHP code (bugs, not behaviour an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,7 +312,7 @@ class _SectionsBefore:
     a merge request.)
     """
 
-    def __init__(self, root: etree._Element, keys: Iterable[str], points: Iterable[str]) -> None:
+    def __init__(self, root: etree._Element, keys: Iterable[str], points: Sequence[str]) -> None:
         self.points: dict[str, list[str]] = {key: [p for p in points if p.split(".")[0] == key] for key in keys}
         self.nodes: dict[str, list[bytes]] = {}
         self.empty: dict[str, bool] = {}  # the point read as a missing one (`digest.reads_as_empty`)

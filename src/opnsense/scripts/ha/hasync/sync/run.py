@@ -303,7 +303,7 @@ class SyncRun:
 
         # With the backup's digests in hand already (the fast path asked along with the merge),
         # the record needs no request of its own: it is written while the backup reloads its
-        # filter. Otherwise, and whenever that request did not get as far, it is written first.
+        # filter. Otherwise it is written first; and if that request fails before it ran, after.
         overlap = plan.digests_asked
         if not overlap:
             record()
@@ -312,8 +312,6 @@ class SyncRun:
             self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure",
                                                                 while_waiting=record if overlap else None)))
         except AuthError:
-            if not recorded:
-                record()
             if not self.options.allow_lockout:
                 raise
             note = ("the backup no longer accepts the sync credentials (merged with --allow-lockout): its filter "
@@ -323,10 +321,9 @@ class SyncRun:
             if confirmer is not None:  # the check will fail to log in: the backup rolls back by itself
                 self._confirm(confirmer)
             return
-        except BaseException:
+        finally:
             if not recorded:
                 record()
-            raise
         if self.options.restart_services:
             restart_all(peer, self, result)
         if confirmer is not None:
