@@ -45,12 +45,8 @@ def test_only_a_large_request_runs_with_the_collector_paused(tmp_path: Path) -> 
     assert gc.isenabled()  # and the pause ended with the request
 
 
-def test_what_a_handler_keeps_is_freed_after_the_reply_with_the_collector_still_paused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Freeing a large merge's decoded payload takes the time of a million objects: the agent
-    does it after sending the reply (`CallContext.kept_until_sent`), and before the collector
-    is back on, which would otherwise walk all of it once more."""
-    pair = make_pair(tmp_path)
+def replies_noted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list the agent appends "sent" to whenever it sends a reply; tests add their own events."""
     events: list[str] = []
     send = server.AgentRequestHandler._send
 
@@ -59,6 +55,16 @@ def test_what_a_handler_keeps_is_freed_after_the_reply_with_the_collector_still_
         send(self, *args, **kwargs)
 
     monkeypatch.setattr(server.AgentRequestHandler, "_send", sending)
+    return events
+
+
+def test_what_a_handler_keeps_is_freed_after_the_reply_with_the_collector_still_paused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freeing a large merge's decoded payload takes the time of a million objects: the agent
+    does it after sending the reply (`CallContext.kept_until_sent`), and before the collector
+    is back on, which would otherwise walk all of it once more."""
+    pair = make_pair(tmp_path)
+    events = replies_noted(monkeypatch)
 
     class Held:
         pass
@@ -80,12 +86,7 @@ def test_what_a_handler_keeps_is_freed_after_the_reply_with_the_collector_still_
 def test_the_fast_path_keeps_its_decoded_payload_until_the_reply_is_sent(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pair = make_pair(tmp_path)
-    events: list[str] = []
-    send = server.AgentRequestHandler._send
-
-    def sending(self: server.AgentRequestHandler, *args: Any, **kwargs: Any) -> None:
-        events.append("sent")
-        send(self, *args, **kwargs)
+    events = replies_noted(monkeypatch)
 
     def decoding(argument: Any, *args: Any) -> sections.Decoded:
         decoded = decode(argument, *args)
@@ -93,7 +94,6 @@ def test_the_fast_path_keeps_its_decoded_payload_until_the_reply_is_sent(
         return decoded
 
     decode = sections.decode_param
-    monkeypatch.setattr(server.AgentRequestHandler, "_send", sending)
     monkeypatch.setattr(fastpath, "decode_param", decoding)
     with running_agent(pair) as agent:
         pair.point_primary_at(f"https://127.0.0.1:{agent.server_address[1]}/")
