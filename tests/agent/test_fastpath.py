@@ -748,7 +748,6 @@ def test_a_writer_parses_when_the_cached_tree_is_not_the_file(tmp_path: Path, mo
         assert root is cached
 
 
-
 @pytest.mark.parametrize("moved_on", [True, False], ids=["clock moved on", "control: same tick"])
 def test_after_its_own_write_the_cache_checks_content_only_while_it_must(tmp_path: Path, monkeypatch: Any,
                                                                         moved_on: bool) -> None:
@@ -761,7 +760,12 @@ def test_after_its_own_write_the_cache_checks_content_only_while_it_must(tmp_pat
     monkeypatch.setattr(store, "stamped_past", lambda mtime_ns, key: moved_on)
     hashed: list[str] = []
     original = ConfigStore.content_sha256
-    monkeypatch.setattr(ConfigStore, "content_sha256", lambda self: hashed.append("x") or original(self))
+
+    def hashing(self: ConfigStore) -> str:
+        hashed.append("config.xml")
+        return original(self)
+
+    monkeypatch.setattr(ConfigStore, "content_sha256", hashing)
     held = cache.root()
     with store.transaction("test: merge") as root:
         assert root is held
@@ -770,10 +774,10 @@ def test_after_its_own_write_the_cache_checks_content_only_while_it_must(tmp_pat
         assert cache.root() is root
     assert len(hashed) == (0 if moved_on else 3)
     # either way a later write is seen: by its timestamp, or (same tick) by content
-    data = store.config_path.read_bytes()
+    data, merged_key = store.config_path.read_bytes(), fastpath.file_key(store.config_path)
     if moved_on:
         time.sleep(0.05)  # as claimed: the file system's clock has left the merge's tick
     store.config_path.write_bytes(data.replace(b"<hostname>merged<", b"<hostname>merges<"))  # same size
     if not moved_on:  # a file system that cannot tell this write from the merge's by time
-        monkeypatch.setattr(fastpath, "file_key", lambda path, real=fastpath.file_key: cache._key)
+        monkeypatch.setattr(fastpath, "file_key", lambda path: merged_key)
     assert cache.root().findtext("system/hostname") == "merges"
