@@ -199,8 +199,8 @@ def merge_payload(
         changed_here = before.changed_points(key, after)
         if changed_here or not before.same_shape(key, after):
             changed_top.append(key)
-        for point in changed_here:
-            if before.empty[point] and reads_as_empty(_find_below(after, point)):
+        for point, nodes in changed_here.items():
+            if before.empty[point] and reads_as_empty(nodes):
                 empty_both.add(point)
         changed.update(changed_here)
     changed_points = [p for p in points if p in changed]
@@ -357,9 +357,10 @@ class _SectionsBefore:
         return all(self._same_outline(part, kid, key, f"{path}.{kid.tag}")
                    for part, kid in zip(parts, kids, strict=True))
 
-    def changed_points(self, key: str, after: list[etree._Element]) -> set[str]:
-        """The points of `key` whose nodes now differ; `after` is the section's nodes now."""
-        return {point for point in self.points[key] if not _same_as(self.nodes[point], _find_below(after, point))}
+    def changed_points(self, key: str, after: list[etree._Element]) -> dict[str, list[etree._Element]]:
+        """The points of `key` whose nodes now differ, with those nodes; `after`: the section's nodes now."""
+        found = {point: _find_below(after, point) for point in self.points[key]}
+        return {point: nodes for point, nodes in found.items() if not _same_as(self.nodes[point], nodes)}
 
     def same_shape(self, key: str, after: list[etree._Element]) -> bool:
         """Whether the section around its points reads as before (`after`: its nodes now)."""
