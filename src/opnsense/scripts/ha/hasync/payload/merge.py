@@ -234,13 +234,19 @@ def _children(parent: etree._Element, tag: str) -> list[etree._Element]:
     return list(parent.iterchildren(tag))
 
 
+def _head(node: etree._Element) -> tuple[tuple[Any, ...], list[etree._Element]]:
+    """A node's own part of its `_fingerprint` (tag, sorted attributes, leaf text, whether it holds
+    no node at all), and its element children: what every comparison here reads of one node."""
+    kids = [child for child in node if isinstance(child.tag, str)]
+    return (node.tag, tuple(sorted(node.attrib.items())), "" if kids else (node.text or ""), len(node) == 0), kids
+
+
 def _fingerprint(node: etree._Element) -> tuple[Any, ...]:
     """Structure, attributes and leaf text; ignores formatting whitespace and comments, except
     whether a leaf holds any: toArray reads a leaf holding a comment as a struct, not as its text
     (`tree.element_to_value`), so equal fingerprints mean equal values."""
-    kids = [child for child in node if isinstance(child.tag, str)]
-    text = "" if kids else (node.text or "")
-    return (node.tag, tuple(sorted(node.attrib.items())), text, len(node) == 0, tuple(_fingerprint(k) for k in kids))
+    head, kids = _head(node)
+    return (*head, tuple(_fingerprint(k) for k in kids))
 
 
 def _fingerprint_all(nodes: Iterable[etree._Element]) -> tuple[Any, ...]:
@@ -278,13 +284,8 @@ def _same_nodes(before: list[etree._Element], after: list[etree._Element], known
     for old, new in zip(before, after, strict=True):
         if not known_different and _serial(old) == _serial(new):
             continue  # (the caller already compared these bytes when `known_different`)
-        if old.tag != new.tag or sorted(old.attrib.items()) != sorted(new.attrib.items()):
-            return False
-        old_kids = [child for child in old if isinstance(child.tag, str)]
-        new_kids = [child for child in new if isinstance(child.tag, str)]
-        old_text = "" if old_kids else (old.text or "")
-        new_text = "" if new_kids else (new.text or "")
-        if old_text != new_text or (len(old) == 0) != (len(new) == 0) or not _same_nodes(old_kids, new_kids):
+        (old_head, old_kids), (new_head, new_kids) = _head(old), _head(new)
+        if old_head != new_head or not _same_nodes(old_kids, new_kids):
             return False
     return True
 
@@ -337,9 +338,8 @@ class _SectionsBefore:
             return str(node.tag)
         if kind == "apart":
             return _serial(node)
-        kids = [child for child in node if isinstance(child.tag, str)]
-        return (node.tag, tuple(sorted(node.attrib.items())), "" if kids else (node.text or ""), len(node) == 0,
-                tuple(self._outline(kid, key, f"{path}.{kid.tag}") for kid in kids))
+        head, kids = _head(node)
+        return (*head, tuple(self._outline(kid, key, f"{path}.{kid.tag}") for kid in kids))
 
     def _same_outline(self, outline: Any, node: etree._Element, key: str, path: str) -> bool:
         kind = self._kind(key, path)
@@ -349,10 +349,9 @@ class _SectionsBefore:
             return isinstance(outline, bytes) and _same_as([outline], [node])
         if not isinstance(outline, tuple):
             return False
-        tag, attributes, text, leaf, parts = outline
-        kids = [child for child in node if isinstance(child.tag, str)]
-        if (node.tag != tag or tuple(sorted(node.attrib.items())) != attributes or leaf != (len(node) == 0)
-                or ("" if kids else (node.text or "")) != text or len(kids) != len(parts)):
+        head, kids = _head(node)
+        parts = outline[-1]
+        if outline[:-1] != head or len(kids) != len(parts):
             return False
         return all(self._same_outline(part, kid, key, f"{path}.{kid.tag}")
                    for part, kid in zip(parts, kids, strict=True))
