@@ -31,7 +31,7 @@ from hasync.payload import digest, merge, validate
 from hasync.wire import protocol
 from hasync.wire import sections as sectionsmod
 from support.bench import bench_module
-from support.paths import SHARED
+from support.paths import FIXTURES, SHARED
 from support.xmlshapes import SECTION_CHOICES, TEXTS, configs, elements, fingerprint
 
 REGISTRY = SyncItemRegistry.load()
@@ -161,6 +161,17 @@ def merged(backup: etree._Element, payload: Any) -> tuple[bytes, dict[str, Any]]
         assert digest.backup_item_digests(root, REGISTRY, [*ids, "nope"], payload.grafts.moved) == \
             (digest.item_digests(fresh, REGISTRY), ["nope"])
     return serialize(root), report.public_dict()
+
+
+def test_a_section_changed_only_around_its_points_is_reported_changed() -> None:
+    """Change detection compares a section's own shape around its points too
+    (`merge._SectionsBefore`): here the merge changes only the container above an unchanged point."""
+    backup = parse_config_bytes((FIXTURES / "nodes" / "backup.xml").read_bytes(), "backup")
+    alias = tree.element_to_value(backup)["OPNsense"]["Firewall"]["Alias"]
+    outcome = merged(backup, {"OPNsense": {"@attributes": {"version": "9.9"}, "Firewall": {"Alias": alias}}})
+    assert not isinstance(outcome, str), outcome
+    report = outcome[1]
+    assert "OPNsense" in report["changed_sections"] and "OPNsense.Firewall.Alias" not in report["sections"]
 
 
 def assert_grafting_changes_nothing(primary: etree._Element, backup: etree._Element, sections: list[str]) -> int:
