@@ -355,6 +355,93 @@ def test_a_section_holding_foreign_elements_is_refused() -> None:
     assert "filter" in sectionsmod.decode_param(param_of(proper, ["filter"])).payload
 
 
+# --- records vetted while they are converted skip validation's walk ------------------------------------
+
+def alias_document(record: str) -> bytes:
+    return ('<?xml version="1.0"?>\n<sections><section path="OPNsense.Firewall.Alias"><Alias><aliases>'
+            f'<alias uuid="u0"><name>clean</name></alias>{record}</aliases></Alias></section></sections>').encode()
+
+
+HOSTILE_RECORDS = {
+    "clean": '<alias uuid="u1"><name>a</name><descr>tab&#9;and&#10;newline</descr></alias>',
+    "non-ASCII tag": '<alias uuid="u1"><näme>a</näme></alias>',
+    "namespaced tag": '<alias xmlns:p="urn:x" uuid="u1"><p:name>a</p:name></alias>',
+    "non-ASCII attribute": '<alias uuid="u1" é="1"><name>a</name></alias>',
+    "namespaced attribute": '<alias xmlns:p="urn:x" uuid="u1" p:x="1"><name>a</name></alias>',
+    "redaction marker": f'<alias uuid="u1"><descr>{REDACTED}</descr></alias>',
+    "marker as references": '<alias uuid="u1"><descr>&#42;' + REDACTED[1:] + '</descr></alias>',
+    "marker in an attribute": f'<alias uuid="u1" x="{REDACTED}"><name>a</name></alias>',
+    "too deep": '<alias uuid="u1">' + "<x>" * 70 + "1" + "</x>" * 70 + "</alias>",
+    "deep but within": '<alias uuid="u1">' + "<x>" * 20 + "1" + "</x>" * 20 + "</alias>",
+}
+
+
+def merge_outcome(payload: Any) -> str | bytes:
+    """What merging `payload` into a small backup gives: its error, or the merged config."""
+    root = etree.fromstring(b"<opnsense><OPNsense><Firewall><Alias><aliases/></Alias></Firewall></OPNsense></opnsense>")
+    try:
+        merge.merge_payload(root, payload, SyncItemRegistry.load())
+    except MergeError as exc:
+        return str(exc)
+    return etree.tostring(root)
+
+
+def vetting_changes_nothing() -> dict[str, bool]:
+    """Per hostile record: whether the fast path's payload (records vetted while converted) merges
+    exactly as the same payload with plain dicts, which validation walks in full."""
+    same = {}
+    for name, record in HOSTILE_RECORDS.items():
+        decoded = sectionsmod.decode_param(param_of(alias_document(record), ["OPNsense.Firewall.Alias"])).payload
+        plain = json.loads(json.dumps(decoded))  # the same value, nothing recorded for it
+        same[name] = merge_outcome(decoded) == merge_outcome(plain)
+    return same
+
+
+def test_vetted_records_merge_or_are_refused_exactly_as_walked_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert all(vetting_changes_nothing().values())
+    outcomes = {name: merge_outcome(json.loads(json.dumps(sectionsmod.decode_param(
+        param_of(alias_document(record), ["OPNsense.Firewall.Alias"])).payload)))
+        for name, record in HOSTILE_RECORDS.items()}
+    refused = {name for name, outcome in outcomes.items() if isinstance(outcome, str)}
+    assert refused == set(HOSTILE_RECORDS) - {"clean", "deep but within"}  # the records really are hostile
+    # control: rules that vet every name and text let the hostile records through the fast path
+    monkeypatch.setattr(sectionsmod, "TEXT_RULES", tree.TextRules(name_ok=lambda _name: True, refused=frozenset()))
+    slipped = {name for name, same in vetting_changes_nothing().items() if not same}
+    assert slipped == refused - {"too deep"}  # (depth is counted, not taken from the rules)
+
+
+def test_validation_skips_a_vetted_record_only_where_it_has_room() -> None:
+    bad = {"bad key": "1"}  # what validation refuses when it walks it
+    payload = {"filter": {"rule": [bad]}}  # `bad` sits 3 levels down
+    grafts = tree.Grafts(validate.TEXT_RULES)
+    grafts.add(bad, etree.Element("rule"), height=validate.MAX_DEPTH - 3)
+    assert validate.normalize_payload(payload, grafts.vetted) is payload  # not walked
+    with pytest.raises(MergeError, match="bad key"):
+        validate.normalize_payload(payload)  # control: walked
+    grafts.add(bad, etree.Element("rule"), height=validate.MAX_DEPTH - 2)  # one level too many
+    with pytest.raises(MergeError, match="bad key"):
+        validate.normalize_payload(payload, grafts.vetted)
+    grafts.add(bad, etree.Element("rule"))  # converted, but something in it failed the rules
+    with pytest.raises(MergeError, match="bad key"):
+        validate.normalize_payload(payload, grafts.vetted)
+
+
+@pytest.mark.parametrize("code", [*range(0x20), 0xFFFE, 0xFFFF])
+def test_parsed_text_never_holds_a_character_validation_refuses(code: int) -> None:
+    """Why vetting checks no characters (`tree.TextRules`): the parser refuses them first."""
+    char = chr(code)
+    refused = bool(validate._XML_INVALID.search(char))
+    for text in (f"&#{code};", char):
+        document = alias_document(f'<alias uuid="u1"><descr>a{text}b</descr></alias>'.replace("\r", "&#13;"))
+        if refused:
+            with pytest.raises(MethodFault, match="not well-formed"):
+                sectionsmod.decode_param(param_of(document, ["OPNsense.Firewall.Alias"]))
+        else:  # control: the characters validation accepts (tab, LF, CR) parse and arrive
+            payload = sectionsmod.decode_param(param_of(document, ["OPNsense.Firewall.Alias"])).payload
+            descr = payload["OPNsense"]["Firewall"]["Alias"]["aliases"]["alias"][1]["descr"]
+            assert descr.startswith("a") and descr.endswith("b") and len(descr) == 3
+
+
 # --- end to end over TLS: negotiation and byte-identical results --------------------------------------
 
 

@@ -24,7 +24,8 @@ What a dict cannot keep (documented in the README as well):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from sys import intern
 from typing import Any, TypeAlias
 
@@ -63,6 +64,24 @@ def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS
     return _convert(node, list_tags, None, known)[0]
 
 
+@dataclass(frozen=True)
+class TextRules:
+    """What payload validation accepts of a name and of a text (`validate.TEXT_RULES` owns the
+    rules): handed to `Grafts`, so the decoder's conversion vets each record as it walks it and
+    validation need not walk it again (`Grafts.vetted`).
+
+    Of a text only `refused` needs checking there: validation's other rule on text, no character
+    XML cannot carry, holds for everything a parser returns (libxml2 enforces XML's `Char`
+    production, for character references too).
+    """
+
+    name_ok: Callable[[str], bool]  # an element or attribute name
+    refused: frozenset[str]  # texts and attribute values validation refuses although XML carries them
+
+
+_UNVETTED = TextRules(name_ok=lambda _name: False, refused=frozenset())  # no rules: nothing is vetted
+
+
 class Grafts:
     """The elements that dicts of a payload were converted from, where converting back would
     give the very same element: the merge moves such an element into config.xml instead of
@@ -74,10 +93,16 @@ class Grafts:
     to reuse a freed dict's id. Nothing may edit a recorded dict in place: the decoder converts
     the sections it edits (per-node rewrites, nested sections) without grafts, and later steps
     copy on write (`normalize_payload`, `keep_local`).
+
+    With `rules`, the conversion also vets every recorded dict: each name and text below it
+    passes them, and how many levels it spans is noted, so validation can skip it (`vetted`).
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[dict[str, Any], etree._Element]] = {}
+    def __init__(self, rules: TextRules | None = None) -> None:
+        self.rules = rules
+        self.names_ok: set[str] = set()  # names that passed `rules.name_ok`
+        # id -> (the dict, its element, its height if vetted else -1)
+        self._entries: dict[int, tuple[dict[str, Any], etree._Element, int]] = {}
         # what `take` handed out, element -> its dict: still `element_to_value(element)` once
         # merged (nothing edits a moved record, and writing it leaves the tree as it is)
         self.moved: dict[etree._Element, dict[str, Any]] = {}
@@ -86,26 +111,33 @@ class Grafts:
         return len(self._entries)
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], etree._Element]]:
-        return iter(list(self._entries.values()))
+        return iter([(value, element) for value, element, _height in self._entries.values()])
 
-    def add(self, value: dict[str, Any], element: etree._Element) -> None:
-        self._entries[id(value)] = (value, element)
+    def add(self, value: dict[str, Any], element: etree._Element, height: int = -1) -> None:
+        self._entries[id(value)] = (value, element, height)
 
-    def _element_of(self, value: Any) -> etree._Element | None:
-        """The element recorded for this very dict (not one that reuses a freed dict's id)."""
+    def _entry(self, value: Any) -> tuple[dict[str, Any], etree._Element, int] | None:
+        """The entry recorded for this very dict (not one that reuses a freed dict's id)."""
         entry = self._entries.get(id(value))
-        return entry[1] if entry is not None and entry[0] is value else None
+        return entry if entry is not None and entry[0] is value else None
 
     def holds(self, value: Any) -> bool:
         """Whether `value` is a recorded dict: then no comment, PI or nosync struct lies below
         it (`_convert` calls none of those exact), so walks looking for them can skip it."""
-        return self._element_of(value) is not None
+        return self._entry(value) is not None
+
+    def vetted(self, value: Any, room: int) -> bool:
+        """Whether `value` is a recorded dict that every name and text below passed `rules`,
+        spanning at most `room` levels: validation would accept it as it is."""
+        entry = self._entry(value)
+        return entry is not None and 0 <= entry[2] <= room
 
     def take(self, value: Any, tag: str) -> etree._Element | None:
         """The element `value` came from, once (it is about to be moved), or None."""
-        element = self._element_of(value)
-        if element is None or element.tag != tag:
+        entry = self._entry(value)
+        if entry is None or entry[1].tag != tag:
             return None
+        element = entry[1]
         del self._entries[id(value)]
         element.tail = None
         self.moved[element] = value
@@ -128,8 +160,9 @@ def element_to_grafts(node: etree._Element, grafts: Grafts,
 
 
 def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | None,
-             known: Mapping[etree._Element, dict[str, Any]] | None) -> tuple[dict[str, Any], bool]:
-    """`element_to_value`, and whether `fill_element` would rebuild `node`'s children exactly.
+             known: Mapping[etree._Element, dict[str, Any]] | None) -> tuple[dict[str, Any], bool, int]:
+    """`element_to_value`; whether `fill_element` would rebuild `node`'s children exactly; and,
+    with `grafts.rules`, the value's height if every name and text in it passes them, else -1.
 
     What a dict loses (module docstring) makes a rebuild differ: a comment or PI, text beside
     child elements (mixed content), a tail, a tag that comes back after another (interleaved
@@ -139,17 +172,28 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
     `remove_nosync` deletes such structs from the dict in place. Whitespace between elements
     counts as well: the store writes libxml2's formatted output, which keeps the layout of an
     element holding any text beside its children (`store.serialize`).
+
+    The height counts the levels validation descends below the dict (`validate.MAX_DEPTH`),
+    every child taken as a list item (two levels): counting too many only sends a dict through
+    validation's own walk.
     """
     if known is not None:
         done = known.get(node)
         if done is not None:
-            return done, False
+            return done, False, -1
     result: dict[str, Any] = {}
     exact = grafts is not None and not node.text
+    rules = grafts.rules if grafts is not None and grafts.rules is not None else _UNVETTED
+    height = -1 if rules is _UNVETTED else 0  # stays -1 once anything fails the rules
+    names_ok = grafts.names_ok if grafts is not None else set()
+    refused = rules.refused
     if node.attrib:
-        result[ATTRIBUTES] = {intern(str(k)): str(v) for k, v in node.attrib.items()}
+        attributes = {intern(str(k)): str(v) for k, v in node.attrib.items()}
+        result[ATTRIBUTES] = attributes
         if "nosync" in node.attrib:
             exact = False  # remove_nosync drops an attribute struct with a non-empty nosync
+        if height >= 0:
+            height = 2 if _pass(attributes, rules, names_ok) else -1
     previous = None
     empty_first: set[str] | None = None
     for child in node:
@@ -160,6 +204,11 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
         # lxml makes a new string for every tag it is asked for, and each dict would keep its own
         # copy of "descr", "interface", ...: 440,000 of them (24 MiB) for a 20 MB config
         name = intern(name)
+        if height >= 0 and name not in names_ok:
+            if rules.name_ok(name):
+                names_ok.add(name)
+            else:
+                height = -1
         if exact:
             if name != previous and name in result:
                 exact = False  # interleaved with another tag
@@ -167,9 +216,14 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 exact = False
             previous = name
         if len(child) > 0:
-            sub, sub_exact = _convert(child, list_tags, grafts, known)
+            sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known)
             if sub_exact and grafts is not None:
-                grafts.add(sub, child)
+                grafts.add(sub, child, sub_height)
+            if height >= 0:
+                if sub_height < 0:
+                    height = -1
+                elif sub_height + 2 > height:
+                    height = sub_height + 2
             if exact and (not sub_exact or "nosync" in sub or (empty_first is not None and name in empty_first)):
                 exact = False
             if name in result:
@@ -183,6 +237,11 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 result[name] = sub
         else:
             text = child.text or ""
+            if height >= 0:
+                if text in refused:
+                    height = -1
+                elif height < 2:
+                    height = 2
             if name in result:
                 if exact and (child.attrib or (empty_first is not None and name in empty_first)):
                     exact = False
@@ -202,10 +261,25 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
             else:
                 result[name] = text
             if child.attrib:
-                result[intern(name + ATTRIBUTES)] = {intern(str(k)): str(v) for k, v in child.attrib.items()}
+                attributes = {intern(str(k)): str(v) for k, v in child.attrib.items()}
+                result[intern(name + ATTRIBUTES)] = attributes
                 if "nosync" in child.attrib:
                     exact = False
-    return result, exact
+                if height >= 0 and not _pass(attributes, rules, names_ok):
+                    height = -1
+    return result, exact, height
+
+
+def _pass(attributes: Mapping[str, str], rules: TextRules, names_ok: set[str]) -> bool:
+    """Whether every attribute's name and value passes `rules` (`names_ok`: names that did)."""
+    for name, value in attributes.items():
+        if value in rules.refused:
+            return False
+        if name not in names_ok:
+            if not rules.name_ok(name):
+                return False
+            names_ok.add(name)
+    return True
 
 
 def value_to_elements(tag: str, value: Any) -> list[etree._Element]:

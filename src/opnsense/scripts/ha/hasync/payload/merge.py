@@ -171,11 +171,12 @@ def merge_payload(
     Pure: no I/O, no lock. Call it inside ``store.transaction(revision_description(payload))``;
     if it raises, the tree may be half-merged, which is why the transaction then writes nothing.
     """
-    data = normalize_payload(dict(payload))
+    grafts = payload.grafts if isinstance(payload, GraftedPayload) else None
+    data = normalize_payload(dict(payload), grafts.vetted if grafts is not None else None)
     points = check_payload(data, registry, accept_unknown)
     data, kept = keep_local(root, data, registry.declarations())
     unknown_points = [p for p in points if not registry.is_covered(p) and p not in COMPANION_PATHS]
-    ctx = _Context(root, payload.grafts if isinstance(payload, GraftedPayload) else None)
+    ctx = _Context(root, grafts)
     for path in unknown_points:
         ctx.warnings.append(f"{path}: merged although no registered sync item covers it (--accept-unknown-sections)")
 

@@ -54,6 +54,7 @@ from hasync.core import xmlsafe
 from hasync.core.errors import HaError, MethodFault, RemoteFault, TransportError
 from hasync.payload import pernode
 from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
+from hasync.payload.validate import TEXT_RULES
 from hasync.wire import xmlrpc
 from hasync.wire.protocol import DIGEST_METHOD
 
@@ -293,7 +294,7 @@ def payload_from_tree(
     edited += [parts for parts in split if any(len(other) > len(parts) and other[: len(parts)] == parts
                                                for other in split)]
     payload: dict[str, Any] = {}
-    grafts = Grafts()
+    grafts = Grafts(TEXT_RULES)  # records are vetted as they are converted: validation skips them
     for holder in holders:
         dotted = str(holder.get("path"))
         parts = dotted.split(".")
