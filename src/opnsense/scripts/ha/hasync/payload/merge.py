@@ -427,6 +427,15 @@ def _is_nosync_record(node: etree._Element) -> bool:
     return len(flag) > 0 or not php_empty(flag.text or "")
 
 
+def _nosync_records(parent: etree._Element, key: str) -> list[etree._Element]:
+    """The `key` children of `parent` that are nosync records, in order. libxml2 picks those
+    holding a <nosync> child first (most hold none); `key` is a validated config name, which
+    XPath reads as a plain name."""
+    found = parent.xpath(f"{key}[nosync]")
+    return [node for node in (found if isinstance(found, list) else [])
+            if isinstance(node, etree._Element) and _is_nosync_record(node)]
+
+
 def _describe(node: etree._Element) -> str:
     for tag in ("descr", "description", "name"):
         text = (node.findtext(tag) or "").strip()
@@ -444,7 +453,7 @@ def _replace(
     items = value if isinstance(value, list) else [value]
     kept: list[etree._Element] = []
     if kind in ("list", "uuid"):
-        local = [node for node in existing if _is_nosync_record(node)]
+        local = _nosync_records(parent, key)
         if path in RULE_LISTS:
             for node in local:
                 ctx.warnings.append(
