@@ -80,6 +80,7 @@ class TextRules:
 
 
 _UNVETTED = TextRules(name_ok=lambda _name: False, refused=frozenset())  # no rules: nothing is vetted
+_NO_NAMES: set[str] = set()  # (read only while something is vetted: never with `_UNVETTED`)
 
 
 class Grafts:
@@ -184,15 +185,16 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
     result: dict[str, Any] = {}
     exact = grafts is not None and not node.text
     rules = grafts.rules if grafts is not None and grafts.rules is not None else _UNVETTED
-    height = -1 if rules is _UNVETTED else 0  # stays -1 once anything fails the rules
-    names_ok = grafts.names_ok if grafts is not None else set()
+    # stays -1 once anything fails the rules; counted only while `exact` (else nothing reads it)
+    height = 0 if exact and rules is not _UNVETTED else -1
+    names_ok = grafts.names_ok if grafts is not None else _NO_NAMES
     refused = rules.refused
     if node.attrib:
         attributes = {intern(str(k)): str(v) for k, v in node.attrib.items()}
         result[ATTRIBUTES] = attributes
         if "nosync" in node.attrib:
             exact = False  # remove_nosync drops an attribute struct with a non-empty nosync
-        if height >= 0:
+        if height >= 0:  # (only with `exact`)
             height = 2 if _pass(attributes, rules, names_ok) else -1
     previous = None
     empty_first: set[str] | None = None
@@ -204,28 +206,28 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
         # lxml makes a new string for every tag it is asked for, and each dict would keep its own
         # copy of "descr", "interface", ...: 440,000 of them (24 MiB) for a 20 MB config
         name = intern(name)
-        if height >= 0 and name not in names_ok:
-            if rules.name_ok(name):
-                names_ok.add(name)
-            else:
-                height = -1
         if exact:
             if name != previous and name in result:
                 exact = False  # interleaved with another tag
             elif child.tail:
                 exact = False
             previous = name
+            if height >= 0 and name not in names_ok:
+                if rules.name_ok(name):
+                    names_ok.add(name)
+                else:
+                    height = -1
         if len(child) > 0:
             sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known)
             if sub_exact and grafts is not None:
                 grafts.add(sub, child, sub_height)
-            if height >= 0:
-                if sub_height < 0:
+            if exact:
+                if not sub_exact or "nosync" in sub or (empty_first is not None and name in empty_first):
+                    exact = False
+                elif sub_height < 0:
                     height = -1
-                elif sub_height + 2 > height:
+                elif sub_height + 2 > height >= 0:
                     height = sub_height + 2
-            if exact and (not sub_exact or "nosync" in sub or (empty_first is not None and name in empty_first)):
-                exact = False
             if name in result:
                 old = result[name]
                 if not _is_sequential(old):
@@ -237,7 +239,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 result[name] = sub
         else:
             text = child.text or ""
-            if height >= 0:
+            if exact and height >= 0:
                 if text in refused:
                     height = -1
                 elif height < 2:
@@ -265,7 +267,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 result[intern(name + ATTRIBUTES)] = attributes
                 if "nosync" in child.attrib:
                     exact = False
-                if height >= 0 and not _pass(attributes, rules, names_ok):
+                if exact and height >= 0 and not _pass(attributes, rules, names_ok):
                     height = -1
     return result, exact, height
 
