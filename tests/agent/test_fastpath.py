@@ -376,6 +376,11 @@ HOSTILE_RECORDS = {
 }
 
 
+def decoded_alias(record: str) -> Any:
+    """The fast path's payload for an alias section holding `record` after a clean one."""
+    return sectionsmod.decode_param(param_of(alias_document(record), ["OPNsense.Firewall.Alias"])).payload
+
+
 def merge_outcome(payload: Any) -> str | bytes:
     """What merging `payload` into a small backup gives: its error, or the merged config."""
     root = etree.fromstring(b"<opnsense><OPNsense><Firewall><Alias><aliases/></Alias></Firewall></OPNsense></opnsense>")
@@ -391,7 +396,7 @@ def vetting_changes_nothing() -> dict[str, bool]:
     exactly as the same payload with plain dicts, which validation walks in full."""
     same = {}
     for name, record in HOSTILE_RECORDS.items():
-        decoded = sectionsmod.decode_param(param_of(alias_document(record), ["OPNsense.Firewall.Alias"])).payload
+        decoded = decoded_alias(record)
         plain = json.loads(json.dumps(decoded))  # the same value, nothing recorded for it
         same[name] = merge_outcome(decoded) == merge_outcome(plain)
     return same
@@ -399,9 +404,8 @@ def vetting_changes_nothing() -> dict[str, bool]:
 
 def test_vetted_records_merge_or_are_refused_exactly_as_walked_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(vetting_changes_nothing().values())
-    outcomes = {name: merge_outcome(json.loads(json.dumps(sectionsmod.decode_param(
-        param_of(alias_document(record), ["OPNsense.Firewall.Alias"])).payload)))
-        for name, record in HOSTILE_RECORDS.items()}
+    outcomes = {name: merge_outcome(json.loads(json.dumps(decoded_alias(record))))
+                for name, record in HOSTILE_RECORDS.items()}
     refused = {name for name, outcome in outcomes.items() if isinstance(outcome, str)}
     assert refused == set(HOSTILE_RECORDS) - {"clean", "deep but within"}  # the records really are hostile
     # control: rules that vet every name and text let the hostile records through the fast path
@@ -432,13 +436,12 @@ def test_parsed_text_never_holds_a_character_validation_refuses(code: int) -> No
     char = chr(code)
     refused = bool(validate._XML_INVALID.search(char))
     for text in (f"&#{code};", char):
-        document = alias_document(f'<alias uuid="u1"><descr>a{text}b</descr></alias>'.replace("\r", "&#13;"))
+        record = f'<alias uuid="u1"><descr>a{text}b</descr></alias>'.replace("\r", "&#13;")
         if refused:
             with pytest.raises(MethodFault, match="not well-formed"):
-                sectionsmod.decode_param(param_of(document, ["OPNsense.Firewall.Alias"]))
+                decoded_alias(record)
         else:  # control: the characters validation accepts (tab, LF, CR) parse and arrive
-            payload = sectionsmod.decode_param(param_of(document, ["OPNsense.Firewall.Alias"])).payload
-            descr = payload["OPNsense"]["Firewall"]["Alias"]["aliases"]["alias"][1]["descr"]
+            descr = decoded_alias(record)["OPNsense"]["Firewall"]["Alias"]["aliases"]["alias"][1]["descr"]
             assert descr.startswith("a") and descr.endswith("b") and len(descr) == 3
 
 

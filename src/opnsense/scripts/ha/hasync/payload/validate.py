@@ -150,6 +150,7 @@ def _check_scalar(value: Any, path: str) -> Any:
     raise MergeError(f"{path}: a config value cannot be {type(value).__name__}")
 
 def _carries_xml(text: str) -> bool:
+    """No character XML cannot carry (printable text has none: checked first, it is cheaper)."""
     return text.isprintable() or not _XML_INVALID.search(text)
 
 
