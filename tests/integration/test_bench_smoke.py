@@ -48,10 +48,13 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
                 "OPNsense PHP full sync"}
     assert expected <= set(rows)
     php = rows.pop("OPNsense PHP full sync")
+    command_runs = rows["full sync, CLI (process start counted)"]["runs"]
+    assert len(command_runs) == 3  # below 5 MB, 2 x repeat + 1 runs alternate with PHP's
     if not (SHARED / "anchors" / "php-sync").is_file() or shutil.which("php") is None:  # a note, not a failure
         assert php["status"] == "skipped" and "skipped:" in php["note"], php
     else:
         assert php["status"] == "ok" and php["seconds"] > 0, php
+        assert len(php["runs"]) == len(command_runs), php
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row)
         assert row["seconds"] > 0, name
