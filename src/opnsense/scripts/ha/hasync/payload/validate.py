@@ -169,7 +169,7 @@ def _normalize_attributes(value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         raise MergeError(f"{path}: attributes must be a struct of names to strings")
     for name, item in value.items():
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not _name_ok(name):
             raise MergeError(f"{path}: {name!r} cannot be an attribute name")
         if isinstance(item, (dict, list)):
             raise MergeError(f"{path}.{name}: an attribute value must be a string")
