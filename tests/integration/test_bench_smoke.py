@@ -50,8 +50,8 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
     php = rows.pop("OPNsense PHP full sync")
     command_runs = rows["full sync, CLI (process start counted)"]["runs"]
     assert len(command_runs) == 3  # below 5 MB, 2 x repeat + 1 runs alternate with PHP's
-    # the same command against a just-started agent, in the same pairs
-    assert len(rows["full sync, CLI, agent just started (process start counted)"]["runs"]) == 3
+    # the same command when the agent verifies the login's bcrypt hash, in the same pairs
+    assert len(rows["full sync, CLI, first login (process start counted)"]["runs"]) == 3
     if not (SHARED / "anchors" / "php-sync").is_file() or shutil.which("php") is None:  # a note, not a failure
         assert php["status"] == "skipped" and "skipped:" in php["note"], php
     else:
