@@ -403,9 +403,9 @@ def bench_size(size_mb: float, work: Path, tls: tuple[Path, Path], seed: int, re
         log(f"   {name}: {row.seconds:.3f}s {row.status}")
 
     # The same full sync as the command an administrator runs (interpreter start and imports
-    # counted), alternating with OPNsense's PHP doing it: the issue-12 targets are their ratio,
-    # so both series see the same load. Below 5 MB a run takes well under a second and the
-    # ratio moves by ±10% from run to run: more pairs there.
+    # counted), with the login remembered and verified, alternating with OPNsense's PHP doing it:
+    # the issue-12 targets are their ratio, so all three series see the same load. Below 5 MB a
+    # run takes well under a second and the ratio moves by ±10% from run to run: more pairs there.
     pairs = heavy_repeat if size_mb >= 5 else 2 * heavy_repeat + 1
     times: dict[bool, list[float]] = {True: [], False: []}  # by `running`
     peaks: dict[bool, list[int]] = {True: [], False: []}
