@@ -160,6 +160,9 @@ def test_after_a_full_sync_the_agent_digests_only_what_changed(tmp_path: Path, m
             assert result.status == "ok", result.message
 
         sync(full=False)
+        # the digests the merge left to the primary ("as sent") are computed once the agent is
+        # quiet: here, before the next sync (a sync straight after would find them not computed)
+        assert server.activity.settle(timeout=30)
         with ConfigStore(pair.primary).transaction("test: edit") as root:
             root.find("OPNsense/Firewall/Alias/aliases/alias/description").text = "edited"  # type: ignore[union-attr]
         asked = digests_asked(monkeypatch)

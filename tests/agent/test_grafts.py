@@ -28,6 +28,7 @@ from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import parse_config_bytes, serialize
 from hasync.core.errors import HaError
 from hasync.payload import digest, merge, validate
+from hasync.payload.build import build_payload
 from hasync.wire import protocol
 from hasync.wire import sections as sectionsmod
 from support.bench import bench_module
@@ -185,7 +186,28 @@ def assert_grafting_changes_nothing(primary: etree._Element, backup: etree._Elem
     assert not isinstance(plain, tree.GraftedPayload)
     available = len(grafted.grafts) if isinstance(grafted, tree.GraftedPayload) else 0
     assert merged(backup, grafted) == merged(backup, plain)
+    assert_as_sent_is_the_primarys_digest(primary, backup, sections, param)
     return available
+
+
+def assert_as_sent_is_the_primarys_digest(primary: etree._Element, backup: etree._Element, sections: list[str],
+                                          param: dict[str, Any]) -> list[str]:
+    """Every item the merge reports written as sent (`MergeReport.as_sent_points`) digests on
+    the backup exactly as the primary digests what it sent: the agent answers "as sent" for
+    those instead of computing them. The items claimed."""
+    payload = sectionsmod.decode_param(param).payload
+    root = copy.deepcopy(backup)
+    try:
+        report = merge.merge_payload(root, payload, REGISTRY, accept_unknown=True)
+        sent = build_payload(primary, sections, REGISTRY.declarations())
+    except HaError:
+        return []
+    points = set(report.as_sent_points)
+    claimed = [item for item in REGISTRY.resolve(REGISTRY.ids()) if set(item.sections) <= points]
+    for item in claimed:
+        primary_digest = digest.item_digest(digest.value_item_value(sent, item.sections), REGISTRY)
+        assert digest.backup_item_digests(root, REGISTRY, [item.id])[0][item.id] == primary_digest, item.id
+    return [item.id for item in claimed]
 
 
 @settings(max_examples=int(os.environ.get("HASYNC_GRAFT_EXAMPLES", "300")), deadline=None,
@@ -240,3 +262,76 @@ def test_a_failing_digest_warm_up_never_turns_a_written_merge_into_a_fault() -> 
     param = sectionsmod.build_blob(primary, ["filter"]).param
     assert agent.restore_sections_xml(param, CallContext("u", "127.0.0.1")) is True
     assert calls == ["merge", "warm-up"]
+
+
+# --- "as sent": the backup's digest is the primary's where the merge wrote its bytes -----------------
+
+
+def test_a_generated_pair_claims_its_big_items_and_each_claim_holds() -> None:
+    """The rule, NAT, user and IDS items of a generated pair come back "as sent" (the rules only
+    because the primary hashes its filter without the nosync rules the payload drops,
+    `sections._kept_bytes`), and each digests on the backup as on the primary."""
+    primary_bytes, backup_bytes = bench_module("generate").generate(0.3, seed=2)
+    primary = parse_config_bytes(primary_bytes, "primary")
+    backup = parse_config_bytes(backup_bytes, "backup")
+    sections = REGISTRY.sections_for(read_hasync(primary).syncitems)
+    assert primary.xpath("boolean(filter/rule[nosync='1'])")  # what the claim on "rules" needs the removal for
+    param = sectionsmod.build_blob(primary, sections, declarations=REGISTRY.declarations()).param
+    claimed = assert_as_sent_is_the_primarys_digest(primary, backup, sections, param)
+    assert {"rules", "nat", "users", "suricata"} <= set(claimed)
+
+
+PORTAL = ('<opnsense><OPNsense><captiveportal version="1.0.0"><zones>{zones}</zones>{extra}</captiveportal>'
+          '</OPNsense></opnsense>')
+ZONE = '<zone uuid="{uuid}"><enabled>1</enabled><description>{uuid}</description>{nosync}</zone>'
+
+
+def portal(zones: list[tuple[str, bool]], extra: str = "") -> etree._Element:
+    body = "".join(ZONE.format(uuid=uuid, nosync="<nosync>1</nosync>" if nosync else "") for uuid, nosync in zones)
+    return etree.fromstring(PORTAL.format(zones=body, extra=extra))
+
+
+def portal_merge(primary: etree._Element, backup: etree._Element) -> tuple[dict[str, Any], etree._Element,
+                                                                          merge.MergeReport, str, str]:
+    """Merge the primary's captive portal into a copy of `backup`: the blob's param, the merged
+    tree, the report, and the item's digest on the backup and on the primary."""
+    sections = ["OPNsense.captiveportal"]
+    param = sectionsmod.build_blob(primary, sections, declarations=REGISTRY.declarations()).param
+    root = copy.deepcopy(backup)
+    report = merge.merge_payload(root, sectionsmod.decode_param(param).payload, REGISTRY)
+    sent = build_payload(primary, sections, REGISTRY.declarations())
+    theirs = digest.backup_item_digests(root, REGISTRY, ["captiveportal"])[0]["captiveportal"]
+    return param, root, report, theirs, digest.item_digest(digest.value_item_value(sent, sections), REGISTRY)
+
+
+@pytest.mark.parametrize("extra", ["", "<backuponly>1</backuponly>"], ids=["same bytes", "control: a key of its own"])
+def test_a_section_is_as_sent_only_where_the_backup_holds_the_primarys_bytes(extra: str) -> None:
+    """A key only the backup has survives the merge (OPNsense's container merge): then the
+    backup's digest differs from the primary's, and only the byte comparison keeps it from
+    being claimed, since the primary declared a hash either way."""
+    primary = portal([("a", False), ("b", False)])
+    param, _root, report, theirs, ours = portal_merge(primary, portal([("c", False)], extra))
+    assert "OPNsense.captiveportal" in param["section_sha256"]
+    claimed = "OPNsense.captiveportal" in report.as_sent_points
+    assert claimed is (extra == "")
+    assert (theirs == ours) is claimed
+
+
+def test_a_nosync_record_of_a_tag_that_is_no_list_tag_is_never_hashed_without_it() -> None:
+    """Dropping the nosync <zone> leaves one: the payload's list of one, which the backup
+    writes as one element and reads back as a struct, no list. Hashing the primary's bytes
+    without the record would claim the item (the bytes match) with another digest, so the
+    primary declares no hash there. Control: the naive hash matches, and the digests differ."""
+    assert "zone" not in tree.LIST_TAGS
+    primary = portal([("a", False), ("b", True)])
+    param, root, report, theirs, ours = portal_merge(primary, portal([("c", False)]))
+    assert "OPNsense.captiveportal" not in param["section_sha256"]
+    assert "OPNsense.captiveportal" not in report.as_sent_points
+    naive = copy.deepcopy(primary)
+    zones = naive.find("OPNsense/captiveportal/zones")
+    assert zones is not None
+    zones.remove(zones[1])
+    def section_bytes(config: etree._Element) -> bytes:
+        return b"".join(etree.tostring(n) for n in sectionsmod.locate(config, "OPNsense.captiveportal") or [])
+    assert section_bytes(naive) == section_bytes(root)
+    assert theirs != ours

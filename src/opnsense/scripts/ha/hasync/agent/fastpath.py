@@ -6,6 +6,11 @@ handler of `opnsense.restore_config_section`, so the merge, lock, revision, hist
 reconfiguration are the same. `ConfigCache` keeps the parsed config.xml and per-item digests
 between writes, so logins, `hasync.digest`, `hasync.capabilities` and `hasync.sync_probe` do not
 re-parse a config that has not changed.
+
+After a fast-path merge the primary asks for the digests of what it sent. Where the merge wrote
+a section byte for byte as the primary declared it (`MergeReport.as_sent_points`), the digest is
+the primary's own: the agent answers "as sent" for those items instead of computing them
+(`protocol.AS_SENT_FEATURE`), and computes them for its own cache once the reply is out.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.config.tree import GraftedPayload
 from hasync.core.errors import ConfigError, MethodFault
 from hasync.core.fileio import RACY_WINDOW, file_key
+from hasync.core.memory import gc_paused
 from hasync.payload import digest as digestmod
 from hasync.payload.merge import MergeReport
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PROBE_METHOD
-from hasync.wire.protocol import FAST_PATH_FEATURE, PERNODE_FEATURE, RESTORE_METHOD
+from hasync.wire.protocol import AS_SENT_FEATURE, FAST_PATH_FEATURE, PERNODE_FEATURE, RESTORE_METHOD
 from hasync.wire.sections import MAX_INFLATED, METHOD, Decoded, decode_param
 
 log = logging.getLogger("hasync.fastpath")
@@ -47,8 +53,11 @@ class FastPathAgent:
     max_inflated: int = MAX_INFLATED
     features: set[str] = field(default_factory=lambda: {FAST_PATH_FEATURE})
     # called once a merge went through (its reply not sent yet): `register` passes the cache's
-    # digest warm-up here
-    after_merge: Callable[[Decoded], None] | None = None
+    # digest warm-up here; what it returns runs once the reply is out (`CallContext.after_reply`)
+    after_merge: Callable[[Decoded], Callable[[], None] | None] | None = None
+    # this agent's declared-local rules (their text): the primary's sections count as sent only
+    # when it prunes the same paths from its digests (None: never)
+    local_rules: frozenset[str] | None = None
 
     def register(self) -> None:
         self.dispatcher.register(METHOD, self.restore_sections_xml)
@@ -61,10 +70,16 @@ class FastPathAgent:
         log.debug("fast path: %d sections, %d bytes inflated, from %s@%s", len(decoded.sections), decoded.size,
                   context.username, context.remote_addr)
         context.kept_until_sent.append(decoded)
-        result = merge(decoded.payload, context)
+        payload = decoded.payload
+        if isinstance(payload, GraftedPayload) and (self.local_rules is None
+                                                    or decoded.local_rules != self.local_rules):
+            payload.sent = None  # its digests would prune other paths than ours: nothing is as sent
+        result = merge(payload, context)
         if self.after_merge is not None:
             try:
-                self.after_merge(decoded)
+                later = self.after_merge(decoded)
+                if later is not None:
+                    context.after_reply.append(later)
             except Exception as exc:  # the merge is done and written: never answer it with a fault
                 # the type only: a message could quote a config value, and logs carry no secrets
                 log.warning("digests after the fast-path merge failed (%s); they are computed on request",
@@ -110,7 +125,13 @@ class ConfigCache:
         # handed out, and the tree a merge is about to write with the section paths it left as
         # they were (`note_merged`).
         self._taken_digests: dict[str, str] = {}
-        self._merged: tuple[etree._Element, frozenset[str]] | None = None
+        self._merged: tuple[etree._Element, MergeReport] | None = None
+        # Items whose digests the primary has (`MergeReport.as_sent_points`) and this entry does
+        # not have yet: item id -> its sections, and the request they were sent in.
+        self._claims: dict[str, tuple[str, ...]] = {}
+        self._claims_token = ""
+        self._published_accounts: tuple[tuple[int, ...], etree._Element] | None = None  # (`accounts`)
+        self._reading: etree._Element | None = None  # the tree `fill_claims` reads unlocked
         store.written = self.adopt
         store.take_parsed = self.take
 
@@ -148,6 +169,7 @@ class ConfigCache:
     def _clear(self) -> None:
         self._key, self._content, self._root, self._accounts = None, None, None, None
         self._digests, self._capabilities = {}, None
+        self._claims, self._claims_token = {}, ""
 
     def adopt(self, root: etree._Element, content: str) -> None:
         """The store just wrote `root` into a file whose sha256 is `content` (its lock is held):
@@ -170,16 +192,24 @@ class ConfigCache:
             young = self.clock() - key[3] / 1e9 <= RACY_WINDOW
             self._content = content if young and not self.store.stamped_past(key[3], file_key) else None
             if merged is not None and merged[0] is root:  # the tree `take` gave, merged as noted
+                unchanged = set(merged[1].unchanged_points)
                 self._digests = {item_id: value for item_id, value in taken.items()
-                                 if set(self.registry.get(item_id).sections) <= merged[1]}
+                                 if set(self.registry.get(item_id).sections) <= unchanged}
+            if merged is not None and merged[0] is root and merged[1].as_sent_token:
+                sent = set(merged[1].as_sent_points)
+                self._claims = {item.id: tuple(item.sections) for item in self.registry.resolve(self.registry.ids())
+                                if item.id not in self._digests and set(item.sections) <= sent}
+                self._claims_token = merged[1].as_sent_token if self._claims else ""
         finally:
             self.lock.release()
 
     def note_merged(self, root: etree._Element, report: MergeReport) -> None:
         """For a writer holding config.xml's exclusive lock, about to write the merged `root`: the
         items whose sections are all among `report.unchanged_points` keep the digest they had
-        when `take` handed the tree out (if it did: a tree the writer parsed itself has none)."""
-        self._merged = (root, frozenset(report.unchanged_points))
+        when `take` handed the tree out (if it did: a tree the writer parsed itself has none); the
+        items whose sections are all among `report.as_sent_points` are the primary's to digest
+        (`claims`), for any tree."""
+        self._merged = (root, report)
 
     def take(self, locked_sha256: Callable[[], str]) -> etree._Element | None:
         """For a writer holding config.xml's exclusive lock: the cached tree if it is the file as
@@ -194,6 +224,8 @@ class ConfigCache:
         if not self.lock.acquire(blocking=False):
             return None
         try:
+            if self._reading is not None and self._reading is self._root:
+                return None  # `fill_claims` reads it: the writer parses the file, the entry stays
             root, key, content, digests = self._root, self._key, self._content, self._digests
             self._clear()
             if root is None or key is None or file_key(self.store.config_path) != key:
@@ -217,11 +249,21 @@ class ConfigCache:
     def accounts(self) -> etree._Element:
         """The users and groups of config.xml as of now (`lockout.accounts_copy`), all a login
         reads (`auth.verify_credentials`): a copy made once per version of the file, which no
-        writer ever changes, so logins need not wait for a merge."""
+        writer ever changes, so logins need not wait for a merge.
+
+        Nor for the cache's lock, once the copy is published with the file's identity: a login
+        then costs a stat, even while the lock is held for seconds of digests (a probe's, or
+        those computed after a merge's reply, `fill_claims`). Only an entry past the racy window
+        is published: any later write gives the file another identity."""
+        published = self._published_accounts  # one tuple, replaced whole: safe to read unlocked
+        if published is not None and published[0] == file_key(self.store.config_path):
+            return published[1]
         with self.lock:
             root = self.root()
             if self._accounts is None:
                 self._accounts = accounts_copy(root)
+            if self._key is not None and self._content is None:
+                self._published_accounts = (self._key, self._accounts)
             return self._accounts
 
     def digests(self, item_ids: Sequence[str],
@@ -244,6 +286,42 @@ class ConfigCache:
             answer = {i: self._digests.get(i) or fresh[i] for i in dict.fromkeys(item_ids) if i in self.registry}
             return answer, unknown
 
+    def claims(self, token: str, item_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """Of `item_ids`, those the merge of request `token` wrote as the primary sent them and
+        whose digests this entry lacks, with their sections: the primary's digests are theirs.
+        Call it holding `lock` together with `digests` for the rest, so both describe one tree."""
+        with self.lock:
+            self.root()  # validates the entry: a file changed since drops the claims with it
+            if not token or token != self._claims_token:
+                return {}
+            return {i: self._claims[i] for i in item_ids if i in self._claims and i not in self._digests}
+
+    def fill_claims(self, known: Mapping[etree._Element, dict[str, Any]] | None = None) -> None:
+        """Compute the digests `claims` stood in for (the agent does it once the merge's reply is
+        out), so the next probe finds them. `known`: the merge's moved records (`tree.Grafts.moved`),
+        valid for the tree the claims belong to, which the claims being there proves: any writer
+        that takes the tree, or a change of the file, empties them.
+
+        Computed without holding `lock` (a login or probe may need it meanwhile): `take` leaves
+        the tree being read alone, and the digests are kept only if it is still the entry's."""
+        with self.lock:
+            self.root()
+            root, token = self._root, self._claims_token
+            pending = [item_id for item_id in self._claims if item_id not in self._digests]
+            if not pending or root is None:
+                self._claims, self._claims_token = {}, ""
+                return
+            self._reading = root
+        fresh: dict[str, str] = {}
+        try:
+            fresh, _ = digestmod.backup_item_digests(root, self.registry, pending, known)
+        finally:
+            with self.lock:
+                self._reading = None
+                if self._root is root and self._claims_token == token and self._key is not None:
+                    self._digests.update(fresh)
+                    self._claims, self._claims_token = {}, ""
+
     def capabilities(self, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         with self.lock:
             self.root()  # validates the entry
@@ -263,16 +341,33 @@ def _probe_ids(argument: Any) -> list[str]:
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD}: no item ids")
     return list(dict.fromkeys(ids))
 
-def _warm_digests(cache: ConfigCache, decoded: Decoded) -> None:
+def _warm_digests(cache: ConfigCache, decoded: Decoded) -> Callable[[], None] | None:
     """Digest, right after a fast-path merge, the items it merged: the primary asks for exactly
     these next (the snapshot of what the backup holds now). Done here because the records the
     merge moved in whole are still at hand as dicts (`tree.Grafts.moved`): those subtrees need
-    no second conversion (at 20 MB ~0.2 s of the digests' ~0.6 s)."""
-    grafts = decoded.payload.grafts if isinstance(decoded.payload, GraftedPayload) else None
+    no second conversion (at 20 MB ~0.2 s of the digests' ~0.6 s).
+
+    Items the merge wrote as sent (`ConfigCache.claims`) are left for later: the primary has
+    their digests. The function returned computes them, once the reply is out."""
+    payload = decoded.payload
+    grafts = payload.grafts if isinstance(payload, GraftedPayload) else None
+    known = grafts.moved if grafts is not None else None
+    token = payload.sent.token if isinstance(payload, GraftedPayload) and payload.sent is not None else ""
     sent = set(decoded.sections)
     ids = [item.id for item in cache.registry.resolve(cache.registry.ids()) if set(item.sections) <= sent]
-    if ids:
-        cache.digests(ids, grafts.moved if grafts is not None else None)
+    with cache.lock:
+        claimed = cache.claims(token, ids)
+        rest = [i for i in ids if i not in claimed]
+        if rest:
+            cache.digests(rest, known)
+    if not claimed:
+        return None
+
+    def fill() -> None:
+        with gc_paused():  # (as the request that merged: a million short-lived objects, no cycles)
+            cache.fill_claims(known)
+
+    return fill
 
 
 def register(dispatcher: Dispatcher, features: set[str] | None = None,
@@ -289,12 +384,22 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
         features.update((FAST_PATH_FEATURE, PERNODE_FEATURE))
     if cache is not None:
         agent.after_merge = lambda decoded: _warm_digests(cache, decoded)
+        agent.local_rules = frozenset(rule.text for rule in cache.registry.declarations().local)
 
         if "hasync.digest" in dispatcher.methods:
+            if features is not None:
+                features.add(AS_SENT_FEATURE)
+
             def digest(argument: Any, _context: CallContext) -> dict[str, Any]:
+                token: Any = ""
+                if isinstance(argument, dict):  # {"items": [...], "as_sent": token} (AS_SENT_FEATURE)
+                    token = argument.get("as_sent")
+                    argument = argument.get("items", [])
                 ids = item_ids_argument(argument, "hasync.digest") or cache.registry.ids()
-                known, unknown = cache.digests(ids)
-                return digestmod.digest_reply(known, unknown)
+                with cache.lock:  # the claims and the digests of one tree
+                    claimed = cache.claims(token if isinstance(token, str) else "", ids)
+                    known, unknown = cache.digests([i for i in ids if i not in claimed])
+                return digestmod.digest_reply(known, unknown, claimed)
 
             dispatcher.register("hasync.digest", digest)
             def sync_probe(argument: Any, context: CallContext) -> bytes:

@@ -20,7 +20,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -66,6 +66,9 @@ class CallContext:
     # What a handler is done with but leaves to be freed once the reply is sent: freeing a 20 MB
     # merge's decoded payload, a million objects one by one, took ~20 ms the primary waited for.
     kept_until_sent: list[Any] = field(default_factory=list, repr=False, compare=False)
+    # Work that may wait until the reply is out (and the request's body budget released): the
+    # fast path's digests the primary needs not wait for. Runs in the request's thread.
+    after_reply: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
 
 
 Handler = Callable[[Any, CallContext], Any]
@@ -182,6 +185,73 @@ class BodyBudget:
             self.used -= size
 
 
+class Activity:
+    """Requests in flight, so work that can wait (`CallContext.after_reply`) runs when the agent
+    is quiet: the fast path's digests after a merge would otherwise compete for the GIL with the
+    primary's next request (its filter reload, ~10x slower beside them), which it waits for."""
+
+    QUIET = 0.15  # seconds without a request before deferred work starts
+    LONGEST_WAIT = 3.0  # it starts anyway after this long
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._changed = threading.Condition()
+        self._in_flight = 0
+        self._last = clock()
+        self._deferred = 0
+        self.closing = False
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self._changed:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_flight -= 1
+                self._last = self.clock()
+                self._changed.notify_all()
+
+    def defer(self) -> None:
+        """A request about to end has work for `deferred` (counted from now, for `settle`)."""
+        with self._changed:
+            self._deferred += 1
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Around the work announced by `defer`: waits for quiet first."""
+        with self._changed:
+            deadline = self.clock() + self.LONGEST_WAIT
+            while not self.closing:
+                now = self.clock()
+                quiet_for = now - self._last
+                if now >= deadline or (self._in_flight == 0 and quiet_for >= self.QUIET):
+                    break
+                self._changed.wait(min(deadline - now, max(self.QUIET - quiet_for, 0.01)))
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._deferred -= 1
+                self._changed.notify_all()
+
+    def settle(self, timeout: float) -> bool:
+        """Wait (at most `timeout`) until no deferred work is announced or running; whether so."""
+        deadline = self.clock() + timeout
+        with self._changed:
+            while self._deferred and self.clock() < deadline:
+                self._changed.wait(max(deadline - self.clock(), 0.01))
+            return not self._deferred
+
+    def close(self, timeout: float) -> None:
+        """Deferred work starts at once from now on; wait (at most `timeout`) for it to end."""
+        with self._changed:
+            self.closing = True
+            self._changed.notify_all()
+        self.settle(timeout)
+
+
 class AgentServer(ThreadingHTTPServer):
     """Threaded HTTP(S) server; the TLS handshake runs in the worker thread, not the accept loop."""
 
@@ -206,6 +276,7 @@ class AgentServer(ThreadingHTTPServer):
         self.limits = limits or AgentLimits()
         self.slots = threading.BoundedSemaphore(self.limits.max_connections)
         self.body_budget = BodyBudget(self.limits.max_inflight)
+        self.activity = Activity()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, AgentRequestHandler)
@@ -229,6 +300,12 @@ class AgentServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def server_close(self) -> None:
+        """Also lets deferred work (`CallContext.after_reply`) end: it runs at once now, and is
+        waited for a bounded time (a stopping agent loses nothing by not finishing it)."""
+        self.activity.close(timeout=30)
+        super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A failed handshake or a vanished peer is one log line (already written), not a traceback:
@@ -350,34 +427,45 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         return b"".join(chunks)
 
     def do_POST(self) -> None:
+        with self.server.activity.request():
+            context = self._post()
+            deferring = context is not None and bool(context.after_reply)
+            if deferring:
+                self.server.activity.defer()
+        if deferring and context is not None:
+            self._run_after_reply(context)
+
+    def _post(self) -> CallContext | None:
+        """Serve one request; its context, for the work left until the reply is out."""
         self._disarm()  # the request head is in
         if self.path.split("?")[0] != XMLRPC_PATH:
             self._send(404, b"not found", "text/plain")
-            return
+            return None
         remote = self.client_address[0]
         local = self.request.getsockname()[0]
         if not self.server.allow_loopback and remote == local:
             log.warning("refused request from %s: it is this server's own address (loop guard)", remote)
             self._send(200, xmlrpc.AUTH_FAILED_RESPONSE)
-            return
+            return None
         # Credentials travel in the header: check them before reading the body, so an
         # unauthenticated (or throttled) client can never make us read up to the body limit.
         verdict = self.server.authenticate(self.headers.get("Authorization"), remote)
         if not verdict.ok:
             self._drain_small_body()
             self._send(200, xmlrpc.AUTH_FAILED_RESPONSE)
-            return
+            return None
         size = self._declared_length()
         budget = self.server.body_budget
         if not budget.reserve(size):
             log.warning("refused a %d-byte request from %s: %d bytes of requests already in flight",
                         size, remote, budget.used)
             self._send(503, b"agent busy with other large requests; retry later", "text/plain")
-            return
+            return None
+        context: CallContext | None = None
         try:
             body = self._read_body()
             if body is None:
-                return
+                return None
             context = CallContext(verdict.username, remote, self.headers.get("Authorization"),
                                   self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1",
                                   self.headers.get(CONFIRM_HEADER, "").strip())
@@ -394,6 +482,18 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
                 context.kept_until_sent.clear()
         finally:
             budget.release(size)
+        return context
+
+    def _run_after_reply(self, context: CallContext) -> None:
+        """`CallContext.after_reply`, once the agent is quiet: each task once; a failure is
+        logged (the reply is out)."""
+        with self.server.activity.deferred():
+            while context.after_reply:
+                task = context.after_reply.pop(0)
+                try:
+                    task()
+                except Exception as exc:  # the type only: a message could quote a config value
+                    log.warning("work after a reply failed (%s)", type(exc).__name__)
 
     def _declared_length(self) -> int:
         """Content-Length for budgeting (0 when absent or bad: `_read_body` refuses those)."""

@@ -145,12 +145,33 @@ class Grafts:
         return element
 
 
-class GraftedPayload(dict[str, Any]):
-    """A payload decoded from XML (the fast path), carrying the `Grafts` of that XML."""
+# `SentSections.sha256` of a path the primary lacks (it sends ``[]`` there): the sha256 of no bytes.
+MISSING_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
-    def __init__(self, value: dict[str, Any], grafts: Grafts) -> None:
+
+@dataclass(frozen=True)
+class SentSections:
+    """What a primary declared it sent by the fast path: the sha256 of each section's bytes as
+    it serialised them (only sections the decoder changes nothing in), and `token`, the sha256
+    of the whole sections document, which names this one request.
+
+    The merge compares them with the bytes it wrote (`MergeReport.as_sent_points`): where they
+    are equal, the backup holds at that path exactly what the primary holds, so its digest there
+    is the primary's, and the agent need not compute it before answering.
+    """
+
+    token: str
+    sha256: Mapping[str, str]
+
+
+class GraftedPayload(dict[str, Any]):
+    """A payload decoded from XML (the fast path), carrying the `Grafts` of that XML and, when
+    the primary declared them, its `SentSections`."""
+
+    def __init__(self, value: dict[str, Any], grafts: Grafts, sent: SentSections | None = None) -> None:
         super().__init__(value)
         self.grafts = grafts
+        self.sent = sent
 
 
 def element_to_grafts(node: etree._Element, grafts: Grafts,

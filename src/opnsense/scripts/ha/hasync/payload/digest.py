@@ -390,9 +390,29 @@ def backup_item_digests(
     return digests, unknown
 
 
-def digest_reply(digests: Mapping[str, str], unknown: Sequence[str]) -> dict[str, Any]:
-    """The `hasync.digest` reply shape (also what the snapshot stores)."""
-    return {"algorithm": ALGORITHM, "canonical": CANONICAL_FORM, "items": dict(digests), "unknown": list(unknown)}
+def digest_reply(digests: Mapping[str, str], unknown: Sequence[str],
+                 as_sent: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """The `hasync.digest` reply shape (also what the snapshot stores); `as_sent`: the items whose
+    digest is the asking primary's own, with the sections the agent digests them by (only ever
+    sent to a primary that asked for it: `protocol.AS_SENT_FEATURE`)."""
+    reply = {"algorithm": ALGORITHM, "canonical": CANONICAL_FORM, "items": dict(digests), "unknown": list(unknown)}
+    if as_sent:
+        reply["as_sent"] = {item_id: list(sections) for item_id, sections in as_sent.items()}
+    return reply
+
+
+def resolve_as_sent(reply: Any, registry: SyncItemRegistry, own: Callable[[str], str]) -> Any:
+    """A `digest_reply` with its ``as_sent`` items given this node's digests (`own(item_id)`), for
+    the items the agent digests by the very sections this node does; the others stay out of
+    ``items`` (the caller asks for them). Any other reply comes back as it is."""
+    if not isinstance(reply, dict) or not isinstance(reply.get("as_sent"), dict):
+        return reply
+    items = dict(reply.get("items") or {})
+    for item_id, sections in reply["as_sent"].items():
+        if item_id in registry and isinstance(sections, list) and \
+                [str(s) for s in sections] == list(registry.get(item_id).sections):
+            items[item_id] = own(item_id)
+    return {key: value for key, value in reply.items() if key != "as_sent"} | {"items": items}
 
 
 def parse_digest_reply(reply: Any) -> tuple[dict[str, str], list[str]]:

@@ -52,6 +52,7 @@ Decisions where we deliberately differ from the PHP code (bugs, not behaviour an
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,15 @@ from typing import Any
 from lxml import etree
 
 from hasync.config.items import SyncItemRegistry
-from hasync.config.tree import ATTRIBUTES, LIST_TAGS, GraftedPayload, Grafts, scalar_text, value_to_elements
+from hasync.config.tree import (
+    ATTRIBUTES,
+    LIST_TAGS,
+    MISSING_SHA256,
+    GraftedPayload,
+    Grafts,
+    scalar_text,
+    value_to_elements,
+)
 from hasync.config.vips import VipSpec, vip_key
 from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
@@ -122,6 +131,11 @@ class MergeReport:
     # merge left as it was: an item whose sections are all here keeps its digest
     # (`ConfigCache.note_merged`); not part of `public_dict`, an engine detail
     unchanged_points: list[str] = field(default_factory=list)
+    # the payload's section paths whose nodes the merge left byte for byte as the primary declared
+    # it sent them (`tree.SentSections`, named by `as_sent_token`), read through one container per
+    # level as a digest reads them: there the backup's digest is the primary's. An engine detail too.
+    as_sent_points: list[str] = field(default_factory=list)
+    as_sent_token: str = ""
 
     @property
     def changed(self) -> bool:
@@ -172,6 +186,7 @@ def merge_payload(
     if it raises, the tree may be half-merged, which is why the transaction then writes nothing.
     """
     grafts = payload.grafts if isinstance(payload, GraftedPayload) else None
+    sent = payload.sent if isinstance(payload, GraftedPayload) else None
     data = normalize_payload(dict(payload), grafts.vetted if grafts is not None else None)
     points = check_payload(data, registry, accept_unknown)
     data, kept = keep_local(root, data, registry.declarations())
@@ -195,9 +210,10 @@ def merge_payload(
     changed_top: list[str] = []
     changed: set[str] = set()
     empty_both: set[str] = set()  # changed, but missing or bare before and after: one digest
+    as_sent: list[str] = []
     for key in data:
         after = _children(root, key)
-        changed_here = before.changed_points(key, after)
+        changed_here = before.changed_points(key, after, sent.sha256 if sent is not None else None, as_sent)
         if changed_here or not before.same_shape(key, after):
             changed_top.append(key)
         for point, nodes in changed_here.items():
@@ -225,6 +241,8 @@ def merge_payload(
         warnings=ctx.warnings,
         kept_local=[note.path for note in kept],
         unchanged_points=unchanged,
+        as_sent_points=[p for p in points if p in as_sent],
+        as_sent_token=sent.token if sent is not None and as_sent else "",
     )
 
 
@@ -291,12 +309,28 @@ def _same_nodes(before: list[etree._Element], after: list[etree._Element], known
     return True
 
 
-def _same_as(before: list[bytes], after: list[etree._Element]) -> bool:
-    """`_same_nodes` with the before-state as the nodes' bytes: parsed back only where they differ."""
+def _same_as(before: list[bytes], after: list[etree._Element], serials: list[bytes] | None = None) -> bool:
+    """`_same_nodes` with the before-state as the nodes' bytes: parsed back only where they differ.
+    `serials`: the `_serial` of each of `after`, when the caller has them."""
     if len(before) != len(after):
         return False
-    for old, new in zip(before, after, strict=True):
-        if old != _serial(new) and not _same_nodes([_reparse(old)], [new], known_different=True):
+    for index, (old, new) in enumerate(zip(before, after, strict=True)):
+        data = serials[index] if serials is not None else _serial(new)
+        if old != data and not _same_nodes([_reparse(old)], [new], known_different=True):
+            return False
+    return True
+
+
+def _read_as_digests_do(tops: list[etree._Element], dotted: str) -> bool:
+    """Whether the nodes `_find_below(tops, dotted)` finds are those a digest reads at `dotted`
+    (`digest.tree_item_value`): every level above the last one container, a single element with
+    children whose tag is not a list tag (else toArray makes no dict there, and the digest reads
+    no nodes or other ones)."""
+    nodes = tops  # the first level's: the root's children named after it
+    for level, part in enumerate(dotted.split(".")[:-1]):
+        if level:
+            nodes = [child for child in nodes[0] if child.tag == part]
+        if part in LIST_TAGS or len(nodes) != 1 or len(nodes[0]) == 0:
             return False
     return True
 
@@ -357,10 +391,32 @@ class _SectionsBefore:
         return all(self._same_outline(part, kid, key, f"{path}.{kid.tag}")
                    for part, kid in zip(parts, kids, strict=True))
 
-    def changed_points(self, key: str, after: list[etree._Element]) -> dict[str, list[etree._Element]]:
-        """The points of `key` whose nodes now differ, with those nodes; `after`: the section's nodes now."""
-        found = {point: _find_below(after, point) for point in self.points[key]}
-        return {point: nodes for point, nodes in found.items() if not _same_as(self.nodes[point], nodes)}
+    def changed_points(self, key: str, after: list[etree._Element], sent: Mapping[str, str] | None = None,
+                       as_sent: list[str] | None = None) -> dict[str, list[etree._Element]]:
+        """The points of `key` whose nodes now differ, with those nodes; `after`: the section's nodes now.
+
+        `sent`: the sha256 a primary declared of its nodes at some points (`tree.SentSections`);
+        those whose nodes now have the same bytes, read as a digest reads them, go to `as_sent`
+        (each node is serialised once for both comparisons)."""
+        changed: dict[str, list[etree._Element]] = {}
+        for point in self.points[key]:
+            nodes = _find_below(after, point)
+            declared = sent.get(point) if sent else None
+            serials = [_serial(node) for node in nodes] if declared is not None else None
+            if not _same_as(self.nodes[point], nodes, serials):
+                changed[point] = nodes
+            if serials is None or as_sent is None or not _read_as_digests_do(after, point):
+                continue
+            if declared == MISSING_SHA256:  # the primary lacks it: sent as [], which reads as empty
+                if reads_as_empty(nodes):
+                    as_sent.append(point)
+                continue
+            digest = hashlib.sha256()
+            for data in serials:
+                digest.update(data)
+            if digest.hexdigest() == declared:
+                as_sent.append(point)
+        return changed
 
     def same_shape(self, key: str, after: list[etree._Element]) -> bool:
         """Whether the section around its points reads as before (`after`: its nodes now)."""

@@ -30,7 +30,7 @@ from hasync.payload.build import check_sections, payload_for_items
 from hasync.sync import snapshot
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PeerProbe, compact_probe, probe, remember_peer
-from hasync.wire.protocol import PERNODE_FEATURE, RESTORE_METHOD
+from hasync.wire.protocol import AS_SENT_FEATURE, PERNODE_FEATURE, RESTORE_METHOD
 from hasync.wire.sections import SectionsBlob, build_blob, describe, send_blob
 
 log = logging.getLogger("hasync.fastpath")
@@ -400,7 +400,9 @@ class SyncPlan:
             self.transfer = "fast path"
             # (only an agent of ours offers the fast path, so its hasync.digest can come along)
             self.digests_asked = True
-            reply, self.backup_digests = send_blob(peer, blob, self.record_ids, while_waiting=prepare)
+            reply, self.backup_digests = send_blob(peer, blob, self.record_ids, while_waiting=prepare,
+                                                   as_sent=self.peer_probe is not None
+                                                   and self.peer_probe.offers(AS_SENT_FEATURE))
         else:
             payload = self.payload()
             self.transfer = "XML-RPC"

@@ -13,6 +13,10 @@ from __future__ import annotations
 FAST_PATH_FEATURE = "restore_sections_xml"
 #: The capability of an agent that applies the primary's self_address/swap rules sent along.
 PERNODE_FEATURE = "pernode-1"
+#: The capability of an agent that answers `hasync.digest` {"items": [...], "as_sent": <the merge's
+#: document sha256>} with "as_sent": {item: [sections]} for the items its merge wrote byte for byte
+#: as the primary declared them (`wire.sections` ``section_sha256``): the primary's digests are theirs.
+AS_SENT_FEATURE = "digest-as-sent-1"
 #: OPNsense's merge method: the compatible path calls it, the fast path ends in its handler.
 RESTORE_METHOD = "opnsense.restore_config_section"
 #: The agent's per-item digests of its config.xml (`payload.digest`).

@@ -17,7 +17,11 @@ Wire form (`METHOD`, one struct param):
   only inputs of those rewrites that are not in the sections themselves; the agent applies the
   same function the compatible path does (it offers `protocol.PERNODE_FEATURE`);
 * ``data``: the zlib stream as ``<base64>`` chunks of at most `CHUNK` bytes (libxml2 refuses text
-  nodes over 10 MB without its "huge" mode, which we keep off).
+  nodes over 10 MB without its "huge" mode, which we keep off);
+* ``section_sha256`` (optional): the sha256 of each present section's elements as serialised in
+  the document, and ``local_rules``: the text of the primary's declared-local rules. With them
+  the agent can tell which sections it now holds byte for byte as the primary does, and so
+  which items' digests are the primary's own (`protocol.AS_SENT_FEATURE`).
 
 The inflated document is ``<sections><section path="a.b">ELEMENTS</section>...</sections>``, the
 elements being the primary's subtrees at each path *before* any payload transform, or
@@ -42,16 +46,25 @@ import copy
 import hashlib
 import logging
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
 
 from hasync.config.pernode import Declarations, from_wire
-from hasync.config.tree import LIST_TAGS, GraftedPayload, Grafts, element_to_grafts, element_to_value
+from hasync.config.tree import (
+    LIST_TAGS,
+    MISSING_SHA256,
+    GraftedPayload,
+    Grafts,
+    SentSections,
+    element_to_grafts,
+    element_to_value,
+)
 from hasync.core import xmlsafe
 from hasync.core.errors import HaError, MethodFault, RemoteFault, TransportError
+from hasync.core.php import php_empty
 from hasync.payload import pernode
 from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
 from hasync.payload.validate import TEXT_RULES
@@ -123,8 +136,10 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
     from xml.sax.saxutils import quoteattr  # here: it pulls in urllib, and a no-op sync builds no blob
 
     wanted = check_sections(sections)
+    declared = shipped_declarations() if declarations is None else declarations
     compressor = zlib.compressobj(level)
     digest = hashlib.sha256()
+    section_sha256: dict[str, str] = {}
     out: list[bytes] = []
     size = 0
 
@@ -141,10 +156,21 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
         group = locate(root, dotted)
         if group is None:
             put(f"<section path={quoteattr(dotted)} missing=\"1\"/>".encode())
+            section_sha256[dotted] = MISSING_SHA256
             continue
         put(f"<section path={quoteattr(dotted)}>".encode())
+        section: Any = hashlib.sha256()
         for node in group:
-            put(etree.tostring(node, encoding="utf-8", with_tail=False))
+            data = etree.tostring(node, encoding="utf-8", with_tail=False)
+            put(data)
+            if section is not None:
+                kept = data if b"nosync" not in data else _kept_bytes(node, group)
+                if kept is None:
+                    section = None
+                else:
+                    section.update(kept)
+        if section is not None:
+            section_sha256[dotted] = section.hexdigest()
         put(b"</section>")
     put(b"</sections>")
     out.append(compressor.flush())
@@ -156,12 +182,54 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
         "sha256": digest.hexdigest(),
         "sections": list(wanted),
         "data": [stream[i : i + CHUNK] for i in range(0, len(stream), CHUNK)] or [b""],
+        "section_sha256": section_sha256,
+        "local_rules": [rule.text for rule in declared.local],
     }
-    rules = (shipped_declarations() if declarations is None else declarations).rewriting(wanted)
+    rules = declared.rewriting(wanted)
     if rules:
         param["pernode"] = rules.as_json()
         param["interfaces"] = _interfaces_for_rewrite(root)
     return SectionsBlob(param, list(wanted), size, len(stream))
+
+def _nosync_record(node: etree._Element) -> bool | None:
+    """Whether toArray's dict of `node` has a non-empty ``nosync`` (what `build.remove_nosync`
+    drops); None when that is not plain to read (several ``nosync`` children)."""
+    flags = [child for child in node if child.tag == "nosync"]
+    if len(flags) > 1:
+        return None
+    return bool(flags) and (len(flags[0]) > 0 or not php_empty(flags[0].text or ""))
+
+
+def _kept_bytes(node: etree._Element, group: Sequence[etree._Element]) -> bytes | None:
+    """The bytes `node` (one of `group`, a section's nodes) leaves for `section_sha256` once the
+    payload's nosync records are gone: those the backup writes when it merges them as they come.
+
+    Only where dropping elements is what `remove_nosync` does to the array form: a dropped record
+    and each sibling sharing its tag are records of a list tag (so what remains is a list in both
+    forms), and no ``nosync`` attribute (an attribute struct remove_nosync would drop). Otherwise
+    None: the section is not declared, and the backup digests it itself.
+    """
+    def plain_list(record: etree._Element, siblings: Iterable[etree._Element]) -> bool:
+        return record.tag in LIST_TAGS and all(len(other) > 0 for other in siblings if other.tag == record.tag)
+
+    marked = _nosync_record(node)
+    if marked is None or node.xpath("boolean(descendant-or-self::*[@nosync])"):
+        return None
+    if marked:
+        return b"" if plain_list(node, group) else None
+    copied = copy.deepcopy(node)
+    for flag in list(copied.iter("nosync")):
+        record = flag.getparent()
+        parent = record.getparent() if record is not None else None
+        if record is None or parent is None:
+            continue
+        dropped = _nosync_record(record)
+        if dropped is None or (dropped and not plain_list(record, parent)):
+            return None
+        if dropped:
+            parent.remove(record)
+    return etree.tostring(copied, encoding="utf-8", with_tail=False)
+
 
 def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -> bytes:
     """Inflate a zlib stream, never producing more than `declared` (≤ `limit`) bytes."""
@@ -277,10 +345,11 @@ def _parse_document(document: bytes) -> etree._Element:
 
 def payload_from_tree(
     top: etree._Element, marked: bool, sections: Sequence[str], interfaces: dict[str, Any] | None,
-    rules: Declarations | None = None,
+    rules: Declarations | None = None, sent: Mapping[str, str] | None = None, token: str = "",
 ) -> dict[str, Any]:
     """Rebuild the compatible payload from the parsed sections document (see module docstring);
-    `marked`: `_has_marks` of its bytes."""
+    `marked`: `_has_marks` of its bytes. `sent`: the primary's `section_sha256`; those of the
+    sections converted with grafts (nothing edits them here) go on as `GraftedPayload.sent`."""
     holders = [node for node in top if isinstance(node.tag, str)]
     if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
             any(h.tag != "section" for h in holders):
@@ -295,6 +364,7 @@ def payload_from_tree(
                                                for other in split)]
     payload: dict[str, Any] = {}
     grafts = Grafts(TEXT_RULES)  # records are vetted as they are converted: validation skips them
+    unedited: dict[str, str] = {}
     for holder in holders:
         dotted = str(holder.get("path"))
         parts = dotted.split(".")
@@ -311,6 +381,8 @@ def payload_from_tree(
             value = None
         elif graftable:
             value = element_to_grafts(holder, grafts).get(last)
+        if graftable and sent and dotted in sent:
+            unedited[dotted] = sent[dotted]
         else:
             value = element_to_value(holder).get(last)
         if dotted == VIRTUALIP:
@@ -326,19 +398,26 @@ def payload_from_tree(
     if marked:
         payload = _ixr_roundtrip_fix(payload, grafts.holds)
     # (an empty struct became an empty array above: that one stays what the compatible path gets)
-    return GraftedPayload(payload, grafts) if len(grafts) and isinstance(payload, dict) else payload
+    if not (len(grafts) and isinstance(payload, dict)):
+        return payload
+    return GraftedPayload(payload, grafts, SentSections(token, unedited) if unedited and token else None)
 
 def send_blob(peer: Any, blob: SectionsBlob, digest_items: Sequence[str],
-              while_waiting: Callable[[], None] | None = None) -> tuple[Any, Any]:
+              while_waiting: Callable[[], None] | None = None, as_sent: bool = False) -> tuple[Any, Any]:
     """Send `blob`: the merge's reply, and the backup's `DIGEST_METHOD` reply for `digest_items`
     as they are after the merge (None if that call failed).
 
     The digests come in the same request, a `system.multicall` that the agent runs in order:
     what the primary's snapshot records, without two more requests (a TLS handshake and a login
     each). A merge that fails raises `RemoteFault` as the plain call would, with its code and message.
+    `as_sent` (the agent offers `protocol.AS_SENT_FEATURE`): the reply may name items as sent
+    instead of digesting them (`digest.resolve_as_sent`).
     """
+    items: Any = list(digest_items)
+    if as_sent:
+        items = {"items": items, "as_sent": blob.param["sha256"]}
     calls = [{"methodName": METHOD, "params": [blob.param]},
-             {"methodName": DIGEST_METHOD, "params": [list(digest_items)]}]
+             {"methodName": DIGEST_METHOD, "params": [items]}]
     replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
     if not isinstance(replies, list) or len(replies) != len(calls):
         raise TransportError(f"{peer.peer_key} answered the merge's system.multicall with {str(replies)[:100]!r}")
@@ -369,6 +448,23 @@ class Decoded:
     payload: dict[str, Any]
     sections: list[str]
     size: int  # inflated bytes
+    local_rules: frozenset[str] | None = None  # the primary's declared-local rules, if it said
+
+
+def read_sent(argument: Mapping[str, Any], sections: Sequence[str]) -> tuple[dict[str, str], frozenset[str] | None]:
+    """The optional ``section_sha256`` (for announced sections only) and ``local_rules``; absent
+    (a primary of an earlier version) they are empty and None: nothing is then taken as sent."""
+    hashes = argument.get("section_sha256", {})
+    hashes = {} if hashes == [] else hashes  # an empty struct travels as an empty array
+    if not isinstance(hashes, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) and len(value) == 64 for key, value in hashes.items()):
+        raise _fault("'section_sha256' must map section paths to sha256 hex strings")
+    local = argument.get("local_rules")
+    if local is not None and (not isinstance(local, list) or not all(isinstance(text, str) for text in local)):
+        raise _fault("'local_rules' must be an array of strings")
+    announced = set(sections)
+    return ({key: value.lower() for key, value in hashes.items() if key in announced},
+            frozenset(local) if local is not None else None)
 
 
 def decode_param(argument: Any, limit: int = MAX_INFLATED) -> Decoded:
@@ -378,13 +474,14 @@ def decode_param(argument: Any, limit: int = MAX_INFLATED) -> Decoded:
     equivalence tests call the same code instead of a test-only copy.
     """
     sections, chunks, size, sha, interfaces, rules = read_param(argument)
+    sent, local_rules = read_sent(argument, sections)
     document = inflate(chunks, size, limit)
     if hashlib.sha256(document).hexdigest() != sha.lower():
         raise _fault("the inflated document does not match its sha256")
     marked, top = _has_marks(document), _parse_document(document)
     del document  # (15 MB at 20 MB) not kept beside the arrays the conversion builds
     try:
-        payload = payload_from_tree(top, marked, sections, interfaces, rules)
+        payload = payload_from_tree(top, marked, sections, interfaces, rules, sent, sha.lower())
     except HaError as exc:  # e.g. the DHCP failover rewrite finds no interface facing the peer
         raise _fault(str(exc)) from None
-    return Decoded(payload, sections, size)
+    return Decoded(payload, sections, size, local_rules)
