@@ -8,6 +8,8 @@ vouched for, each with the digest difference that shows why, and the cache's sid
 
 from __future__ import annotations
 
+import copy
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,13 @@ from lxml import etree
 from hasync.agent import fastpath
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
+from hasync.core.fileio import file_key
 from hasync.payload import digest as digestmod
 from hasync.payload import merge
 from hasync.payload.build import build_payload
+from hasync.sync import snapshot
 from hasync.sync.run import SyncOptions, SyncRun
+from hasync.wire import sections as sectionsmod
 from support.bench import bench_module
 from support.nodes import make_pair, running_agent
 
@@ -211,3 +216,144 @@ def test_an_agent_whose_start_up_digests_fail_still_serves(tmp_path: Path, monke
         result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
     assert result.status == "ok", result.message
     assert "digests at start failed (RuntimeError)" in caplog.text
+
+
+# --- "as sent": digests the agent leaves to the primary -----------------------------------------
+
+
+@pytest.mark.parametrize("offered", [True, False], ids=["as sent", "control: an agent without the feature"])
+def test_the_primary_records_the_backup_digests_it_did_not_wait_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    offered: bool) -> None:
+    """A fast-path sync into an agent offering `protocol.AS_SENT_FEATURE`: the merge's digest
+    reply names items "as sent" (the rules among them, their primary holding a nosync rule the
+    payload drops), the primary records its own digests for them, and every recorded backup
+    digest is what the backup's written config digests to. The agent computes the claimed ones
+    once the reply is out, so its next probe finds them. Control: an agent without the feature
+    is asked plainly and names nothing as sent."""
+    if not offered:
+        monkeypatch.setattr(fastpath, "AS_SENT_FEATURE", "not-offered")
+    pair = make_pair(tmp_path)
+    with ConfigStore(pair.primary).transaction("test: a nosync rule") as root:
+        rule = copy.deepcopy(root.find("filter/rule"))
+        assert rule is not None
+        etree.SubElement(rule, "nosync").text = "1"
+        root.find("filter").append(rule)  # type: ignore[union-attr]
+    claims: list[str] = []
+    resolve = digestmod.resolve_as_sent
+
+    def recording(reply: Any, registry: SyncItemRegistry, own: Any) -> Any:
+        if isinstance(reply, dict) and isinstance(reply.get("as_sent"), dict):
+            claims.extend(reply["as_sent"])
+        return resolve(reply, registry, own)
+
+    monkeypatch.setattr(digestmod, "resolve_as_sent", recording)
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
+        assert result.status == "ok", result.message
+        assert server.activity.settle(timeout=30)
+        compute = digestmod.backup_item_digests
+        asked = digests_asked(monkeypatch)
+        cache_answer = server.dispatcher.methods["hasync.digest"](list(result.items), None)["items"]
+    recorded = snapshot.load(pair.primary)
+    assert recorded is not None
+    written = parse_config_bytes((pair.backup / "config.xml").read_bytes(), "written")
+    fresh, _ = compute(written, REGISTRY, result.items)
+    assert {item_id: recorded.items[item_id].backup_digest for item_id in result.items} == fresh
+    assert cache_answer == fresh and asked == []  # the agent's cache had them all, claimed ones included
+    assert bool(claims) is offered
+    if offered:
+        assert "rules" in claims
+
+
+def claimed_cache(tmp_path: Path) -> tuple[fastpath.ConfigCache, ConfigStore, str]:
+    """A backup's cache right after a fast-path merge of a generated primary: (cache, store, the
+    request's token); the merge left items to the primary ("as sent")."""
+    pair = make_pair(tmp_path)
+    primary_bytes, backup_bytes = bench_module("generate").generate(0.3, seed=2)
+    (pair.backup / "config.xml").write_bytes(backup_bytes)
+    primary = parse_config_bytes(primary_bytes, "primary")
+    sections = REGISTRY.sections_for(read_hasync(primary).syncitems)
+    param = sectionsmod.build_blob(primary, sections, declarations=REGISTRY.declarations()).param
+    store = ConfigStore(pair.backup)
+    cache = fastpath.ConfigCache(store, REGISTRY, clock=lambda: 4e9)
+    cache.root()
+    with store.transaction("test: merge") as root:
+        cache.note_merged(root, merge.merge_payload(root, sectionsmod.decode_param(param).payload, REGISTRY))
+    return cache, store, str(param["sha256"])
+
+
+def test_claims_belong_to_the_request_that_merged(tmp_path: Path) -> None:
+    cache, _store, token = claimed_cache(tmp_path)
+    claimed = cache.claims(token, REGISTRY.ids())
+    assert "rules" in claimed and claimed["rules"] == tuple(REGISTRY.get("rules").sections)
+    assert cache.claims("another request's token", REGISTRY.ids()) == {}  # control
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["alone", "control: a write meanwhile"])
+def test_claims_are_digested_without_the_lock_and_kept_only_for_their_tree(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           writer: bool) -> None:
+    """`fill_claims` reads the tree unlocked: a writer meanwhile gets no tree from `take` (it
+    parses the file), logins and other readers get the lock; the digests are kept only if the
+    tree is still the entry's. Control: a write meanwhile replaces the entry, and the digests
+    computed for the old tree are dropped (the claimed items are digested afresh on request)."""
+    cache, store, token = claimed_cache(tmp_path)
+    claimed = list(cache.claims(token, REGISTRY.ids()))
+    reading, release = threading.Event(), threading.Event()
+    compute = digestmod.backup_item_digests
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        assert release.wait(30)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(digestmod, "backup_item_digests", slow)
+    filler = threading.Thread(target=cache.fill_claims)
+    filler.start()
+    assert reading.wait(30)
+    assert cache.lock.acquire(timeout=5)  # not held while digesting
+    cache.lock.release()
+    assert cache.take(lambda: "") is None  # the tree being read is not handed to a writer
+    if writer:
+        with store.transaction("test: another write") as root:
+            root.find("system/hostname").text = "elsewhere"  # type: ignore[union-attr]
+    release.set()
+    filler.join(30)
+    asked = digests_asked(monkeypatch)
+    answer, _ = cache.digests(claimed)
+    assert sorted(asked) == (sorted(claimed) if writer else [])
+    fresh, _ = compute(parse_config_bytes(store.config_path.read_bytes(), "written"), REGISTRY, claimed)
+    assert answer == fresh
+
+
+@pytest.mark.parametrize("young", [False, True], ids=["published", "control: an entry in its racy window"])
+def test_a_login_reads_the_accounts_while_the_cache_is_busy(tmp_path: Path, young: bool) -> None:
+    """A login needs the accounts only: once the entry is past its racy window they are read
+    without the cache's lock, so a login never waits for digests being computed (a probe's, or
+    the "as sent" ones after a merge). A young entry is checked by content, under the lock."""
+    store = ConfigStore(make_pair(tmp_path).backup)
+    key = file_key(store.config_path)
+    assert key is not None
+    cache = fastpath.ConfigCache(store, REGISTRY, clock=lambda: key[3] / 1e9 + (0.0 if young else 3600.0))
+    first = cache.accounts()
+    held, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        with cache.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=busy)
+    holder.start()
+    assert held.wait(10)
+    read: list[etree._Element] = []
+    login = threading.Thread(target=lambda: read.append(cache.accounts()))
+    login.start()
+    login.join(2.0)
+    answered = bool(read)
+    release.set()
+    holder.join(10)
+    login.join(10)
+    assert answered is not young
+    assert read == [first]

@@ -218,7 +218,8 @@ class ConfigCache:
         change, and a writer that fails leaves the next reader a fresh parse of the untouched file.
 
         Never waits for the cache (as `adopt`): a reader holding it may be waiting for the file
-        lock the writer holds. The writer then parses the file itself and the reader keeps its tree.
+        lock the writer holds. The writer then parses the file itself and the reader keeps its tree;
+        so too while `fill_claims` reads the tree without the lock (the entry stays then).
         """
         self._taken_digests, self._merged = {}, None
         if not self.lock.acquire(blocking=False):

@@ -381,10 +381,10 @@ def payload_from_tree(
             value = None
         elif graftable:
             value = element_to_grafts(holder, grafts).get(last)
-        if graftable and sent and dotted in sent:
-            unedited[dotted] = sent[dotted]
         else:
             value = element_to_value(holder).get(last)
+        if graftable and sent and dotted in sent:
+            unedited[dotted] = sent[dotted]
         if dotted == VIRTUALIP:
             payload[VIRTUALIP] = vip_section({} if missing else {VIRTUALIP: value})
         else:

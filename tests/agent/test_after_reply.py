@@ -1,0 +1,61 @@
+"""Work a request leaves until its reply is out (`CallContext.after_reply`) waits for a quiet
+agent (`server.Activity`): the fast path's "as sent" digests must not compete with the
+primary's next request, which it waits for."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from hasync.agent.server import Activity
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["waits for quiet", "control: closing, starts at once"])
+def test_deferred_work_starts_once_no_request_is_in_flight(monkeypatch: pytest.MonkeyPatch, closing: bool) -> None:
+    monkeypatch.setattr(Activity, "QUIET", 0.05)
+    activity = Activity()
+    activity.closing = closing
+    order: list[str] = []
+    in_request = threading.Event()
+
+    def another_request() -> None:
+        with activity.request():
+            in_request.set()
+            time.sleep(0.3)  # a request the deferred work must not compete with
+            order.append("request done")
+
+    def deferred_work() -> None:
+        with activity.deferred():
+            order.append("deferred work")
+
+    request = threading.Thread(target=another_request)
+    request.start()
+    assert in_request.wait(10)
+    activity.defer()
+    work = threading.Thread(target=deferred_work)
+    work.start()
+    assert not activity.settle(timeout=0.0) or closing  # announced and not done yet (closing: maybe done)
+    request.join(10)
+    work.join(10)
+    assert activity.settle(timeout=1)
+    expected = ["deferred work", "request done"] if closing else ["request done", "deferred work"]
+    assert order == expected
+
+
+def test_close_lets_waiting_work_start_and_waits_for_it() -> None:
+    activity = Activity()
+    done: list[bool] = []
+    with activity.request():
+        activity.defer()
+
+        def deferred_work() -> None:
+            with activity.deferred():
+                done.append(True)
+
+        work = threading.Thread(target=deferred_work)
+        work.start()
+        activity.close(timeout=10)  # a request is still in flight: only closing lets the work start
+        assert done == [True]
+    work.join(10)
