@@ -270,7 +270,7 @@ def test_a_failing_digest_warm_up_never_turns_a_written_merge_into_a_fault() -> 
 def test_a_generated_pair_claims_its_big_items_and_each_claim_holds() -> None:
     """The rule, NAT, user and IDS items of a generated pair come back "as sent" (the rules only
     because the primary hashes its filter without the nosync rules the payload drops,
-    `sections._kept_bytes`), and each digests on the backup as on the primary."""
+    `sections._hash_kept`), and each digests on the backup as on the primary."""
     primary_bytes, backup_bytes = bench_module("generate").generate(0.3, seed=2)
     primary = parse_config_bytes(primary_bytes, "primary")
     backup = parse_config_bytes(backup_bytes, "backup")

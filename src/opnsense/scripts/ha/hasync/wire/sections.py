@@ -164,11 +164,10 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
             data = etree.tostring(node, encoding="utf-8", with_tail=False)
             put(data)
             if section is not None:
-                kept = data if b"nosync" not in data else _kept_bytes(node, group)
-                if kept is None:
+                if b"nosync" not in data:
+                    section.update(data)
+                elif not _hash_kept(section, data, node, group):
                     section = None
-                else:
-                    section.update(kept)
         if section is not None:
             section_sha256[dotted] = section.hexdigest()
         put(b"</section>")
@@ -200,35 +199,59 @@ def _nosync_record(node: etree._Element) -> bool | None:
     return bool(flags) and (len(flags[0]) > 0 or not php_empty(flags[0].text or ""))
 
 
-def _kept_bytes(node: etree._Element, group: Sequence[etree._Element]) -> bytes | None:
-    """The bytes `node` (one of `group`, a section's nodes) leaves for `section_sha256` once the
-    payload's nosync records are gone: those the backup writes when it merges them as they come.
+def _hash_kept(section: Any, data: bytes, node: etree._Element, group: Sequence[etree._Element]) -> bool:
+    """Feed `section` (a sha256) the bytes `node` (one of `group`, a section's nodes, serialised
+    as `data`) leaves once the payload's nosync records are gone: those the backup writes when it
+    merges them as they come. False when that cannot be told (the section is then not declared,
+    and the backup digests it itself).
 
     Only where dropping elements is what `remove_nosync` does to the array form: a dropped record
     and each sibling sharing its tag are records of a list tag (so what remains is a list in both
-    forms), and no ``nosync`` attribute (an attribute struct remove_nosync would drop). Otherwise
-    None: the section is not declared, and the backup digests it itself.
+    forms), and no ``nosync`` attribute (an attribute struct remove_nosync would drop). The
+    dropped records' own bytes are cut out of `data` (in document order, as serialised alone:
+    the config has no namespaces), so the large rule list is neither copied nor serialised again.
     """
-    def plain_list(record: etree._Element, siblings: Iterable[etree._Element]) -> bool:
-        return record.tag in LIST_TAGS and all(len(other) > 0 for other in siblings if other.tag == record.tag)
+    checked: dict[tuple[Any, str], bool] = {}  # a rule list's parent has 20,000 children
+
+    def plain_list(record: etree._Element, siblings: Any) -> bool:
+        tag = str(record.tag)
+        if tag not in LIST_TAGS:
+            return False
+        if (siblings, tag) not in checked:
+            if isinstance(siblings, tuple):
+                checked[siblings, tag] = all(len(other) > 0 for other in siblings if other.tag == tag)
+            else:  # (a list tag is a plain name: safe in XPath)
+                checked[siblings, tag] = not siblings.xpath(f"boolean({tag}[not(*)])")
+        return checked[siblings, tag]
 
     marked = _nosync_record(node)
-    if marked is None or node.xpath("boolean(descendant-or-self::*[@nosync])"):
-        return None
+    if marked is None or b' nosync="' in data:  # (lxml writes every attribute in double quotes)
+        return False
     if marked:
-        return b"" if plain_list(node, group) else None
-    copied = copy.deepcopy(node)
-    for flag in list(copied.iter("nosync")):
+        return plain_list(node, tuple(group))  # the whole node goes: nothing of it is hashed
+    dropped: list[etree._Element] = []
+    gone: set[etree._Element] = set()
+    for flag in node.iter("nosync"):
         record = flag.getparent()
-        parent = record.getparent() if record is not None else None
+        parent = record.getparent() if record is not None and record is not node else None
         if record is None or parent is None:
             continue
-        dropped = _nosync_record(record)
-        if dropped is None or (dropped and not plain_list(record, parent)):
-            return None
-        if dropped:
-            parent.remove(record)
-    return etree.tostring(copied, encoding="utf-8", with_tail=False)
+        verdict = _nosync_record(record)
+        if verdict is None or (verdict and not plain_list(record, parent)):
+            return False
+        if verdict and not any(ancestor in gone for ancestor in record.iterancestors()):
+            dropped.append(record)
+            gone.add(record)
+    view, position = memoryview(data), 0
+    for record in dropped:
+        piece = etree.tostring(record, encoding="utf-8", with_tail=False)
+        start = data.find(piece, position)
+        if start < 0:
+            return False
+        section.update(view[position:start])
+        position = start + len(piece)
+    section.update(view[position:])
+    return True
 
 
 def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -> bytes:
