@@ -335,3 +335,38 @@ def test_a_nosync_record_of_a_tag_that_is_no_list_tag_is_never_hashed_without_it
         return b"".join(etree.tostring(n) for n in sectionsmod.locate(config, "OPNsense.captiveportal") or [])
     assert section_bytes(naive) == section_bytes(root)
     assert theirs != ours
+
+
+# --- the per-node rewrite edits dicts in place: those, and only those, lose their grafts ------------
+
+DHCP_PRIMARY = """<opnsense><interfaces><lan><if>em1</if><ipaddr>10.0.0.1</ipaddr><subnet>24</subnet></lan>
+</interfaces><dhcpd><lan><enable>1</enable><failover_peerip>10.0.0.2</failover_peerip>{maps}</lan></dhcpd></opnsense>"""
+STATICMAP = "<staticmap><mac>00:00:00:00:00:0{n}</mac><ipaddr>10.0.0.1{n}</ipaddr><descr>host {n}</descr></staticmap>"
+
+
+@pytest.mark.parametrize("forget", [True, False], ids=["edited dicts forgotten", "control: all kept"])
+def test_a_rewritten_dhcp_section_keeps_its_static_mappings_grafted(monkeypatch: pytest.MonkeyPatch,
+                                                                    forget: bool) -> None:
+    """The DHCP failover peer is rewritten into the primary's own address in the decoded dict
+    (`pernode.rewrite_for_backup`); the dicts holding it lose their grafts (`Grafts.forget_along`),
+    the static mappings beside it keep theirs: a backup with the section gets them moved in. Into
+    a backup without it the whole section is built from its dict. Control: were the edited dicts
+    kept as grafts, the merge would move in the section's element, which still names the backup
+    itself as its peer."""
+    if not forget:
+        monkeypatch.setattr(tree.Grafts, "forget_along", lambda _self, _root, _pointer: None)
+    primary = etree.fromstring(DHCP_PRIMARY.format(maps="".join(STATICMAP.format(n=n) for n in range(3))),
+                               etree.XMLParser(remove_blank_text=True))
+    param = sectionsmod.build_blob(primary, ["dhcpd"], declarations=REGISTRY.declarations()).param
+    assert param["pernode"]["self_address"]  # the rewrite applies here
+    outcome = {}
+    for backup_xml in ("<opnsense><dhcpd><lan><enable>0</enable></lan></dhcpd></opnsense>", "<opnsense/>"):
+        payload = sectionsmod.decode_param(param).payload
+        assert isinstance(payload, tree.GraftedPayload)
+        backup = etree.fromstring(backup_xml)
+        merge.merge_payload(backup, payload, REGISTRY)
+        outcome[backup_xml] = (backup.findtext("dhcpd/lan/failover_peerip"),
+                               sorted(str(element.tag) for element in payload.grafts.moved))
+    with_section, without = outcome.values()
+    assert with_section == ("10.0.0.1", ["staticmap"] * 3)  # merged key by key: the dict's value either way
+    assert without == (("10.0.0.1", []) if forget else ("10.0.0.2", ["dhcpd"]))

@@ -133,6 +133,20 @@ class Grafts:
         entry = self._entry(value)
         return entry is not None and 0 <= entry[2] <= room
 
+    def forget_along(self, root: Any, pointer: tuple[Any, ...]) -> None:
+        """Drop the records of every dict from `root` down `pointer` (keys and list indexes),
+        that one included: it was edited in place, and each of its ancestors holds it."""
+        node = root
+        for key in (None, *pointer):
+            if key is not None:
+                try:
+                    node = node[key]
+                except (KeyError, IndexError, TypeError):
+                    return
+            entry = self._entry(node)
+            if entry is not None:
+                del self._entries[id(node)]
+
     def take(self, value: Any, tag: str) -> etree._Element | None:
         """The element `value` came from, once (it is about to be moved), or None."""
         entry = self._entry(value)

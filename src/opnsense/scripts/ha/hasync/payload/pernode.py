@@ -32,11 +32,13 @@ KEPT = "kept on the backup"
 REWRITTEN = "rewritten"
 
 
-def rewrite_for_backup(payload: dict[str, Any], config: Mapping[str, Any], rules: Declarations) -> list[Note]:
+def rewrite_for_backup(payload: dict[str, Any], config: Mapping[str, Any], rules: Declarations,
+                       edits: list[tuple[Any, ...]] | None = None) -> list[Note]:
     """The primary's share, in place on a payload it just built: `self_address`, then `swap`.
 
     `config` needs only ``interfaces`` (``{if: {ipaddr, subnet, ipaddrv6, subnetv6}}``): our own
-    addresses, of which the one on the subnet facing the peer replaces the peer's.
+    addresses, of which the one on the subnet facing the peer replaces the peer's. `edits`
+    receives the pointer (keys from the payload's root) of every container it changed.
     """
     notes: list[Note] = []
     for rule in rules.self_address:
@@ -48,14 +50,19 @@ def rewrite_for_backup(payload: dict[str, Any], config: Mapping[str, Any], rules
                 (slot.pointer[-2] if len(slot.pointer) >= 2 and isinstance(slot.pointer[-2], str) else "")
             own = address_facing(config, peer.strip(), prefer=prefer, what=show_identity(slot.identity))
             slot.holder[slot.key] = own
+            if edits is not None:
+                edits.append(slot.pointer[:-1])
             notes.append(Note(show_identity(slot.identity), REWRITTEN, peer, own))
     for first, second in rules.swap:
         parents = first.steps[:-1]
         a, b = first.steps[-1].name, second.steps[-1].name
-        holders = [(s.value, s.identity) for s in find(payload, parents)] if parents else [(payload, ())]
-        for record, identity in holders:
+        holders = [(s.value, s.identity, s.pointer) for s in find(payload, parents)] if parents else \
+            [(payload, (), ())]
+        for record, identity, pointer in holders:
             if not isinstance(record, dict) or (a not in record and b not in record):
                 continue
+            if edits is not None:
+                edits.append(pointer)
             old_a, old_b = record.get(a), record.get(b)
             for name, value in ((a, old_b), (b, old_a)):
                 if value is None:

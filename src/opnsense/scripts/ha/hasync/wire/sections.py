@@ -379,12 +379,18 @@ def payload_from_tree(
         raise _fault("the sections document does not list the announced sections")
     # the primary's rules; a primary that sent none gets the rules this package ships
     rewriting = (shipped_declarations() if rules is None else rules).rewriting(sections)
-    # Paths whose values others edit in place: the per-node rewrite's, and a section inside
-    # another one (place_at puts `x.a` into the dict `x` became).
-    edited = [rule.literal_prefix for rule in (*rewriting.self_address, *(pair[0] for pair in rewriting.swap))]
+    # Paths whose values others edit in place: a section inside another one (place_at puts `x.a`
+    # into the dict `x` became), and the per-node rewrite's. The first are converted without
+    # grafts; of the second, only the dicts the rewrite edits lose theirs, after it ran (a DHCP
+    # section's hundreds of static mappings stay grafted around its rewritten failover peer).
     split = [section.split(".") for section in sections]
-    edited += [parts for parts in split if any(len(other) > len(parts) and other[: len(parts)] == parts
-                                               for other in split)]
+    nested = [parts for parts in split if any(len(other) > len(parts) and other[: len(parts)] == parts
+                                              for other in split)]
+    rewritten = [rule.literal_prefix for rule in (*rewriting.self_address, *(pair[0] for pair in rewriting.swap))]
+
+    def under(parts: list[str], prefixes: list[list[str]]) -> bool:
+        return any(prefix[: len(parts)] == parts or parts[: len(prefix)] == prefix for prefix in prefixes)
+
     payload: dict[str, Any] = {}
     grafts = Grafts(TEXT_RULES)  # records are vetted as they are converted: validation skips them
     unedited: dict[str, str] = {}
@@ -396,17 +402,16 @@ def payload_from_tree(
         if not missing and (len(holder) == 0 or any(isinstance(c.tag, str) and c.tag != last for c in holder)):
             raise _fault(f"section {dotted}: expected <{last}> elements only")
         holder.attrib.clear()  # the holder's own attributes are not part of the value
-        # Sections edited in place, and the VIPs (rebuilt by vip_section), are converted without
-        # grafts: their dicts will not be what their elements say.
-        graftable = dotted != VIRTUALIP and not any(
-            prefix[: len(parts)] == parts or parts[: len(prefix)] == prefix for prefix in edited)
+        # Nested sections, and the VIPs (rebuilt by vip_section), are converted without grafts:
+        # their dicts will not be what their elements say.
+        graftable = dotted != VIRTUALIP and not under(parts, nested)
         if missing:
             value = None
         elif graftable:
             value = element_to_grafts(holder, grafts).get(last)
         else:
             value = element_to_value(holder).get(last)
-        if graftable and sent and dotted in sent:
+        if graftable and sent and dotted in sent and not under(parts, rewritten):
             unedited[dotted] = sent[dotted]
         if dotted == VIRTUALIP:
             payload[VIRTUALIP] = vip_section({} if missing else {VIRTUALIP: value})
@@ -415,7 +420,10 @@ def payload_from_tree(
         if not graftable:
             holder.clear()  # free the subtree as soon as it is converted
     remove_nosync(payload, grafts.holds)
-    pernode.rewrite_for_backup(payload, {"interfaces": interfaces or {}}, rewriting)
+    edits: list[tuple[Any, ...]] = []
+    pernode.rewrite_for_backup(payload, {"interfaces": interfaces or {}}, rewriting, edits)
+    for pointer in edits:
+        grafts.forget_along(payload, pointer)
     # toArray makes an empty struct only of an element holding nothing but comments or PIs, and
     # remove_nosync can empty one; IXR sends an empty struct as an empty array. Walk only then.
     if marked:
