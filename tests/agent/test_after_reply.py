@@ -26,8 +26,8 @@ def test_deferred_work_starts_once_no_request_is_in_flight(monkeypatch: pytest.M
             time.sleep(0.3)  # a request the deferred work must not compete with
             order.append("request done")
 
-    def deferred_work() -> None:
-        with activity.deferred():
+    def deferred_work() -> None:  # in its own connection's thread, as the agent runs it
+        with activity.request(), activity.deferred():
             order.append("deferred work")
 
     request = threading.Thread(target=another_request)
@@ -51,7 +51,7 @@ def test_close_lets_waiting_work_start_and_waits_for_it() -> None:
         activity.defer()
 
         def deferred_work() -> None:
-            with activity.deferred():
+            with activity.request(), activity.deferred():
                 done.append(True)
 
         work = threading.Thread(target=deferred_work)
@@ -59,3 +59,36 @@ def test_close_lets_waiting_work_start_and_waits_for_it() -> None:
         activity.close(timeout=10)  # a request is still in flight: only closing lets the work start
         assert done == [True]
     work.join(10)
+
+
+def test_deferred_work_pauses_between_its_steps_while_another_request_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that arrives while deferred work runs gets the agent to itself: the work's next
+    step waits until it is done (`pause`)."""
+    monkeypatch.setattr(Activity, "QUIET", 0.05)
+    activity = Activity()
+    order: list[str] = []
+    first_step, request_started = threading.Event(), threading.Event()
+
+    def deferred_work() -> None:
+        with activity.request(), activity.deferred() as pause:
+            order.append("step 1")
+            first_step.set()
+            assert request_started.wait(10)
+            pause()
+            order.append("step 2")
+
+    def another_request() -> None:
+        with activity.request():
+            request_started.set()
+            time.sleep(0.3)
+            order.append("request done")
+
+    activity.defer()
+    work = threading.Thread(target=deferred_work)
+    work.start()
+    assert first_step.wait(10)
+    request = threading.Thread(target=another_request)
+    request.start()
+    work.join(10)
+    request.join(10)
+    assert order == ["step 1", "request done", "step 2"]

@@ -54,7 +54,7 @@ class FastPathAgent:
     features: set[str] = field(default_factory=lambda: {FAST_PATH_FEATURE})
     # called once a merge went through (its reply not sent yet): `register` passes the cache's
     # digest warm-up here; what it returns runs once the reply is out (`CallContext.after_reply`)
-    after_merge: Callable[[Decoded], Callable[[], None] | None] | None = None
+    after_merge: Callable[[Decoded], Callable[[Callable[[], None]], None] | None] | None = None
     # this agent's declared-local rules (their text): the primary's sections count as sent only
     # when it prunes the same paths from its digests (None: never)
     local_rules: frozenset[str] | None = None
@@ -297,14 +297,16 @@ class ConfigCache:
                 return {}
             return {i: self._claims[i] for i in item_ids if i in self._claims and i not in self._digests}
 
-    def fill_claims(self, known: Mapping[etree._Element, dict[str, Any]] | None = None) -> None:
+    def fill_claims(self, known: Mapping[etree._Element, dict[str, Any]] | None = None,
+                    pause: Callable[[], None] | None = None) -> None:
         """Compute the digests `claims` stood in for (the agent does it once the merge's reply is
         out), so the next probe finds them. `known`: the merge's moved records (`tree.Grafts.moved`),
         valid for the tree the claims belong to, which the claims being there proves: any writer
         that takes the tree, or a change of the file, empties them.
 
         Computed without holding `lock` (a login or probe may need it meanwhile): `take` leaves
-        the tree being read alone, and the digests are kept only if it is still the entry's."""
+        the tree being read alone, and the digests are kept only if it is still the entry's.
+        `pause` is called before each item (the agent waits there while other requests run)."""
         with self.lock:
             self.root()
             root, token = self._root, self._claims_token
@@ -315,7 +317,10 @@ class ConfigCache:
             self._reading = root
         fresh: dict[str, str] = {}
         try:
-            fresh, _ = digestmod.backup_item_digests(root, self.registry, pending, known)
+            for item_id in pending:
+                if pause is not None:
+                    pause()
+                fresh.update(digestmod.backup_item_digests(root, self.registry, [item_id], known)[0])
         finally:
             with self.lock:
                 self._reading = None
@@ -342,7 +347,7 @@ def _probe_ids(argument: Any) -> list[str]:
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{PROBE_METHOD}: no item ids")
     return list(dict.fromkeys(ids))
 
-def _warm_digests(cache: ConfigCache, decoded: Decoded) -> Callable[[], None] | None:
+def _warm_digests(cache: ConfigCache, decoded: Decoded) -> Callable[[Callable[[], None]], None] | None:
     """Digest, right after a fast-path merge, the items it merged: the primary asks for exactly
     these next (the snapshot of what the backup holds now). Done here because the records the
     merge moved in whole are still at hand as dicts (`tree.Grafts.moved`): those subtrees need
@@ -364,9 +369,9 @@ def _warm_digests(cache: ConfigCache, decoded: Decoded) -> Callable[[], None] | 
     if not claimed:
         return None
 
-    def fill() -> None:
+    def fill(pause: Callable[[], None]) -> None:
         with gc_paused():  # (as the request that merged: a million short-lived objects, no cycles)
-            cache.fill_claims(known)
+            cache.fill_claims(known, pause)
 
     return fill
 

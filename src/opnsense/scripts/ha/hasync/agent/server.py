@@ -67,8 +67,10 @@ class CallContext:
     # merge's decoded payload, a million objects one by one, took ~20 ms the primary waited for.
     kept_until_sent: list[Any] = field(default_factory=list, repr=False, compare=False)
     # Work that may wait until the reply is out (and the request's body budget released): the
-    # fast path's digests the primary needs not wait for. Runs in the request's thread.
-    after_reply: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
+    # fast path's digests the primary needs not wait for. Runs in the request's thread once the
+    # agent is quiet; each task gets a `pause` to call between its steps (`Activity.deferred`).
+    after_reply: list[Callable[[Callable[[], None]], None]] = field(default_factory=list, repr=False,
+                                                                     compare=False)
 
 
 Handler = Callable[[Any, CallContext], Any]
@@ -186,17 +188,19 @@ class BodyBudget:
 
 
 class Activity:
-    """Requests in flight, so work that can wait (`CallContext.after_reply`) runs when the agent
-    is quiet: the fast path's digests after a merge would otherwise compete for the GIL with the
-    primary's next request (its filter reload, ~10x slower beside them), which it waits for."""
+    """Connections being served, so work that can wait (`CallContext.after_reply`) runs when the
+    agent is quiet: the fast path's digests after a merge would otherwise compete for the GIL with
+    the primary's next request (its filter reload: ten times slower beside them), which it waits
+    for. The work runs in its own request's thread, so that connection does not count."""
 
-    QUIET = 0.15  # seconds without a request before deferred work starts
-    LONGEST_WAIT = 3.0  # it starts anyway after this long
+    QUIET = 0.15  # seconds without another connection before deferred work starts or goes on
+    LONGEST_WAIT = 3.0  # it starts (or goes on) anyway after this long
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._changed = threading.Condition()
-        self._in_flight = 0
+        self._in_flight = 0  # connections, those running deferred work included
+        self._running = 0  # connections running deferred work (`deferred`)
         self._last = clock()
         self._deferred = 0
         self.closing = False
@@ -218,21 +222,33 @@ class Activity:
         with self._changed:
             self._deferred += 1
 
+    def _wait_quiet(self) -> None:
+        """Holding `_changed`: until no other connection has been served for `QUIET` seconds."""
+        deadline = self.clock() + self.LONGEST_WAIT
+        while not self.closing:
+            now = self.clock()
+            quiet_for = now - self._last
+            if now >= deadline or (self._in_flight == self._running and quiet_for >= self.QUIET):
+                return
+            self._changed.wait(min(deadline - now, max(self.QUIET - quiet_for, 0.01)))
+
     @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Around the work announced by `defer`: waits for quiet first."""
+    def deferred(self) -> Iterator[Callable[[], None]]:
+        """Around the work announced by `defer`, in a connection's thread: waits for quiet first,
+        and gives the work a `pause` to call between its steps (it waits for quiet again)."""
+
+        def pause() -> None:
+            with self._changed:
+                self._wait_quiet()
+
         with self._changed:
-            deadline = self.clock() + self.LONGEST_WAIT
-            while not self.closing:
-                now = self.clock()
-                quiet_for = now - self._last
-                if now >= deadline or (self._in_flight == 0 and quiet_for >= self.QUIET):
-                    break
-                self._changed.wait(min(deadline - now, max(self.QUIET - quiet_for, 0.01)))
+            self._running += 1
+            self._wait_quiet()
         try:
-            yield
+            yield pause
         finally:
             with self._changed:
+                self._running -= 1
                 self._deferred -= 1
                 self._changed.notify_all()
 
@@ -297,7 +313,8 @@ class AgentServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            with self.activity.request():  # from the TLS handshake on
+                super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
@@ -427,12 +444,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         return b"".join(chunks)
 
     def do_POST(self) -> None:
-        with self.server.activity.request():
-            context = self._post()
-            deferring = context is not None and bool(context.after_reply)
-            if deferring:
-                self.server.activity.defer()
-        if deferring and context is not None:
+        context = self._post()
+        if context is not None and context.after_reply:
+            self.server.activity.defer()
             self._run_after_reply(context)
 
     def _post(self) -> CallContext | None:
@@ -487,11 +501,11 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     def _run_after_reply(self, context: CallContext) -> None:
         """`CallContext.after_reply`, once the agent is quiet: each task once; a failure is
         logged (the reply is out)."""
-        with self.server.activity.deferred():
+        with self.server.activity.deferred() as pause:
             while context.after_reply:
                 task = context.after_reply.pop(0)
                 try:
-                    task()
+                    task(pause)
                 except Exception as exc:  # the type only: a message could quote a config value
                     log.warning("work after a reply failed (%s)", type(exc).__name__)
 
