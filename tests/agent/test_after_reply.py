@@ -92,3 +92,35 @@ def test_deferred_work_pauses_between_its_steps_while_another_request_runs(monke
     work.join(10)
     request.join(10)
     assert order == ["step 1", "request done", "step 2"]
+
+
+def test_quiet_counts_from_the_reply_that_left_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary's next request comes right after the merge's reply: however long the agent
+    had been quiet before that merge, the work it left waits `QUIET` from its reply, so the
+    next request finds the agent free (it started fill-first, and ten times slower, before)."""
+    monkeypatch.setattr(Activity, "QUIET", 0.3)
+    activity = Activity()
+    time.sleep(0.35)  # quiet for longer than QUIET before the merge
+    order: list[str] = []
+    replied = threading.Event()
+
+    def merge_connection() -> None:
+        with activity.request():
+            activity.defer()  # the reply is out, work is left
+            replied.set()
+            with activity.deferred():
+                order.append("deferred work")
+
+    def next_request() -> None:
+        assert replied.wait(10)
+        time.sleep(0.05)  # the primary reads the reply and connects again
+        with activity.request():
+            time.sleep(0.1)
+            order.append("next request done")
+
+    threads = [threading.Thread(target=merge_connection), threading.Thread(target=next_request)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["next request done", "deferred work"]

@@ -218,9 +218,11 @@ class Activity:
                 self._changed.notify_all()
 
     def defer(self) -> None:
-        """A request about to end has work for `deferred` (counted from now, for `settle`)."""
+        """A request whose reply is out has work for `deferred` (counted from now, for `settle`;
+        and quiet is counted from now: the primary's next request comes right after this reply)."""
         with self._changed:
             self._deferred += 1
+            self._last = self.clock()
 
     def _wait_quiet(self) -> None:
         """Holding `_changed`: until no other connection has been served for `QUIET` seconds."""
@@ -444,13 +446,18 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         return b"".join(chunks)
 
     def do_POST(self) -> None:
-        context = self._post()
-        if context is not None and context.after_reply:
-            self.server.activity.defer()
-            self._run_after_reply(context)
+        # A large request runs with the cyclic collector paused (`AgentLimits.gc_pause_body`), up
+        # to the end of its work left for after the reply (`CallContext.after_reply`): that work
+        # holds a million objects of the merge, which a collection in another request would walk.
+        with contextlib.ExitStack() as paused:
+            context = self._post(paused)
+            if context is not None and context.after_reply:
+                self.server.activity.defer()
+                self._run_after_reply(context)
 
-    def _post(self) -> CallContext | None:
-        """Serve one request; its context, for the work left until the reply is out."""
+    def _post(self, paused: contextlib.ExitStack) -> CallContext | None:
+        """Serve one request; its context, for the work left until the reply is out. `paused`
+        receives the collector's pause of a large request."""
         self._disarm()  # the request head is in
         if self.path.split("?")[0] != XMLRPC_PATH:
             self._send(404, b"not found", "text/plain")
@@ -483,17 +490,18 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             context = CallContext(verdict.username, remote, self.headers.get("Authorization"),
                                   self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1",
                                   self.headers.get(CONFIRM_HEADER, "").strip())
-            paused = gc_paused() if len(body) >= self.server.limits.gc_pause_body else contextlib.nullcontext()
-            with paused:
-                request = self._decode(body)
-                del body  # (7 MB for a 20 MB config's merge) not kept beside what it decodes to
-                reply = request if isinstance(request, bytes) else self._dispatch(*request, context)
-                self._send(200, reply)
-                # Freed once the reply is out, and while the collector is still paused (back on,
-                # its next pass would walk all of it first): the decoded request, and what the
-                # handlers kept for now (`CallContext.kept_until_sent`).
-                del request
-                context.kept_until_sent.clear()
+            if len(body) >= self.server.limits.gc_pause_body:
+                # (to the end of `do_POST`: work left for after the reply holds what it needs)
+                paused.enter_context(gc_paused())
+            request = self._decode(body)
+            del body  # (7 MB for a 20 MB config's merge) not kept beside what it decodes to
+            reply = request if isinstance(request, bytes) else self._dispatch(*request, context)
+            self._send(200, reply)
+            # Freed once the reply is out, and while the collector is still paused (back on,
+            # its next pass would walk all of it first): the decoded request, and what the
+            # handlers kept for now (`CallContext.kept_until_sent`).
+            del request
+            context.kept_until_sent.clear()
         finally:
             budget.release(size)
         return context
