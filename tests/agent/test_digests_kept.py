@@ -178,7 +178,8 @@ def test_after_a_full_sync_the_agent_digests_only_what_changed(tmp_path: Path, m
 def test_a_fresh_agent_digests_at_start_so_its_first_merge_keeps_them(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The first `sync --full` into a just-started agent: its probe asks for no digests, yet the
-    merge carries over those of the unchanged items, computed when the agent started."""
+    merge carries over those of the unchanged items, computed when the agent started. (Of the
+    changed ones, those written as sent are the primary's to vouch for: the agent computes the rest.)"""
     pair = make_pair(tmp_path)
     backup_before = parse_config_bytes((pair.backup / "config.xml").read_bytes(), "before")
     compute = digestmod.backup_item_digests
@@ -192,7 +193,7 @@ def test_a_fresh_agent_digests_at_start_so_its_first_merge_keeps_them(tmp_path: 
     after, _ = compute(backup_after, REGISTRY, result.items)
     changed = [item_id for item_id in result.items if before[item_id] != after[item_id]]
     assert changed and len(changed) < len(result.items)
-    assert set(changed) <= set(asked) < set(result.items)
+    assert asked and set(asked) <= set(changed)
 
 
 def test_an_agent_whose_start_up_digests_fail_still_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -226,10 +227,11 @@ def test_the_primary_records_the_backup_digests_it_did_not_wait_for(tmp_path: Pa
                                                                     offered: bool) -> None:
     """A fast-path sync into an agent offering `protocol.AS_SENT_FEATURE`: the merge's digest
     reply names items "as sent" (the rules among them, their primary holding a nosync rule the
-    payload drops), the primary records its own digests for them, and every recorded backup
-    digest is what the backup's written config digests to. The agent computes the claimed ones
-    once the reply is out, so its next probe finds them. Control: an agent without the feature
-    is asked plainly and names nothing as sent."""
+    payload drops), the primary records its own digests for them and vouches for them with its
+    filter reload, and the agent keeps those instead of computing them: it never digests a
+    claimed item. Every digest the primary records, and every one the agent answers afterwards,
+    is what the backup's written config digests to. Control: an agent without the feature is
+    asked plainly and names nothing as sent."""
     if not offered:
         monkeypatch.setattr(fastpath, "AS_SENT_FEATURE", "not-offered")
     pair = make_pair(tmp_path)
@@ -247,23 +249,23 @@ def test_the_primary_records_the_backup_digests_it_did_not_wait_for(tmp_path: Pa
         return resolve(reply, registry, own)
 
     monkeypatch.setattr(digestmod, "resolve_as_sent", recording)
+    compute = digestmod.backup_item_digests
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        asked = digests_asked(monkeypatch)
         result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
         assert result.status == "ok", result.message
         assert server.activity.settle(timeout=30)
-        compute = digestmod.backup_item_digests
-        asked = digests_asked(monkeypatch)
         cache_answer = server.dispatcher.methods["hasync.digest"](list(result.items), None)["items"]
     recorded = snapshot.load(pair.primary)
     assert recorded is not None
     written = parse_config_bytes((pair.backup / "config.xml").read_bytes(), "written")
     fresh, _ = compute(written, REGISTRY, result.items)
     assert {item_id: recorded.items[item_id].backup_digest for item_id in result.items} == fresh
-    assert cache_answer == fresh and asked == []  # the agent's cache had them all, claimed ones included
+    assert cache_answer == fresh
     assert bool(claims) is offered
     if offered:
-        assert "rules" in claims
+        assert "rules" in claims and not set(claims) & set(asked)
 
 
 def claimed_cache(tmp_path: Path) -> tuple[fastpath.ConfigCache, ConfigStore, str]:
@@ -357,3 +359,19 @@ def test_a_login_reads_the_accounts_while_the_cache_is_busy(tmp_path: Path, youn
     login.join(10)
     assert answered is not young
     assert read == [first]
+
+
+def test_a_primary_vouches_only_for_what_its_own_merge_wrote_as_sent(tmp_path: Path) -> None:
+    """`ConfigCache.vouch` keeps a digest only for an item the merge of that very request
+    claimed: another request's token, or an item that was not claimed, is refused (controls),
+    so a primary cannot set the digest of anything the agent has not seen to be its bytes."""
+    cache, _store, token = claimed_cache(tmp_path)
+    claimed = cache.claims(token, REGISTRY.ids())
+    unclaimed = next(item_id for item_id in REGISTRY.ids() if item_id not in claimed)
+    fake = "0" * 64
+    assert cache.vouch("another request's token", {"rules": fake}) == []
+    assert cache.vouch(token, {unclaimed: fake}) == []
+    assert cache.vouch(token, {"rules": "not a digest"}) == []
+    assert cache.vouch(token, {"rules": fake}) == ["rules"]
+    assert cache.digests(["rules"])[0] == {"rules": fake}  # kept as vouched, until config.xml changes
+    assert "rules" not in cache.claims(token, REGISTRY.ids())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import zlib
@@ -40,10 +41,12 @@ from hasync.payload import digest as digestmod
 from hasync.payload.merge import MergeReport
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PROBE_METHOD
-from hasync.wire.protocol import AS_SENT_FEATURE, FAST_PATH_FEATURE, PERNODE_FEATURE, RESTORE_METHOD
+from hasync.wire.protocol import AS_SENT_FEATURE, FAST_PATH_FEATURE, PERNODE_FEATURE, RESTORE_METHOD, VOUCH_METHOD
 from hasync.wire.sections import MAX_INFLATED, METHOD, Decoded, decode_param
 
 log = logging.getLogger("hasync.fastpath")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass
 class FastPathAgent:
@@ -297,6 +300,24 @@ class ConfigCache:
                 return {}
             return {i: self._claims[i] for i in item_ids if i in self._claims and i not in self._digests}
 
+    def vouch(self, token: str, digests: Mapping[str, str]) -> list[str]:
+        """Keep the primary's digests of items its merge `token` wrote as sent (`claims`): the
+        bytes are proven the primary's, the digest of them is its computation (a primary that
+        lied would mislead itself only, and only until config.xml changes). Any other item, or
+        another request's, is refused. The ids kept."""
+        with self.lock:
+            self.root()
+            if not token or token != self._claims_token:
+                return []
+            kept = [i for i, value in digests.items() if i in self._claims and i not in self._digests
+                    and isinstance(value, str) and _HEX64.fullmatch(value)]
+            for item_id in kept:
+                self._digests[item_id] = digests[item_id]
+                del self._claims[item_id]
+            if not self._claims:
+                self._claims_token = ""
+            return kept
+
     def fill_claims(self, known: Mapping[etree._Element, dict[str, Any]] | None = None,
                     pause: Callable[[], None] | None = None) -> None:
         """Compute the digests `claims` stood in for (the agent does it once the merge's reply is
@@ -408,6 +429,19 @@ def register(dispatcher: Dispatcher, features: set[str] | None = None,
                 return digestmod.digest_reply(known, unknown, claimed)
 
             dispatcher.register("hasync.digest", digest)
+
+            def vouch(argument: Any, _context: CallContext) -> int:
+                if not isinstance(argument, dict) or not isinstance(argument.get("as_sent"), str) or \
+                        not isinstance(argument.get("items"), dict):
+                    raise MethodFault(xmlrpc.INVALID_PARAMS, f"{VOUCH_METHOD} expects {{as_sent, canonical, "
+                                      "algorithm, items}")
+                if argument.get("canonical") != digestmod.CANONICAL_FORM or \
+                        argument.get("algorithm") != digestmod.ALGORITHM:
+                    raise MethodFault(xmlrpc.INVALID_PARAMS, f"{VOUCH_METHOD}: another canonical form than "
+                                      f"this agent's {digestmod.CANONICAL_FORM!r}/{digestmod.ALGORITHM!r}")
+                return len(cache.vouch(argument["as_sent"], argument["items"]))
+
+            dispatcher.register(VOUCH_METHOD, vouch)
             def sync_probe(argument: Any, context: CallContext) -> bytes:
                 ids = _probe_ids(argument)
                 firmware = dispatcher.methods["opnsense.firmware_version"]([], context)

@@ -30,8 +30,8 @@ from hasync.payload.build import check_sections, payload_for_items
 from hasync.sync import snapshot
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PeerProbe, compact_probe, probe, remember_peer
-from hasync.wire.protocol import AS_SENT_FEATURE, PERNODE_FEATURE, RESTORE_METHOD
-from hasync.wire.sections import SectionsBlob, build_blob, describe, send_blob
+from hasync.wire.protocol import AS_SENT_FEATURE, DIGEST_METHOD, PERNODE_FEATURE, RESTORE_METHOD
+from hasync.wire.sections import SectionsBlob, build_blob, describe, filter_configure_vouching, send_blob
 
 log = logging.getLogger("hasync.fastpath")
 
@@ -221,6 +221,10 @@ class SyncPlan:
         self.blob: SectionsBlob | None = None
         self.digests_asked = False  # the fast path's merge request asked for the backup's digests too
         self.backup_digests: Any = None  # its reply (None when that call failed)
+        # the items it named "as sent", with our digests of them: the agent keeps these
+        # (`send_vouched`) instead of computing them (`protocol.AS_SENT_FEATURE`)
+        self.vouched: dict[str, str] = {}
+        self.vouch_token = ""
         self._early_blob: tuple[list[str], SectionsBlob] | None = None
         self._early_error: Exception | None = None
 
@@ -400,9 +404,11 @@ class SyncPlan:
             self.transfer = "fast path"
             # (only an agent of ours offers the fast path, so its hasync.digest can come along)
             self.digests_asked = True
+            as_sent = self.peer_probe is not None and self.peer_probe.offers(AS_SENT_FEATURE)
             reply, self.backup_digests = send_blob(peer, blob, self.record_ids, while_waiting=prepare,
-                                                   as_sent=self.peer_probe is not None
-                                                   and self.peer_probe.offers(AS_SENT_FEATURE))
+                                                   as_sent=as_sent)
+            if as_sent and reply is True:
+                self._resolve_as_sent(peer, str(blob.param["sha256"]))
         else:
             payload = self.payload()
             self.transfer = "XML-RPC"
@@ -411,6 +417,41 @@ class SyncPlan:
         if reply is not True:
             raise HaError(f"backup did not confirm the merge (answered {str(reply)[:100]!r})")
         return detail
+
+    def _resolve_as_sent(self, peer: Any, token: str) -> None:
+        """The backup's digest reply with the items it named "as sent" given our own digests of
+        what we sent (`digest.resolve_as_sent`), kept to vouch for them; an item it names by other
+        sections than ours (another version's registry) is asked for plainly."""
+        claimed = self.backup_digests.get("as_sent") if isinstance(self.backup_digests, dict) else None
+        if not isinstance(claimed, dict) or not claimed:
+            return
+
+        def own(item_id: str) -> str:
+            known = (self.record_digests or self.ours or {}).get(item_id)
+            return known or digestmod.item_digest(digestmod.value_item_value(
+                self.record_payload(), self.registry.get(item_id).sections, copy_values=False), self.registry)
+
+        try:
+            resolved = digestmod.resolve_as_sent(self.backup_digests, self.registry, own)
+            items = resolved.get("items") if isinstance(resolved, dict) else None
+            if not isinstance(items, dict):
+                return
+            self.vouched = {i: str(items[i]) for i in claimed if i in items}
+            self.vouch_token = token
+            rest = [i for i in claimed if i not in items]
+            if rest:
+                more, _ = digestmod.parse_digest_reply(peer.call(DIGEST_METHOD, [rest]))
+                items.update(more)
+            self.backup_digests = resolved
+        except HaError as exc:  # the snapshot then records what the reply had
+            log.info("the backup's digests named as sent were not resolved: %s", exc)
+
+    def reload_filter(self, peer: Any, while_waiting: Callable[[], None] | None = None) -> Any:
+        """`opnsense.filter_configure` after the merge; with the digests we vouch for in the same
+        request (`filter_configure_vouching`) when the backup named items as sent."""
+        if self.vouched:
+            return filter_configure_vouching(peer, self.vouch_token, self.vouched, while_waiting=while_waiting)
+        return peer.call("opnsense.filter_configure", while_waiting=while_waiting)
 
     def nothing(self) -> str:
         return (f"all {len(self.item_ids)} items match the backup's digests: nothing sent, the backup's config "

@@ -309,8 +309,8 @@ class SyncRun:
             record()
         log.info("Merged %s config sections to %s", ", ".join(result.sections), peer.peer_key)
         try:
-            self.step("filter_configure", lambda: str(peer.call("opnsense.filter_configure",
-                                                                while_waiting=record if overlap else None)))
+            self.step("filter_configure",
+                      lambda: str(plan.reload_filter(peer, while_waiting=record if overlap else None)))
         except AuthError:
             if not self.options.allow_lockout:
                 raise

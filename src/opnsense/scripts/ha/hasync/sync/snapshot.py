@@ -247,22 +247,11 @@ def record_after_sync(
     """
     ids = list(result.items) if item_ids is None else list(item_ids)
     backup_digests: dict[str, str] = {}
-
-    def own(item_id: str) -> str:  # this node's digest of what it sent: the backup's where it says "as sent"
-        return (digests or {}).get(item_id) or digestmod.item_digest(
-            digestmod.value_item_value(payload, registry.get(item_id).sections, copy_values=False), registry)
-
     try:
         if not asked and extensions is not False and (extensions or discover(peer).has(DIGEST_METHOD)):
             backup_reply = peer.call(DIGEST_METHOD, [ids])
         if backup_reply is not None:
-            claimed = backup_reply.get("as_sent") if isinstance(backup_reply, dict) else None
-            backup_digests, _unknown = digestmod.parse_digest_reply(
-                digestmod.resolve_as_sent(backup_reply, registry, own))
-            # items it names by other sections than ours (another version's registry): asked plainly
-            rest = [i for i in ids if isinstance(claimed, dict) and i in claimed and i not in backup_digests]
-            if rest:
-                backup_digests.update(digestmod.parse_digest_reply(peer.call(DIGEST_METHOD, [rest]))[0])
+            backup_digests, _unknown = digestmod.parse_digest_reply(backup_reply)
     except HaError as exc:
         log.info("no digests from the backup after the sync: %s", exc)
     try:

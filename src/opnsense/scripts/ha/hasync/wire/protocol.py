@@ -17,6 +17,10 @@ PERNODE_FEATURE = "pernode-1"
 #: document sha256>} with "as_sent": {item: [sections]} for the items its merge wrote byte for byte
 #: as the primary declared them (`wire.sections` ``section_sha256``): the primary's digests are theirs.
 AS_SENT_FEATURE = "digest-as-sent-1"
+#: With that feature: the primary's own digests of the items named "as sent", which the agent keeps
+#: for those items instead of computing them: {"as_sent": token, "canonical", "algorithm", "items"}.
+#: The primary sends it in one `system.multicall` with its `opnsense.filter_configure`.
+VOUCH_METHOD = "hasync.as_sent_digests"
 #: OPNsense's merge method: the compatible path calls it, the fast path ends in its handler.
 RESTORE_METHOD = "opnsense.restore_config_section"
 #: The agent's per-item digests of its config.xml (`payload.digest`).

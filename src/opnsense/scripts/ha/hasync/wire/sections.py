@@ -67,9 +67,10 @@ from hasync.core.errors import HaError, MethodFault, RemoteFault, TransportError
 from hasync.core.php import php_empty
 from hasync.payload import pernode
 from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
+from hasync.payload.digest import ALGORITHM, CANONICAL_FORM
 from hasync.payload.validate import TEXT_RULES
 from hasync.wire import xmlrpc
-from hasync.wire.protocol import DIGEST_METHOD
+from hasync.wire.protocol import DIGEST_METHOD, VOUCH_METHOD
 
 log = logging.getLogger("hasync.sections")
 
@@ -464,6 +465,29 @@ def send_blob(peer: Any, blob: SectionsBlob, digest_items: Sequence[str],
         log.info("no digests from %s with the merge: %s", peer.peer_key, exc)
         digests = None
     return merged, digests
+
+def filter_configure_vouching(peer: Any, token: str, digests: Mapping[str, str],
+                              while_waiting: Callable[[], None] | None = None) -> Any:
+    """`opnsense.filter_configure`, in one `system.multicall` after `VOUCH_METHOD` with our
+    digests of the items the merge of request `token` wrote as sent: the agent keeps them instead
+    of computing them, at no request of its own. A failed vouch is logged (the agent computes
+    them); a failed reload raises as the plain call would."""
+    param = {"as_sent": token, "canonical": CANONICAL_FORM, "algorithm": ALGORITHM, "items": dict(digests)}
+    calls = [{"methodName": VOUCH_METHOD, "params": [param]},
+             {"methodName": "opnsense.filter_configure", "params": []}]
+    replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
+    if not isinstance(replies, list) or len(replies) != len(calls):
+        raise TransportError(f"{peer.peer_key} answered the reload's system.multicall with {str(replies)[:100]!r}")
+    try:
+        xmlrpc.multicall_entry(replies[0])
+    except (xmlrpc.Fault, xmlrpc.XmlRpcDecodeError) as exc:
+        log.info("%s did not keep our digests of what it holds as sent: %s", peer.peer_key, exc)
+    try:
+        return xmlrpc.multicall_entry(replies[1])
+    except xmlrpc.Fault as fault:
+        raise RemoteFault(fault.code, fault.message) from None
+    except xmlrpc.XmlRpcDecodeError as exc:
+        raise TransportError(f"{peer.peer_key} answered filter_configure with {exc}") from None
 
 Describe = Callable[[SectionsBlob], str]
 
