@@ -237,6 +237,7 @@ KNOWN_METHODS = [
     "system.getCapabilities", "system.multicall", "hasync.capabilities", "hasync.digest",
     "hasync.export_sections", "hasync.carp_status", "hasync.history", "hasync.rollback",
     "hasync.restore_sections_xml", "hasync.sync_probe", "hasync.confirm", "hasync.confirm_state",
+    "hasync.as_sent_digests",
 ]
 SECTION_WORDS = ["zz_unknown", "hasync", "interfaces", "system", "filter", "aliases", "nat", "virtualip",
                  "OPNsense", "1bad", "a b", "@attributes", "x" * 300, "revision", "../etc", ""]
@@ -323,6 +324,9 @@ BASES = [
     call_bytes("system.multicall", [[{"methodName": "opnsense.test", "params": ["a"]}]]),
     call_bytes("opnsense.firmware_version", []),
     call_bytes("hasync.digest", [["aliases", "rules"]]),
+    call_bytes("hasync.digest", [{"items": ["rules"], "as_sent": "0" * 64}]),
+    call_bytes("hasync.as_sent_digests", [{"as_sent": "0" * 64, "canonical": "hasync-canonical-2",
+                                           "algorithm": "sha256", "items": {"rules": "0" * 64}}]),
 ]
 
 

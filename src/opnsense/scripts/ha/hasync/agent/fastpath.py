@@ -10,7 +10,9 @@ re-parse a config that has not changed.
 After a fast-path merge the primary asks for the digests of what it sent. Where the merge wrote
 a section byte for byte as the primary declared it (`MergeReport.as_sent_points`), the digest is
 the primary's own: the agent answers "as sent" for those items instead of computing them
-(`protocol.AS_SENT_FEATURE`), and computes them for its own cache once the reply is out.
+(`protocol.AS_SENT_FEATURE`). The primary vouches for them with its filter reload
+(`protocol.VOUCH_METHOD`, `ConfigCache.vouch`); what it does not vouch for the agent computes
+once the reply is out and no other request is in flight (`ConfigCache.fill_claims`).
 """
 
 from __future__ import annotations

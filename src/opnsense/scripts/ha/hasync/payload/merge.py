@@ -309,16 +309,20 @@ def _same_nodes(before: list[etree._Element], after: list[etree._Element], known
     return True
 
 
-def _same_as(before: list[bytes], after: list[etree._Element], serials: list[bytes] | None = None) -> bool:
+def _same_as(before: list[bytes], after: list[etree._Element], digest: Any = None) -> bool:
     """`_same_nodes` with the before-state as the nodes' bytes: parsed back only where they differ.
-    `serials`: the `_serial` of each of `after`, when the caller has them."""
-    if len(before) != len(after):
-        return False
-    for index, (old, new) in enumerate(zip(before, after, strict=True)):
-        data = serials[index] if serials is not None else _serial(new)
-        if old != data and not _same_nodes([_reparse(old)], [new], known_different=True):
-            return False
-    return True
+    `digest` (a sha256) is fed every node's bytes, so it goes on past the first difference."""
+    same = len(before) == len(after)
+    for index, new in enumerate(after):
+        if not same and digest is None:
+            break
+        data = _serial(new)
+        if digest is not None:
+            digest.update(data)
+        if same and before[index] != data and not _same_nodes([_reparse(before[index])], [new],
+                                                              known_different=True):
+            same = False
+    return same
 
 
 def _read_as_digests_do(tops: list[etree._Element], dotted: str) -> bool:
@@ -397,24 +401,20 @@ class _SectionsBefore:
 
         `sent`: the sha256 a primary declared of its nodes at some points (`tree.SentSections`);
         those whose nodes now have the same bytes, read as a digest reads them, go to `as_sent`
-        (each node is serialised once for both comparisons)."""
+        (each node is serialised once for both comparisons, and not kept)."""
         changed: dict[str, list[etree._Element]] = {}
         for point in self.points[key]:
             nodes = _find_below(after, point)
-            declared = sent.get(point) if sent else None
-            serials = [_serial(node) for node in nodes] if declared is not None else None
-            if not _same_as(self.nodes[point], nodes, serials):
+            declared = sent.get(point) if sent and as_sent is not None else None
+            digest = hashlib.sha256() if declared is not None else None
+            if not _same_as(self.nodes[point], nodes, digest):
                 changed[point] = nodes
-            if serials is None or as_sent is None or not _read_as_digests_do(after, point):
+            if digest is None or as_sent is None or not _read_as_digests_do(after, point):
                 continue
             if declared == MISSING_SHA256:  # the primary lacks it: sent as [], which reads as empty
                 if reads_as_empty(nodes):
                     as_sent.append(point)
-                continue
-            digest = hashlib.sha256()
-            for data in serials:
-                digest.update(data)
-            if digest.hexdigest() == declared:
+            elif digest.hexdigest() == declared:
                 as_sent.append(point)
         return changed
 
