@@ -106,6 +106,15 @@ def _single_container(node: etree._Element, tag: str) -> etree._Element | None:
     return None
 
 
+def read_through_containers(root: etree._Element, dotted: str) -> bool:
+    """Whether `tree_item_value` reads `dotted` through one container at every level above the
+    last (else it reads ``[]`` there, whatever the nodes at the path are)."""
+    node: etree._Element | None = root
+    for part in dotted.split(".")[:-1]:
+        node = _single_container(node, part) if node is not None else None
+    return node is not None
+
+
 def tree_item_value(root: etree._Element, sections: Iterable[str],
                     known: Mapping[etree._Element, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The raw payload-form value of `sections` of a config tree (nosync records included).

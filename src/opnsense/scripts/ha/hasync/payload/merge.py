@@ -74,7 +74,7 @@ from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
 from hasync.core.php import php_empty, php_intval
 from hasync.payload.build import RULE_LISTS
-from hasync.payload.digest import reads_as_empty
+from hasync.payload.digest import read_through_containers, reads_as_empty
 from hasync.payload.kept import keep_local
 from hasync.payload.validate import COMPANION_PATHS, NAME_RE, check_payload, normalize_payload
 
@@ -213,7 +213,8 @@ def merge_payload(
     as_sent: list[str] = []
     for key in data:
         after = _children(root, key)
-        changed_here = before.changed_points(key, after, sent.sha256 if sent is not None else None, as_sent)
+        changed_here = before.changed_points(key, after, sent.sha256 if sent is not None else None, as_sent,
+                                             root)
         if changed_here or not before.same_shape(key, after):
             changed_top.append(key)
         for point, nodes in changed_here.items():
@@ -325,20 +326,6 @@ def _same_as(before: list[bytes], after: list[etree._Element], digest: Any = Non
     return same
 
 
-def _read_as_digests_do(tops: list[etree._Element], dotted: str) -> bool:
-    """Whether the nodes `_find_below(tops, dotted)` finds are those a digest reads at `dotted`
-    (`digest.tree_item_value`): every level above the last one container, a single element with
-    children whose tag is not a list tag (else toArray makes no dict there, and the digest reads
-    no nodes or other ones)."""
-    nodes = tops  # the first level's: the root's children named after it
-    for level, part in enumerate(dotted.split(".")[:-1]):
-        if level:
-            nodes = [child for child in nodes[0] if child.tag == part]
-        if part in LIST_TAGS or len(nodes) != 1 or len(nodes[0]) == 0:
-            return False
-    return True
-
-
 class _SectionsBefore:
     """The touched top-level sections as they were before the merge, kept apart in what change
     detection compares: each point's nodes as bytes, and each section's shape around its points.
@@ -396,20 +383,22 @@ class _SectionsBefore:
                    for part, kid in zip(parts, kids, strict=True))
 
     def changed_points(self, key: str, after: list[etree._Element], sent: Mapping[str, str] | None = None,
-                       as_sent: list[str] | None = None) -> dict[str, list[etree._Element]]:
+                       as_sent: list[str] | None = None, root: etree._Element | None = None,
+                       ) -> dict[str, list[etree._Element]]:
         """The points of `key` whose nodes now differ, with those nodes; `after`: the section's nodes now.
 
         `sent`: the sha256 a primary declared of its nodes at some points (`tree.SentSections`);
-        those whose nodes now have the same bytes, read as a digest reads them, go to `as_sent`
-        (each node is serialised once for both comparisons, and not kept)."""
+        those whose nodes now have the same bytes, read as a digest reads them below `root`
+        (`digest.read_through_containers`: then they are the nodes `_find_below` found), go to
+        `as_sent` (each node is serialised once for both comparisons, and not kept)."""
         changed: dict[str, list[etree._Element]] = {}
         for point in self.points[key]:
             nodes = _find_below(after, point)
-            declared = sent.get(point) if sent and as_sent is not None else None
+            declared = sent.get(point) if sent and as_sent is not None and root is not None else None
             digest = hashlib.sha256() if declared is not None else None
             if not _same_as(self.nodes[point], nodes, digest):
                 changed[point] = nodes
-            if digest is None or as_sent is None or not _read_as_digests_do(after, point):
+            if digest is None or as_sent is None or root is None or not read_through_containers(root, point):
                 continue
             if declared == MISSING_SHA256:  # the primary lacks it: sent as [], which reads as empty
                 if reads_as_empty(nodes):
