@@ -8,8 +8,10 @@ vouched for, each with the digest difference that shows why, and the cache's sid
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from lxml import etree
 
 from hasync.agent import fastpath
+from hasync.agent.server import AgentServer
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.core.fileio import file_key
@@ -24,10 +27,10 @@ from hasync.payload import digest as digestmod
 from hasync.payload import merge
 from hasync.payload.build import build_payload
 from hasync.sync import snapshot
-from hasync.sync.run import SyncOptions, SyncRun
+from hasync.sync.run import SyncOptions, SyncResult, SyncRun
 from hasync.wire import sections as sectionsmod
 from support.bench import bench_module
-from support.nodes import make_pair, running_agent
+from support.nodes import Pair, make_pair, running_agent
 
 REGISTRY = SyncItemRegistry.load()
 
@@ -110,6 +113,18 @@ def digests_asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return asked
 
 
+@contextlib.contextmanager
+def full_sync(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AgentServer, SyncResult, list[str]]]:
+    """`sync --full` into a running agent: (the agent, the result, the item ids the agent digested
+    from the sync's start on), given while the agent still runs."""
+    with running_agent(pair) as server:
+        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
+        asked = digests_asked(monkeypatch)
+        result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
+        assert result.status == "ok", result.message
+        yield server, result, asked
+
+
 @pytest.mark.parametrize("noted", [True, False], ids=["noted", "control: not noted"])
 def test_the_cache_keeps_the_digests_of_items_a_merge_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  noted: bool) -> None:
@@ -183,11 +198,8 @@ def test_a_fresh_agent_digests_at_start_so_its_first_merge_keeps_them(tmp_path: 
     pair = make_pair(tmp_path)
     backup_before = parse_config_bytes((pair.backup / "config.xml").read_bytes(), "before")
     compute = digestmod.backup_item_digests
-    with running_agent(pair) as server:
-        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
-        asked = digests_asked(monkeypatch)
-        result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
-        assert result.status == "ok", result.message
+    with full_sync(pair, monkeypatch) as (_server, result, asked):
+        pass
     backup_after = parse_config_bytes((pair.backup / "config.xml").read_bytes(), "after")
     before, _ = compute(backup_before, REGISTRY, result.items)
     after, _ = compute(backup_after, REGISTRY, result.items)
@@ -250,11 +262,7 @@ def test_the_primary_records_the_backup_digests_it_did_not_wait_for(tmp_path: Pa
 
     monkeypatch.setattr(digestmod, "resolve_as_sent", recording)
     compute = digestmod.backup_item_digests
-    with running_agent(pair) as server:
-        pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
-        asked = digests_asked(monkeypatch)
-        result = SyncRun(ConfigStore(pair.primary), REGISTRY, SyncOptions(full=True)).run()
-        assert result.status == "ok", result.message
+    with full_sync(pair, monkeypatch) as (server, result, asked):
         assert server.activity.settle(timeout=30)
         cache_answer = server.dispatcher.methods["hasync.digest"](list(result.items), None)["items"]
     recorded = snapshot.load(pair.primary)
