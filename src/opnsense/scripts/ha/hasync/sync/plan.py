@@ -222,7 +222,7 @@ class SyncPlan:
         self.digests_asked = False  # the fast path's merge request asked for the backup's digests too
         self.backup_digests: Any = None  # its reply (None when that call failed)
         # the items it named "as sent", with our digests of them: the agent keeps these
-        # (`send_vouched`) instead of computing them (`protocol.AS_SENT_FEATURE`)
+        # (`reload_filter`) instead of computing them (`protocol.AS_SENT_FEATURE`)
         self.vouched: dict[str, str] = {}
         self.vouch_token = ""
         self._early_blob: tuple[list[str], SectionsBlob] | None = None
