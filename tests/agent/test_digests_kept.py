@@ -23,8 +23,8 @@ from hasync.agent.server import AgentServer
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.core.fileio import file_key
+from hasync.payload import changes, merge
 from hasync.payload import digest as digestmod
-from hasync.payload import merge
 from hasync.payload.build import build_payload
 from hasync.sync import snapshot
 from hasync.sync.run import SyncOptions, SyncResult, SyncRun
@@ -80,7 +80,7 @@ def test_a_point_below_a_replaced_ancestor_is_not_vouched_for() -> None:
     value = {"aliases": {"alias": [{"@attributes": {"uuid": "u1"}, "name": "a"}]}}
     before, after, report = merge_copy(xml, {"OPNsense": {"Firewall": {"Alias": value}}})
     assert len(after.findall("OPNsense/Firewall")) == 1
-    assert merge._same_nodes(before.findall("OPNsense/Firewall/Alias"), after.findall("OPNsense/Firewall/Alias"))
+    assert changes.same_nodes(before.findall("OPNsense/Firewall/Alias"), after.findall("OPNsense/Firewall/Alias"))
     assert item_digest(before, "aliases") != item_digest(after, "aliases")
     assert "OPNsense.Firewall.Alias" not in report.unchanged_points
 
@@ -168,9 +168,16 @@ def test_the_cache_keeps_nothing_for_a_tree_the_writer_parsed_itself(tmp_path: P
     assert sorted(asked) == sorted(ids)
 
 
-def test_after_a_full_sync_the_agent_digests_only_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("as_sent", [False, True], ids=["digested", "as sent"])
+def test_after_a_full_sync_the_agent_digests_only_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               as_sent: bool) -> None:
     """End to end, the agent as it serves: one alias edited on the primary, then `sync --full`;
-    the digests the primary records afterwards cost the agent the aliases item alone."""
+    the digests the primary records afterwards cost the agent the aliases item alone, and
+    nothing where the agent offers "as sent" (the primary vouches for it). The first case is
+    the carry-over's test: with "as sent" an item that lost its carried digest would be claimed
+    and vouched for, and the count would not show it."""
+    if not as_sent:
+        monkeypatch.setattr(fastpath, "AS_SENT_FEATURE", "not-offered")
     pair = make_pair(tmp_path)
     with running_agent(pair) as server:
         pair.point_primary_at(f"https://127.0.0.1:{server.server_address[1]}/")
@@ -187,7 +194,7 @@ def test_after_a_full_sync_the_agent_digests_only_what_changed(tmp_path: Path, m
             root.find("OPNsense/Firewall/Alias/aliases/alias/description").text = "edited"  # type: ignore[union-attr]
         asked = digests_asked(monkeypatch)
         sync(full=True)
-    assert asked == ["aliases"]
+    assert asked == ([] if as_sent else ["aliases"])
 
 
 def test_a_fresh_agent_digests_at_start_so_its_first_merge_keeps_them(tmp_path: Path,

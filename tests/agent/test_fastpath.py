@@ -39,7 +39,7 @@ from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.config.tree import ATTRIBUTES
 from hasync.core.errors import HaError, MergeError, MethodFault, RemoteFault
-from hasync.payload import merge, validate
+from hasync.payload import changes, merge, validate
 from hasync.payload.build import REDACTED, build_payload
 from hasync.sync.run import SyncOptions, SyncRun
 from hasync.wire import protocol, xmlrpc
@@ -166,10 +166,10 @@ def test_change_detection_agrees_with_fingerprints(node: etree._Element, choice:
     after = copy.deepcopy(before)
     mutate(after, choice, text)
     expected = fingerprint(before) == fingerprint(after)
-    reparsed = merge._reparse(merge._serial(before))  # what merge_payload compares: the re-parsed snapshot
-    assert merge._same_nodes([reparsed], [after]) is expected
-    assert merge._same_nodes([before], [after]) is expected
-    assert merge._same_nodes([reparsed], [after], known_different=True) is expected
+    reparsed = changes.reparse(changes.serial(before))  # what merge_payload compares: the re-parsed snapshot
+    assert changes.same_nodes([reparsed], [after]) is expected
+    assert changes.same_nodes([before], [after]) is expected
+    assert changes.same_nodes([reparsed], [after], known_different=True) is expected
 
 
 values = st.recursive(

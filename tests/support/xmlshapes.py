@@ -81,7 +81,7 @@ def configs(draw: st.DrawFn) -> etree._Element:
 
 
 def fingerprint(node: etree._Element) -> tuple[Any, ...]:
-    """What the merge counts as a change (`payload.merge._same_nodes`), written plainly: the tag,
+    """What the merge counts as a change (`payload.changes.same_nodes`), written plainly: the tag,
     the sorted attributes, leaf text, whether a leaf holds anything (a comment), the element
     children in order; no comments or tails otherwise."""
     kids = [child for child in node if isinstance(child.tag, str)]

@@ -24,7 +24,7 @@ What a dict cannot keep (documented in the README as well):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from sys import intern
 from typing import Any, TypeAlias
@@ -157,6 +157,35 @@ class Grafts:
         element.tail = None
         self.moved[element] = value
         return element
+
+
+def hash_without(digest: Any, data: bytes, inside: Sequence[etree._Element]) -> bool:
+    """Feed `digest` the serialisation `data` of an element less the bytes of `inside`, elements
+    below it in document order, none inside another: each is found as serialised alone (a config
+    has no namespaces, so its bytes are the same there). False if one is not found, and then
+    `digest` was fed part of it: a caller drops it."""
+    view, position = memoryview(data), 0
+    for element in inside:
+        piece = etree.tostring(element, encoding="utf-8", with_tail=False)
+        start = data.find(piece, position)
+        if start < 0:
+            return False
+        digest.update(view[position:start])
+        position = start + len(piece)
+    digest.update(view[position:])
+    return True
+
+
+def dropped_list_record(record: etree._Element, siblings: etree._Element | Iterable[etree._Element]) -> bool:
+    """Whether dropping `record` from its `siblings` (its parent, or a section's nodes) is what
+    dropping its dict does to toArray's form: a record (an element with children) of a list tag
+    whose same-tag siblings are all records too, so the rest is a list in both forms."""
+    tag = record.tag
+    if not (isinstance(tag, str) and tag in LIST_TAGS and len(record) > 0):
+        return False
+    if isinstance(siblings, etree._Element):  # libxml2 scans (a rule list's parent has 20,000 children)
+        return not siblings.xpath(f"boolean({tag}[not(*)])")  # (a list tag is a plain name)
+    return all(len(other) > 0 for other in siblings if other.tag == tag)
 
 
 # `SentSections.sha256` of a path the primary lacks (it sends ``[]`` there): the sha256 of no bytes.
@@ -402,6 +431,13 @@ def get_path(root_value: dict[str, Any], dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def children(parent: etree._Element, tag: str) -> list[etree._Element]:
+    """The children named `tag` (libxml2 filters: a rule list's parent has 20 000 other children).
+
+    `tag` is a validated config name (`validate.NAME_RE`), never lxml's ``*`` or ``{ns}`` syntax."""
+    return list(parent.iterchildren(tag))
 
 
 def find_path(root: etree._Element, dotted: str) -> list[etree._Element]:

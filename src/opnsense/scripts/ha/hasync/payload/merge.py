@@ -52,8 +52,7 @@ Decisions where we deliberately differ from the PHP code (bugs, not behaviour an
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,18 +62,19 @@ from hasync.config.items import SyncItemRegistry
 from hasync.config.tree import (
     ATTRIBUTES,
     LIST_TAGS,
-    MISSING_SHA256,
     GraftedPayload,
     Grafts,
+    children,
+    dropped_list_record,
     scalar_text,
     value_to_elements,
 )
 from hasync.config.vips import VipSpec, vip_key
-from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
 from hasync.core.php import php_empty, php_intval
 from hasync.payload.build import RULE_LISTS
-from hasync.payload.digest import read_through_containers, reads_as_empty
+from hasync.payload.changes import SectionsBefore
+from hasync.payload.digest import reads_as_empty
 from hasync.payload.kept import keep_local
 from hasync.payload.validate import COMPANION_PATHS, NAME_RE, check_payload, normalize_payload
 
@@ -172,6 +172,9 @@ class _Context:
     vips_changed: list[VipChange] = field(default_factory=list)
     vips_removed: list[VipChange] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # the paths whose element group `_replace` swapped
+    # the backup's own nosync records `_replace` kept where a digest leaves them out as dropping
+    # the element would (`tree.dropped_list_record`): not part of what counts as sent
+    kept_own: list[etree._Element] = field(default_factory=list)
 
 
 def merge_payload(
@@ -195,7 +198,7 @@ def merge_payload(
     for path in unknown_points:
         ctx.warnings.append(f"{path}: merged although no registered sync item covers it (--accept-unknown-sections)")
 
-    before = _SectionsBefore(root, data, points)
+    before = SectionsBefore(root, data, points)
 
     for key, value in data.items():
         if key == "virtualip":
@@ -212,9 +215,9 @@ def merge_payload(
     empty_both: set[str] = set()  # changed, but missing or bare before and after: one digest
     as_sent: list[str] = []
     for key in data:
-        after = _children(root, key)
+        after = children(root, key)
         changed_here = before.changed_points(key, after, sent.sha256 if sent is not None else None, as_sent,
-                                             root)
+                                             root, ctx.kept_own)
         if changed_here or not before.same_shape(key, after):
             changed_top.append(key)
         for point, nodes in changed_here.items():
@@ -247,173 +250,6 @@ def merge_payload(
     )
 
 
-def _children(parent: etree._Element, tag: str) -> list[etree._Element]:
-    """The children named `tag` (libxml2 filters: a rule list's parent has 20 000 other children).
-
-    `tag` is a validated config name (`validate.NAME_RE`), never lxml's ``*`` or ``{ns}`` syntax."""
-    return list(parent.iterchildren(tag))
-
-
-def _head(node: etree._Element) -> tuple[tuple[Any, ...], list[etree._Element]]:
-    """A node's own part of its `_fingerprint` (tag, sorted attributes, leaf text, whether it holds
-    no node at all), and its element children: what every comparison here reads of one node."""
-    kids = [child for child in node if isinstance(child.tag, str)]
-    return (node.tag, tuple(sorted(node.attrib.items())), "" if kids else (node.text or ""), len(node) == 0), kids
-
-
-def _fingerprint(node: etree._Element) -> tuple[Any, ...]:
-    """Structure, attributes and leaf text; ignores formatting whitespace and comments, except
-    whether a leaf holds any: toArray reads a leaf holding a comment as a struct, not as its text
-    (`tree.element_to_value`), so equal fingerprints mean equal values."""
-    head, kids = _head(node)
-    return (*head, tuple(_fingerprint(k) for k in kids))
-
-
-def _fingerprint_all(nodes: Iterable[etree._Element]) -> tuple[Any, ...]:
-    return tuple(_fingerprint(node) for node in nodes)
-
-
-# Comparing `_fingerprint`s of whole sections walks every element in Python (seconds for a large
-# config); these give the same answer with libxml2 doing the walking.
-
-
-def _serial(node: etree._Element) -> bytes:
-    return etree.tostring(node, encoding="utf-8", with_tail=False)
-
-
-def _reparse(data: bytes) -> etree._Element:
-    return xmlsafe.parse_bytes(data, remove_blank_text=False)
-
-
-def _find_below(tops: list[etree._Element], dotted: str) -> list[etree._Element]:
-    """`find_path(root, dotted)` for a root whose `dotted.split('.')[0]` children are `tops`."""
-    nodes = tops
-    for part in dotted.split(".")[1:]:
-        nodes = [child for node in nodes for child in node if child.tag == part]
-    return nodes
-
-
-def _same_nodes(before: list[etree._Element], after: list[etree._Element], known_different: bool = False) -> bool:
-    """``_fingerprint_all(before) == _fingerprint_all(after)``, stopping at the first difference.
-
-    Equal serialisations imply equal fingerprints; only where the bytes differ (a real change, or
-    what fingerprints ignore: comments, attribute order, tails) does it look inside.
-    """
-    if len(before) != len(after):
-        return False
-    for old, new in zip(before, after, strict=True):
-        if not known_different and _serial(old) == _serial(new):
-            continue  # (the caller already compared these bytes when `known_different`)
-        (old_head, old_kids), (new_head, new_kids) = _head(old), _head(new)
-        if old_head != new_head or not _same_nodes(old_kids, new_kids):
-            return False
-    return True
-
-
-def _same_as(before: list[bytes], after: list[etree._Element], digest: Any = None) -> bool:
-    """`_same_nodes` with the before-state as the nodes' bytes: parsed back only where they differ.
-    `digest` (a sha256) is fed every node's bytes, so it goes on past the first difference."""
-    same = len(before) == len(after)
-    for index, new in enumerate(after):
-        if not same and digest is None:
-            break
-        data = _serial(new)
-        if digest is not None:
-            digest.update(data)
-        if same and before[index] != data and not _same_nodes([_reparse(before[index])], [new],
-                                                              known_different=True):
-            same = False
-    return same
-
-
-class _SectionsBefore:
-    """The touched top-level sections as they were before the merge, kept apart in what change
-    detection compares: each point's nodes as bytes, and each section's shape around its points.
-
-    The shape (`_outline`) is a section's `_fingerprint` down to its points, with a point's node
-    standing as its tag (its content is the point's) and a subtree that holds no point standing as
-    its bytes. Equal shapes and equal nodes at every point are equal sections, so each byte of a
-    section is serialised once before the merge and at most once after it, and parsed back only
-    where it differs. (Comparing whole sections first, then every point of a changed one against
-    the section parsed back, serialised a changed section three times and parsed it once: ~10% of
-    a merge request.)
-    """
-
-    def __init__(self, root: etree._Element, keys: Iterable[str], points: Sequence[str]) -> None:
-        self.points: dict[str, list[str]] = {key: [p for p in points if p.split(".")[0] == key] for key in keys}
-        self.nodes: dict[str, list[bytes]] = {}
-        self.empty: dict[str, bool] = {}  # the point read as a missing one (`digest.reads_as_empty`)
-        self.shapes: dict[str, list[Any]] = {}
-        for key, group in self.points.items():
-            tops = _children(root, key)
-            for point in group:
-                found = _find_below(tops, point)
-                self.nodes[point] = [_serial(node) for node in found]
-                self.empty[point] = reads_as_empty(found)
-            self.shapes[key] = [self._outline(node, key, key) for node in tops]
-
-    def _kind(self, key: str, path: str) -> str:
-        group = self.points[key]
-        if path in group:
-            return "point"
-        return "around" if any(point.startswith(path + ".") for point in group) else "apart"
-
-    def _outline(self, node: etree._Element, key: str, path: str) -> Any:
-        kind = self._kind(key, path)
-        if kind == "point":
-            return str(node.tag)
-        if kind == "apart":
-            return _serial(node)
-        head, kids = _head(node)
-        return (*head, tuple(self._outline(kid, key, f"{path}.{kid.tag}") for kid in kids))
-
-    def _same_outline(self, outline: Any, node: etree._Element, key: str, path: str) -> bool:
-        kind = self._kind(key, path)
-        if kind == "point":  # its content is compared with its point's
-            return isinstance(outline, str) and outline == node.tag
-        if kind == "apart":
-            return isinstance(outline, bytes) and _same_as([outline], [node])
-        if not isinstance(outline, tuple):
-            return False
-        head, kids = _head(node)
-        parts = outline[-1]
-        if outline[:-1] != head or len(kids) != len(parts):
-            return False
-        return all(self._same_outline(part, kid, key, f"{path}.{kid.tag}")
-                   for part, kid in zip(parts, kids, strict=True))
-
-    def changed_points(self, key: str, after: list[etree._Element], sent: Mapping[str, str] | None = None,
-                       as_sent: list[str] | None = None, root: etree._Element | None = None,
-                       ) -> dict[str, list[etree._Element]]:
-        """The points of `key` whose nodes now differ, with those nodes; `after`: the section's nodes now.
-
-        `sent`: the sha256 a primary declared of its nodes at some points (`tree.SentSections`);
-        those whose nodes now have the same bytes, read as a digest reads them below `root`
-        (`digest.read_through_containers`: then they are the nodes `_find_below` found), go to
-        `as_sent` (each node is serialised once for both comparisons, and not kept)."""
-        changed: dict[str, list[etree._Element]] = {}
-        for point in self.points[key]:
-            nodes = _find_below(after, point)
-            declared = sent.get(point) if sent and as_sent is not None and root is not None else None
-            digest = hashlib.sha256() if declared is not None else None
-            if not _same_as(self.nodes[point], nodes, digest):
-                changed[point] = nodes
-            if digest is None or as_sent is None or root is None or not read_through_containers(root, point):
-                continue
-            if declared == MISSING_SHA256:  # the primary lacks it: sent as [], which reads as empty
-                if reads_as_empty(nodes):
-                    as_sent.append(point)
-            elif digest.hexdigest() == declared:
-                as_sent.append(point)
-        return changed
-
-    def same_shape(self, key: str, after: list[etree._Element]) -> bool:
-        """Whether the section around its points reads as before (`after`: its nodes now)."""
-        shapes = self.shapes[key]
-        return len(shapes) == len(after) and all(
-            self._same_outline(shape, node, key, key) for shape, node in zip(shapes, after, strict=True))
-
-
 def _merge_container(parent: etree._Element, incoming: Mapping[str, Any], path: str, ctx: _Context) -> None:
     """merge_config_attributes() on a container: key by key, backup-only keys stay."""
     leaf_attributes: list[tuple[str, dict[str, Any]]] = []
@@ -428,7 +264,7 @@ def _merge_container(parent: etree._Element, incoming: Mapping[str, Any], path: 
         # The path is computed per key (PHP accumulates it across keys; see decision 1).
         _merge_key(parent, key, value, f"{path}.{key}" if path else key, ctx)
     for base, attributes in leaf_attributes:
-        targets = _children(parent, base)
+        targets = children(parent, base)
         if targets:
             for name, attr in attributes.items():
                 targets[0].set(name, scalar_text(attr))
@@ -447,7 +283,7 @@ def _dest_kind(existing: list[etree._Element], key: str) -> str:
 
 
 def _merge_key(parent: etree._Element, key: str, value: Any, path: str, ctx: _Context) -> None:
-    existing = _children(parent, key)
+    existing = children(parent, key)
     if isinstance(value, (dict, list)):
         kind = _dest_kind(existing, key)
         if kind == "container":
@@ -525,6 +361,8 @@ def _replace(
     if not kept and not new_nodes and isinstance(value, list):
         new_nodes = [etree.Element(key)]  # PHP's fromArray writes an empty array as <key/>
     _splice(parent, existing, kept + new_nodes)
+    if kept and path not in RULE_LISTS:
+        ctx.kept_own.extend(node for node in kept if dropped_list_record(node, parent))
 
 
 def _splice(parent: etree._Element, old: list[etree._Element], new: list[etree._Element]) -> None:
@@ -626,7 +464,7 @@ def _merge_vips(root: etree._Element, value: Any, ctx: _Context) -> None:
     if others:
         _merge_container(section, others, "virtualip", ctx)
 
-    existing = _children(section, "vip")
+    existing = children(section, "vip")
     kept: list[etree._Element] = []
     old: dict[str, tuple[etree._Element, dict[str, str]]] = {}
     for node in existing:

@@ -59,8 +59,10 @@ from hasync.config.tree import (
     GraftedPayload,
     Grafts,
     SentSections,
+    dropped_list_record,
     element_to_grafts,
     element_to_value,
+    hash_without,
 )
 from hasync.core import xmlsafe
 from hasync.core.errors import HaError, MethodFault, RemoteFault, TransportError
@@ -206,24 +208,18 @@ def _hash_kept(section: Any, data: bytes, node: etree._Element, group: Sequence[
     merges them as they come. False when that cannot be told (the section is then not declared,
     and the backup digests it itself).
 
-    Only where dropping elements is what `remove_nosync` does to the array form: a dropped record
-    and each sibling sharing its tag are records of a list tag (so what remains is a list in both
-    forms), and no ``nosync`` attribute (an attribute struct remove_nosync would drop). The
-    dropped records' own bytes are cut out of `data` (in document order, as serialised alone:
-    the config has no namespaces), so the large rule list is neither copied nor serialised again.
+    Only where dropping elements is what `remove_nosync` does to the array form
+    (`tree.dropped_list_record`), and with no ``nosync`` attribute (an attribute struct
+    remove_nosync would drop). The dropped records' own bytes are cut out of `data`
+    (`tree.hash_without`), so the large rule list is neither copied nor serialised again.
     """
-    checked: dict[tuple[Any, str], bool] = {}  # a rule list's parent has 20,000 children
+    checked: dict[tuple[Any, str], bool] = {}  # (one scan per list: 28 nosync rules share one)
 
     def plain_list(record: etree._Element, siblings: Any) -> bool:
-        tag = str(record.tag)
-        if tag not in LIST_TAGS:
-            return False
-        if (siblings, tag) not in checked:
-            if isinstance(siblings, tuple):
-                checked[siblings, tag] = all(len(other) > 0 for other in siblings if other.tag == tag)
-            else:  # (a list tag is a plain name: safe in XPath)
-                checked[siblings, tag] = not siblings.xpath(f"boolean({tag}[not(*)])")
-        return checked[siblings, tag]
+        key = (siblings, str(record.tag))
+        if key not in checked:
+            checked[key] = dropped_list_record(record, siblings)
+        return checked[key]
 
     marked = _nosync_record(node)
     if marked is None or b' nosync="' in data:  # (lxml writes every attribute in double quotes)
@@ -243,16 +239,7 @@ def _hash_kept(section: Any, data: bytes, node: etree._Element, group: Sequence[
         if verdict and not any(ancestor in gone for ancestor in record.iterancestors()):
             dropped.append(record)
             gone.add(record)
-    view, position = memoryview(data), 0
-    for record in dropped:
-        piece = etree.tostring(record, encoding="utf-8", with_tail=False)
-        start = data.find(piece, position)
-        if start < 0:
-            return False
-        section.update(view[position:start])
-        position = start + len(piece)
-    section.update(view[position:])
-    return True
+    return hash_without(section, data, dropped)
 
 
 def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -> bytes:
