@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import operator
 import os
 from typing import Any
 
@@ -393,3 +395,104 @@ def test_the_backups_own_nosync_record_is_left_out_only_where_the_digest_leaves_
     without_own = hashlib.sha256()
     assert tree.hash_without(without_own, etree.tostring(node), [own])
     assert without_own.hexdigest() == param["section_sha256"]["OPNsense.captiveportal"]
+
+
+# --- deferred records: a list's record becomes its dict only when read -------------------------------
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(untidy())
+def test_the_record_check_gives_the_conversions_verdict(node: etree._Element) -> None:
+    """`_vet` decides, without building a dict, what `_convert` decides while building it: exact,
+    the height validation may skip, and whether a ``nosync`` child is there. Every subtree is
+    asked (`_vet` is called on records only, but its checks hold for any element)."""
+    for element in node.iter():
+        if not isinstance(element.tag, str) or len(element) == 0:
+            continue
+        holder = etree.fromstring(b"<h>" + etree.tostring(element, with_tail=False) + b"</h>")
+        record = holder[0]
+        value, exact, height = tree._convert(record, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES), None)
+        vetted = tree._vet(record, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES))
+        if exact:
+            assert vetted == (True, height, "nosync" in value)
+        else:
+            assert vetted[0] is False
+
+
+def deferred_of(xml: bytes) -> tree.DeferredRecord:
+    holder = etree.fromstring(b"<h><list>" + xml + b"</list></h>")
+    grafts = tree.Grafts(validate.TEXT_RULES)
+    record = tree.element_to_grafts(holder, grafts)["list"]["rule"][0]
+    assert isinstance(record, tree.DeferredRecord) and not record.filled
+    return record
+
+
+RULE = b'<rule uuid="u1"><descr>a</descr><source><any>1</any></source><tag>x</tag><tag>y</tag></rule>'
+
+
+def rule_value() -> dict[str, Any]:
+    value = tree.element_to_value(etree.fromstring(b"<h>" + RULE + b"</h>"))["rule"][0]
+    assert isinstance(value, dict) and not isinstance(value, tree.DeferredRecord)
+    return value
+
+
+def test_a_deferred_record_answers_absent_names_and_its_attributes_without_filling() -> None:
+    record = deferred_of(RULE)
+    assert record.get("nosync") is None and "nosync" not in record and record.get("nosync", 7) == 7
+    assert record.attribute("uuid") == "u1" and tree.record_attribute(record, "uuid") == "u1"
+    assert record.attribute("other") is None
+    assert not record.filled
+    assert "descr" in record  # a name it holds: filled, and from then on the dict
+    assert record.filled
+    assert dict(record) == rule_value()
+    assert record.attribute("uuid") == "u1"
+
+
+@pytest.mark.parametrize("read", [
+    lambda r: r["descr"], lambda r: list(r), lambda r: len(r), lambda r: r.items(), lambda r: r.get("@attributes"),
+    lambda r: r.get("descr"), lambda r: dict(r), lambda r: {**r}, lambda r: copy.deepcopy(r), lambda r: copy.copy(r),
+    lambda r: repr(r), lambda r: r.setdefault("new", "1"), lambda r: r == {}, lambda r: operator.eq({}, r),
+], ids=["getitem", "iter", "len", "items", "get attributes", "get a held name", "dict", "unpack", "deepcopy", "copy",
+        "repr", "setdefault", "eq", "reflected eq"])
+def test_every_read_of_a_deferred_record_sees_the_converted_dict(read: Any) -> None:
+    record = deferred_of(RULE)
+    expected = rule_value()
+    read(record)
+    assert record.filled
+    if "new" in record:
+        expected["new"] = "1"
+    assert dict(record) == expected and record == expected and expected == record
+    assert type(copy.deepcopy(record)) is dict and copy.deepcopy(record) == expected
+
+
+def test_c_code_reading_an_unfilled_record_sees_the_record() -> None:
+    """``json.dumps`` (a digest's canonical bytes) asks a dict subclass for its items, which
+    fills it, but writes ``{}`` for one whose storage is empty without asking: an unfilled
+    record's storage holds a marker item, so that shortcut never sees an empty record. Control:
+    the same fill-on-items dict with empty storage dumps as ``{}``."""
+    record = deferred_of(RULE)
+    assert json.loads(json.dumps(record)) == rule_value()
+
+    class EmptyUnderneath(dict[str, Any]):
+        def items(self) -> Any:
+            return rule_value().items()
+
+    assert json.dumps(EmptyUnderneath()) == "{}"
+
+
+def test_a_fast_path_merge_moves_the_records_without_building_their_dicts() -> None:
+    """Of a generated pair, the merge moves hundreds of records in whole and builds the dict of
+    none but those holding a nosync child (`remove_nosync` reads those); the merged bytes are
+    those of a merge that builds every element (`assert_grafting_changes_nothing`, above)."""
+    primary_bytes, backup_bytes = bench_module("generate").generate(0.3, seed=7)
+    primary = parse_config_bytes(primary_bytes, "primary")
+    backup = parse_config_bytes(backup_bytes, "backup")
+    sections = REGISTRY.sections_for(read_hasync(primary).syncitems)
+    payload = sectionsmod.decode_param(sectionsmod.build_blob(primary, sections).param).payload
+    assert isinstance(payload, tree.GraftedPayload)
+    merge.merge_payload(backup, payload, REGISTRY)
+    moved = list(payload.grafts.moved.values())
+    deferred = [value for value in moved if isinstance(value, tree.DeferredRecord)]
+    assert len(deferred) > 300
+    filled = [value for value in deferred if value.filled]
+    assert all("nosync" in value for value in filled)

@@ -24,6 +24,8 @@ What a dict cannot keep (documented in the README as well):
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from sys import intern
@@ -81,6 +83,122 @@ class TextRules:
 
 _UNVETTED = TextRules(name_ok=lambda _name: False, refused=frozenset())  # no rules: nothing is vetted
 _NO_NAMES: set[str] = set()  # (read only while something is vetted: never with `_UNVETTED`)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_FILLING = threading.Lock()
+
+
+class _Unfilled:
+    """What an unfilled `DeferredRecord` holds underneath: C code that reads a dict's storage
+    directly (``json.dumps``) finds this and fails loudly instead of reading an empty record."""
+
+    def __repr__(self) -> str:
+        return "<a deferred record read without being filled>"
+
+
+_UNFILLED = _Unfilled()
+
+
+class DeferredRecord(dict[str, Any]):
+    """A record of a fast-path payload that becomes its dict only when something reads it.
+
+    Why: the merge moves a grafted record's element into config.xml whole (`Grafts.take`) and
+    reads nothing of its dict but, at most, its uuid. At 20 MB a payload holds ~61,000 records
+    of list tags; building their dicts took ~0.25 s and ~60 MB of the agent's peak memory for
+    nothing. `_convert` makes one for a record it found exact (`_vet`), from its element.
+
+    Every dict method fills it first (``element_to_value`` of its element: the dict `_convert`
+    would have built), and from then on it is that dict, with its dicts as the record's values.
+    Two reads answer without filling, as the filled dict would: `get` and ``in`` of a plain
+    name no child element carries (``remove_nosync`` asks every record for ``nosync``), and
+    `attribute`. Copies and pickles are plain dicts. Underneath, an unfilled one holds a single
+    marker item (`_Unfilled`), never an empty dict that C code could read as the record.
+    """
+
+    __slots__ = ("_list_tags", "_source")
+
+    def __init__(self, source: etree._Element, list_tags: frozenset[str]) -> None:
+        super().__init__({"": _UNFILLED})
+        self._source: etree._Element | None = source
+        self._list_tags = list_tags
+
+    def fill(self) -> DeferredRecord:
+        """Build the dict now (once; a request's payload is read by one thread at a time, the
+        lock only keeps a second reader from replacing dicts the first one handed out)."""
+        if self._source is not None:
+            with _FILLING:
+                source = self._source
+                if source is not None:
+                    value = element_to_value(source, self._list_tags)
+                    dict.clear(self)
+                    dict.update(self, value)
+                    self._source = None
+        return self
+
+    @property
+    def filled(self) -> bool:
+        return self._source is None
+
+    def _lacks(self, key: object) -> bool:
+        """Unfilled, and the key is a plain name no child element carries."""
+        source = self._source
+        return (source is not None and isinstance(key, str) and _PLAIN_NAME.fullmatch(key) is not None
+                and next(source.iterchildren(key), None) is None)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if self._lacks(key):
+            return default
+        return dict.get(self.fill(), key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if self._lacks(key):
+            return False
+        return dict.__contains__(self.fill(), key)
+
+    def attribute(self, name: str) -> Any:
+        """``self[ATTRIBUTES][name]`` (None if absent), read from the element while unfilled."""
+        if self._source is not None:
+            return self._source.get(name)
+        attributes = dict.get(self, ATTRIBUTES)
+        return attributes.get(name) if isinstance(attributes, dict) else None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DeferredRecord):
+            other.fill()  # (dict's comparison reads the other side's storage directly)
+        return dict.__eq__(self.fill(), other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = None  # (as dict's)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return dict, (dict(self.fill()),)
+
+
+def _filling(name: str) -> Callable[..., Any]:
+    method = getattr(dict, name)
+
+    def read(self: DeferredRecord, *args: Any, **kwargs: Any) -> Any:
+        return method(self.fill(), *args, **kwargs)
+
+    read.__name__ = name
+    return read
+
+
+for _name in ("__getitem__", "__iter__", "__len__", "__reversed__", "__repr__", "__or__", "__ror__", "__ior__",
+              "__setitem__", "__delitem__", "keys", "values", "items", "copy", "pop", "popitem", "setdefault",
+              "update", "clear"):
+    setattr(DeferredRecord, _name, _filling(_name))
+
+
+def record_attribute(value: Any, name: str) -> Any:
+    """``value[ATTRIBUTES][name]`` of a record (None if absent), without filling a `DeferredRecord`."""
+    if isinstance(value, DeferredRecord):
+        return value.attribute(name)
+    attributes = value.get(ATTRIBUTES) if isinstance(value, dict) else None
+    return attributes.get(name) if isinstance(attributes, dict) else None
 
 
 class Grafts:
@@ -245,6 +363,8 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
     if known is not None:
         done = known.get(node)
         if done is not None:
+            if isinstance(done, DeferredRecord):
+                done.fill()  # shared into a value that C code may read (a digest's json.dumps)
             return done, False, -1
     result: dict[str, Any] = {}
     exact = grafts is not None and not node.text
@@ -259,7 +379,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
         if "nosync" in node.attrib:
             exact = False  # remove_nosync drops an attribute struct with a non-empty nosync
         if height >= 0:  # (only with `exact`)
-            height = 2 if _pass(attributes, rules, names_ok) else -1
+            height = 2 if _pass(attributes.items(), rules, names_ok) else -1
     previous = None
     empty_first: set[str] | None = None
     for child in node:
@@ -282,11 +402,18 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 else:
                     height = -1
         if len(child) > 0:
-            sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known)
+            sub: dict[str, Any] | None = None
+            if grafts is not None and name in list_tags:  # a list's record: the merge moves it whole
+                sub_exact, sub_height, sub_nosync = _vet(child, list_tags, grafts)
+                if sub_exact:
+                    sub = DeferredRecord(child, list_tags)
+            if sub is None:
+                sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known)
+                sub_nosync = "nosync" in sub
             if sub_exact and grafts is not None:
                 grafts.add(sub, child, sub_height)
             if exact:
-                if not sub_exact or "nosync" in sub or (empty_first is not None and name in empty_first):
+                if not sub_exact or sub_nosync or (empty_first is not None and name in empty_first):
                     exact = False
                 elif sub_height < 0:
                     height = -1
@@ -331,14 +458,88 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 result[intern(name + ATTRIBUTES)] = attributes
                 if "nosync" in child.attrib:
                     exact = False
-                if exact and height >= 0 and not _pass(attributes, rules, names_ok):
+                if exact and height >= 0 and not _pass(attributes.items(), rules, names_ok):
                     height = -1
     return result, exact, height
 
 
-def _pass(attributes: Mapping[str, str], rules: TextRules, names_ok: set[str]) -> bool:
-    """Whether every attribute's name and value passes `rules` (`names_ok`: names that did)."""
-    for name, value in attributes.items():
+def _vet(node: etree._Element, list_tags: frozenset[str], grafts: Grafts) -> tuple[bool, int, bool]:
+    """``_convert(node, list_tags, grafts, None)``'s verdict without building any dict: whether
+    the record is exact, its height, and whether it holds a ``nosync`` child (its parent's
+    `_convert` reads that from the dict). It gives up at the first thing that is not exact (the
+    caller then converts the record the full way, which finds the same).
+
+    The checks are `_convert`'s, one for one; the tests compare the two verdicts on
+    random shapes (`test_grafts`).
+    """
+    if node.text:
+        return False, -1, False
+    rules = grafts.rules if grafts.rules is not None else _UNVETTED
+    height = 0 if rules is not _UNVETTED else -1
+    names_ok = grafts.names_ok
+    refused = rules.refused
+    attributes = node.attrib
+    if attributes:
+        if "nosync" in attributes:
+            return False, -1, False
+        if height >= 0:
+            height = 2 if _pass(attributes.items(), rules, names_ok) else -1
+    seen: set[str] = set()
+    previous = None
+    empty_first: set[str] | None = None
+    for child in node:
+        name = child.tag
+        if not isinstance(name, str) or child.tail:  # a comment or PI; a tail
+            return False, -1, False
+        repeated = name == previous
+        if not repeated:
+            if name in seen:  # interleaved with another tag
+                return False, -1, False
+            seen.add(name)
+            previous = name
+        if height >= 0 and name not in names_ok:
+            if rules.name_ok(name):
+                names_ok.add(name)
+            else:
+                height = -1
+        if empty_first is not None and name in empty_first:  # more after a list tag's empty first leaf
+            return False, -1, False
+        if len(child) > 0:
+            sub_exact, sub_height, sub_nosync = _vet(child, list_tags, grafts)
+            if not sub_exact or sub_nosync:
+                return False, -1, False
+            if sub_height < 0:
+                height = -1
+            elif sub_height + 2 > height >= 0:
+                height = sub_height + 2
+            continue
+        text = child.text or ""
+        if height >= 0:
+            if text in refused:
+                height = -1
+            elif height < 2:
+                height = 2
+        child_attributes = child.attrib
+        if repeated:
+            if child_attributes:  # leaf attributes on a later item
+                return False, -1, False
+        elif name in list_tags and text.strip() == "":
+            if text:  # whitespace the rebuilt <tag/> would not have
+                return False, -1, False
+            if empty_first is None:
+                empty_first = set()
+            empty_first.add(name)
+        if child_attributes:
+            if "nosync" in child_attributes:
+                return False, -1, False
+            if height >= 0 and not _pass(child_attributes.items(), rules, names_ok):
+                height = -1
+    return True, height, "nosync" in seen
+
+
+def _pass(attributes: Iterable[tuple[Any, Any]], rules: TextRules, names_ok: set[str]) -> bool:
+    """Whether every attribute's (name, value) passes `rules` (`names_ok`: names that did)."""
+    for name, value in attributes:
         if value in rules.refused:
             return False
         if name not in names_ok:

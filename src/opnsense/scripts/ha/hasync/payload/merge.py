@@ -66,6 +66,7 @@ from hasync.config.tree import (
     Grafts,
     children,
     dropped_list_record,
+    record_attribute,
     scalar_text,
     value_to_elements,
 )
@@ -346,7 +347,7 @@ def _replace(
     kept_uuids = {node.get("uuid") for node in kept if node.get("uuid")}
     new_nodes: list[etree._Element] = []
     for item in items:
-        uuid = item.get(ATTRIBUTES, {}).get("uuid") if isinstance(item, dict) else None
+        uuid = record_attribute(item, "uuid") if kept_uuids else None  # (a `DeferredRecord` stays unfilled)
         if uuid and uuid in kept_uuids:
             ctx.warnings.append(
                 f"{path}: kept this node's nosync record uuid {uuid}; "

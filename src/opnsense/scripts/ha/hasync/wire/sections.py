@@ -277,10 +277,10 @@ def _ixr_roundtrip_fix(value: Any, clean: Callable[[Any], bool]) -> Any:
     (from an element holding only comments) travels as an empty array. `clean` dicts (no
     comment, no nosync struct below: `tree.Grafts.holds`) hold no empty struct and are skipped."""
     if isinstance(value, dict):
+        if clean(value):  # (before the emptiness test: that would fill a `tree.DeferredRecord`)
+            return value
         if not value:
             return []
-        if clean(value):
-            return value
         for key, item in value.items():
             if isinstance(item, (dict, list)):
                 value[key] = _ixr_roundtrip_fix(item, clean)
