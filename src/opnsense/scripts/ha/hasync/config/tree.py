@@ -90,8 +90,9 @@ _FILLING = threading.Lock()
 
 
 class _Unfilled:
-    """What an unfilled `DeferredRecord` holds underneath: C code that reads a dict's storage
-    directly (``json.dumps``) finds this and fails loudly instead of reading an empty record."""
+    """What an unfilled `DeferredRecord` holds underneath, so C code that reads a dict's storage
+    directly never finds an empty one there: ``json.dumps`` writes ``{}`` for an empty dict
+    without asking a subclass for its items (and asks, which fills it, otherwise)."""
 
     def __repr__(self) -> str:
         return "<a deferred record read without being filled>"
@@ -104,9 +105,10 @@ class DeferredRecord(dict[str, Any]):
     """A record of a fast-path payload that becomes its dict only when something reads it.
 
     Why: the merge moves a grafted record's element into config.xml whole (`Grafts.take`) and
-    reads nothing of its dict but, at most, its uuid. At 20 MB a payload holds ~61,000 records
-    of list tags; building their dicts took ~0.25 s and ~60 MB of the agent's peak memory for
-    nothing. `_convert` makes one for a record it found exact (`_vet`), from its element.
+    reads nothing of its dict but, at most, its uuid. At 20 MB a payload holds ~35,000 records
+    of list tags, whose dicts were 42 MB of the agent's peak (332 -> 291 MB) for nothing; the
+    check that a record is exact (`_vet`) costs about what building it did, so time is unchanged.
+    `_convert` makes one for a record it found exact, from its element.
 
     Every dict method fills it first (``element_to_value`` of its element: the dict `_convert`
     would have built), and from then on it is that dict, with its dicts as the record's values.
@@ -180,11 +182,11 @@ class DeferredRecord(dict[str, Any]):
 def _filling(name: str) -> Callable[..., Any]:
     method = getattr(dict, name)
 
-    def read(self: DeferredRecord, *args: Any, **kwargs: Any) -> Any:
+    def filled_first(self: DeferredRecord, *args: Any, **kwargs: Any) -> Any:
         return method(self.fill(), *args, **kwargs)
 
-    read.__name__ = name
-    return read
+    filled_first.__name__ = name
+    return filled_first
 
 
 for _name in ("__getitem__", "__iter__", "__len__", "__reversed__", "__repr__", "__or__", "__ror__", "__ior__",
@@ -364,7 +366,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
         done = known.get(node)
         if done is not None:
             if isinstance(done, DeferredRecord):
-                done.fill()  # shared into a value that C code may read (a digest's json.dumps)
+                done.fill()  # (shared into another value: its readers get a plain dict's contents)
             return done, False, -1
     result: dict[str, Any] = {}
     exact = grafts is not None and not node.text

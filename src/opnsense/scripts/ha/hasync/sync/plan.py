@@ -380,16 +380,13 @@ class SyncPlan:
         once the merge is confirmed. Never raises: the merge's reply must still be read."""
         try:
             payload = self.record_payload()
-            if self.ours is None or any(i not in self.ours for i in self.record_ids):
-                self.record_digests = {
-                    item.id: digestmod.item_digest(
-                        digestmod.value_item_value(payload, item.sections, copy_values=False), self.registry)
-                    for item in self.registry.resolve(self.record_ids)
-                }
-            else:
-                self.record_digests = {i: self.ours[i] for i in self.record_ids}
+            ours = self.ours
+            known = {i: ours[i] for i in self.record_ids} if ours and all(i in ours for i in self.record_ids) else None
+            # the snapshot computes the digests we lack (while its gzip runs beside)
             self.prepared = snapshot.prepare(self.view.store.conf_dir, self.registry, self.record_ids, payload,
-                                             target, digests=self.record_digests)
+                                             target, digests=known)
+            self.record_digests = {i: record.digest for i, record in self.prepared.records.items()
+                                   if i in self.record_ids}
         except Exception as exc:  # recorded the plain way afterwards, which reports it
             log.info("snapshot not prepared during the merge: %s", exc)
 
