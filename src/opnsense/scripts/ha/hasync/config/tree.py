@@ -398,11 +398,8 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
             elif child.tail:
                 exact = False
             previous = name
-            if height >= 0 and name not in names_ok:
-                if rules.name_ok(name):
-                    names_ok.add(name)
-                else:
-                    height = -1
+            if height >= 0 and name not in names_ok and not _admit(name, rules, names_ok):
+                height = -1
         if len(child) > 0:
             sub: dict[str, Any] | None = None
             if grafts is not None and name in list_tags:  # a list's record: the merge moves it whole
@@ -499,11 +496,8 @@ def _vet(node: etree._Element, list_tags: frozenset[str], grafts: Grafts) -> tup
                 return False, -1, False
             seen.add(name)
             previous = name
-        if height >= 0 and name not in names_ok:
-            if rules.name_ok(name):
-                names_ok.add(name)
-            else:
-                height = -1
+        if height >= 0 and name not in names_ok and not _admit(name, rules, names_ok):
+            height = -1
         if empty_first is not None and name in empty_first:  # more after a list tag's empty first leaf
             return False, -1, False
         if len(child) > 0:
@@ -542,13 +536,18 @@ def _vet(node: etree._Element, list_tags: frozenset[str], grafts: Grafts) -> tup
 def _pass(attributes: Iterable[tuple[Any, Any]], rules: TextRules, names_ok: set[str]) -> bool:
     """Whether every attribute's (name, value) passes `rules` (`names_ok`: names that did)."""
     for name, value in attributes:
-        if value in rules.refused:
+        if value in rules.refused or (name not in names_ok and not _admit(name, rules, names_ok)):
             return False
-        if name not in names_ok:
-            if not rules.name_ok(name):
-                return False
-            names_ok.add(name)
     return True
+
+
+def _admit(name: str, rules: TextRules, names_ok: set[str]) -> bool:
+    """Whether `name` passes `rules`; if so it joins `names_ok`, which callers look in first (a
+    payload repeats a few hundred names half a million times)."""
+    if rules.name_ok(name):
+        names_ok.add(name)
+        return True
+    return False
 
 
 def value_to_elements(tag: str, value: Any) -> list[etree._Element]:
