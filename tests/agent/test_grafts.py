@@ -496,3 +496,31 @@ def test_a_fast_path_merge_moves_the_records_without_building_their_dicts() -> N
     assert len(deferred) > 300
     filled = [value for value in deferred if value.filled]
     assert all("nosync" in value for value in filled)
+
+
+def test_a_record_found_inexact_deep_down_is_not_checked_again_at_every_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record whose check gives up deep down (here a comment at the bottom of 120 nested rules,
+    each beside five exact items) is converted in full without checking what lies below it
+    again: the checks stay within twice the element count. Control: were each level's records
+    checked again, a crafted 256-level document would cost the depth times the elements
+    (~43,000 checks here)."""
+    depth, width = 120, 5
+    items = "".join(f"<item><a>{n}</a></item>" for n in range(width))
+    xml = "<rule><!-- the bottom --></rule>"
+    for _ in range(depth):
+        xml = f"<rule>{items}{xml}</rule>"
+    holder = etree.fromstring(f"<h><list>{xml}</list></h>".encode())
+    calls = []
+    real = tree._vet
+
+    def counted(*args: Any) -> tuple[bool, int, bool]:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tree, "_vet", counted)
+    value = tree.element_to_grafts(holder, tree.Grafts(validate.TEXT_RULES))
+    elements = sum(1 for _ in holder.iter())
+    assert len(calls) <= 2 * elements
+    assert len(calls) >= depth  # (the check did run down the chain)
+    monkeypatch.undo()
+    assert value == tree.element_to_value(holder)

@@ -345,9 +345,12 @@ def element_to_grafts(node: etree._Element, grafts: Grafts,
 
 
 def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | None,
-             known: Mapping[etree._Element, dict[str, Any]] | None) -> tuple[dict[str, Any], bool, int]:
+             known: Mapping[etree._Element, dict[str, Any]] | None,
+             defer: bool = True) -> tuple[dict[str, Any], bool, int]:
     """`element_to_value`; whether `fill_element` would rebuild `node`'s children exactly; and,
     with `grafts.rules`, the value's height if every name and text in it passes them, else -1.
+    With `grafts` and `defer`, a record of a list tag that `_vet` finds exact becomes a
+    `DeferredRecord` instead of a dict.
 
     What a dict loses (module docstring) makes a rebuild differ: a comment or PI, text beside
     child elements (mixed content), a tail, a tag that comes back after another (interleaved
@@ -402,12 +405,17 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 height = -1
         if len(child) > 0:
             sub: dict[str, Any] | None = None
-            if grafts is not None and name in list_tags:  # a list's record: the merge moves it whole
+            below = defer
+            if grafts is not None and defer and name in list_tags:  # a list's record: the merge moves it whole
                 sub_exact, sub_height, sub_nosync = _vet(child, list_tags, grafts)
                 if sub_exact:
                     sub = DeferredRecord(child, list_tags)
+                # Not exact: converted in full, and nothing below it is checked again. (A check
+                # that gives up deep down would otherwise be repeated at every level above the
+                # spot: quadratic in the depth, minutes for a crafted 256-level document.)
+                below = False
             if sub is None:
-                sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known)
+                sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known, below)
                 sub_nosync = "nosync" in sub
             if sub_exact and grafts is not None:
                 grafts.add(sub, child, sub_height)
