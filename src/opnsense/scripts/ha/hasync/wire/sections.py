@@ -437,15 +437,8 @@ def send_blob(peer: Any, blob: SectionsBlob, digest_items: Sequence[str],
         items = {"items": items, "as_sent": blob.param["sha256"]}
     calls = [{"methodName": METHOD, "params": [blob.param]},
              {"methodName": DIGEST_METHOD, "params": [items]}]
-    replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
-    if not isinstance(replies, list) or len(replies) != len(calls):
-        raise TransportError(f"{peer.peer_key} answered the merge's system.multicall with {str(replies)[:100]!r}")
-    try:
-        merged = xmlrpc.multicall_entry(replies[0])
-    except xmlrpc.Fault as fault:
-        raise RemoteFault(fault.code, fault.message) from None
-    except xmlrpc.XmlRpcDecodeError as exc:
-        raise TransportError(f"{peer.peer_key} answered the merge with {exc}") from None
+    replies = _multicall(peer, calls, "the merge's", while_waiting)
+    merged = _required(peer, replies[0], "the merge")
     try:
         digests = xmlrpc.multicall_entry(replies[1])
     except (xmlrpc.Fault, xmlrpc.XmlRpcDecodeError) as exc:
@@ -462,19 +455,32 @@ def filter_configure_vouching(peer: Any, token: str, digests: Mapping[str, str],
     param = {"as_sent": token, "canonical": CANONICAL_FORM, "algorithm": ALGORITHM, "items": dict(digests)}
     calls = [{"methodName": VOUCH_METHOD, "params": [param]},
              {"methodName": "opnsense.filter_configure", "params": []}]
-    replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
-    if not isinstance(replies, list) or len(replies) != len(calls):
-        raise TransportError(f"{peer.peer_key} answered the reload's system.multicall with {str(replies)[:100]!r}")
+    replies = _multicall(peer, calls, "the reload's", while_waiting)
     try:
         xmlrpc.multicall_entry(replies[0])
     except (xmlrpc.Fault, xmlrpc.XmlRpcDecodeError) as exc:
         log.info("%s did not keep our digests of what it holds as sent: %s", peer.peer_key, exc)
+    return _required(peer, replies[1], "filter_configure")
+
+
+def _multicall(peer: Any, calls: list[Any], whose: str,
+               while_waiting: Callable[[], None] | None) -> list[Any]:
+    """`calls` in one `system.multicall`: one reply per call, else `TransportError`."""
+    replies = peer.call("system.multicall", [calls], while_waiting=while_waiting)
+    if not isinstance(replies, list) or len(replies) != len(calls):
+        raise TransportError(f"{peer.peer_key} answered {whose} system.multicall with {str(replies)[:100]!r}")
+    return replies
+
+
+def _required(peer: Any, reply: Any, what: str) -> Any:
+    """A multicall entry the caller cannot do without: a fault raises `RemoteFault` as the plain
+    call would, with its code and message; anything else unreadable, `TransportError`."""
     try:
-        return xmlrpc.multicall_entry(replies[1])
+        return xmlrpc.multicall_entry(reply)
     except xmlrpc.Fault as fault:
         raise RemoteFault(fault.code, fault.message) from None
     except xmlrpc.XmlRpcDecodeError as exc:
-        raise TransportError(f"{peer.peer_key} answered filter_configure with {exc}") from None
+        raise TransportError(f"{peer.peer_key} answered {what} with {exc}") from None
 
 Describe = Callable[[SectionsBlob], str]
 
