@@ -412,7 +412,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                     sub = DeferredRecord(child, list_tags)
                 # Not exact: converted in full, and nothing below it is checked again. (A check
                 # that gives up deep down would otherwise be repeated at every level above the
-                # spot: quadratic in the depth, minutes for a crafted 256-level document.)
+                # spot: quadratic in the depth, ~depth/2 times the elements for a crafted document.)
                 below = False
             if sub is None:
                 sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known, below)
