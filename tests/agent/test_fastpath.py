@@ -48,7 +48,7 @@ from hasync.wire.client import PeerClient
 from support.bench import bench_module
 from support.nodes import Pair, make_pair, running_agent
 from support.paths import SHARED
-from support.xmlshapes import SECTION_CHOICES, TAGS, TEXTS, configs, elements, fingerprint
+from support.xmlshapes import SECTION_CHOICES, TAGS, TEXTS, configs, edit, elements, fingerprint
 
 # --- reference copies of the code the speedups replaced ------------------------------------------
 
@@ -132,30 +132,6 @@ def ref_normalize(value: Any, path: str, depth: int) -> Any:
     return ref_check_scalar(value, path)
 
 
-# --- strategies ----------------------------------------------------------------------------------
-
-def mutate(node: etree._Element, choice: int, text: str) -> None:
-    """A change that may or may not change the fingerprint."""
-    targets = [n for n in node.iter() if isinstance(n.tag, str)]
-    target = targets[choice % len(targets)]
-    kind = choice % 6
-    if kind == 0:
-        target.text = text or None
-    elif kind == 1:
-        target.append(etree.Comment("added"))
-    elif kind == 2 and target.attrib:
-        items = list(target.attrib.items())[::-1]  # same attributes, another order
-        target.attrib.clear()
-        for key, value in items:
-            target.set(key, value)
-    elif kind == 3:
-        target.tail = "\n  "
-    elif kind == 4 and len(target):
-        target.remove(target[0])
-    else:
-        target.set("x", text)
-
-
 # --- the merge speedups ----------------------------------------------------------------------------
 
 
@@ -164,7 +140,7 @@ def mutate(node: etree._Element, choice: int, text: str) -> None:
 def test_change_detection_agrees_with_fingerprints(node: etree._Element, choice: int, text: str) -> None:
     before = etree.fromstring(etree.tostring(node))
     after = copy.deepcopy(before)
-    mutate(after, choice, text)
+    edit(after, choice, text)
     expected = fingerprint(before) == fingerprint(after)
     reparsed = changes.reparse(changes.serial(before))  # what merge_payload compares: the re-parsed snapshot
     assert changes.same_nodes([reparsed], [after]) is expected

@@ -87,3 +87,33 @@ def fingerprint(node: etree._Element) -> tuple[Any, ...]:
     kids = [child for child in node if isinstance(child.tag, str)]
     text = "" if kids else (node.text or "")
     return (node.tag, tuple(sorted(node.attrib.items())), text, len(node) == 0, tuple(fingerprint(k) for k in kids))
+
+
+def edit(node: etree._Element, choice: int, text: str) -> None:
+    """One change somewhere in `node`, `choice` picking where and what: of a value, or of something
+    only its bytes show and fingerprints ignore (an empty text, a comment, a PI, a tail, the order
+    of attributes)."""
+    targets = [n for n in node.iter() if isinstance(n.tag, str)]
+    target = targets[choice % len(targets)]
+    kind = (choice // len(targets)) % 9
+    if kind == 0:
+        target.text = text or None  # a leaf's text (mixed content if it has children)
+    elif kind == 1 and len(target) == 0:
+        target.text = ""  # written <a></a>: the same value as <a/>
+    elif kind == 2:
+        target.append(etree.Comment("added"))
+    elif kind == 3 and len(target.attrib) > 1:
+        items = list(target.attrib.items())[::-1]  # the same attributes in another order
+        target.attrib.clear()
+        for key, value in items:
+            target.set(key, value)
+    elif kind == 4 and target is not node:
+        target.tail = text or "\n  "
+    elif kind == 5:
+        target.set("x", text)
+    elif kind == 6:
+        target.tag = TAGS[choice % len(TAGS)]
+    elif kind == 7 and len(target):
+        target.remove(target[0])
+    else:
+        target.append(etree.ProcessingInstruction("pi", "<b>"))
