@@ -142,7 +142,6 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
     declared = shipped_declarations() if declarations is None else declarations
     compressor = ParallelDeflate(level)
     digest = hashlib.sha256()
-    section_sha256: dict[str, str] = {}
     size = 0
 
     def put(data: bytes) -> None:
@@ -152,7 +151,7 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
         compressor.write(data)
 
     try:
-        _write_sections(root, wanted, put, section_sha256)
+        section_sha256 = _write_sections(root, wanted, put)
     except BaseException:
         compressor.close()
         raise
@@ -173,12 +172,12 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
         param["interfaces"] = _interfaces_for_rewrite(root)
     return SectionsBlob(param, list(wanted), size, len(stream))
 
-def _write_sections(root: etree._Element, wanted: Sequence[str], put: Callable[[bytes], None],
-                    section_sha256: dict[str, str]) -> None:
-    """The sections document, piece by piece into `put`; each section's sha256 as sent (see
-    `tree.SentSections`) into `section_sha256`, where it can be told."""
+def _write_sections(root: etree._Element, wanted: Sequence[str], put: Callable[[bytes], None]) -> dict[str, str]:
+    """The sections document, piece by piece into `put`; returns each section's sha256 as sent
+    (see `tree.SentSections`), where it can be told."""
     from xml.sax.saxutils import quoteattr  # here: it pulls in urllib, and a no-op sync builds no blob
 
+    section_sha256: dict[str, str] = {}
     put(b'<?xml version="1.0" encoding="UTF-8"?>\n<sections>')
     for dotted in wanted:
         group = locate(root, dotted)
@@ -200,6 +199,7 @@ def _write_sections(root: etree._Element, wanted: Sequence[str], put: Callable[[
             section_sha256[dotted] = section.hexdigest()
         put(b"</section>")
     put(b"</sections>")
+    return section_sha256
 
 def _nosync_record(node: etree._Element) -> bool | None:
     """Whether toArray's dict of `node` has a non-empty ``nosync`` (what `build.remove_nosync`
