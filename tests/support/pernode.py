@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from lxml import etree
@@ -47,7 +46,7 @@ def overlay(conf_dir: Path, name: str, syncitems: str | None = None) -> None:
 
 def without_declarations(registry: SyncItemRegistry) -> SyncItemRegistry:
     """The same items with every per-node declaration removed: the control for each feature test."""
-    return SyncItemRegistry(dataclasses.replace(item, declarations=Declarations()) for item in registry)
+    return SyncItemRegistry(item._replace(declarations=Declarations()) for item in registry)
 
 
 def text(conf_dir: Path, xpath: str) -> list[str]:

@@ -20,10 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lxml import etree
 
@@ -44,21 +43,24 @@ NEVER_SYNCED_WHOLE: frozenset[str] = frozenset({"system"})
 MAX_ITEM_FILE_BYTES = 256 * 1024
 
 
-@dataclass(frozen=True)
-class SyncItem:
-    """One synchronisable area, as `plugins_xmlrpc_sync()` describes it."""
+class SyncItem(NamedTuple):
+    """One synchronisable area, as `plugins_xmlrpc_sync()` describes it.
+
+    A NamedTuple, as every record a no-op sync imports: building a dataclass costs start-up ~0.5 ms.
+    """
 
     id: str
     description: str
     sections: list[str]
-    services: list[str] = field(default_factory=list)
+    services: Sequence[str] = ()
     help: str = ""
     source: str = "core"  # "core" or the drop-in file that defined it (for error messages)
-    declarations: Declarations = field(default_factory=Declarations)  # per-node values (pernode.py)
+    declarations: Declarations = Declarations()  # per-node values (pernode.py)
 
     def to_dict(self) -> dict[str, Any]:
         """The metadata as `items --verbose` prints it (PHP's `section` is a comma list)."""
-        data = asdict(self)
+        data = self._asdict()
+        data["sections"], data["services"] = list(self.sections), list(self.services)
         data["section"] = ",".join(self.sections)
         data["declarations"] = self.declarations.as_json()
         return data
@@ -202,8 +204,7 @@ def _check_schema(path: Path, data: Any, schema: dict[str, Any]) -> None:
         raise SyncItemError(f"{path}: field {_field_name(best.absolute_path)}: {best.message}")
 
 
-@dataclass(frozen=True)
-class ItemExtension:
+class ItemExtension(NamedTuple):
     """A drop-in record ``{"extends": id, "local": [...], ...}``: declarations for an existing item.
 
     This is how an admin declares per-node values without writing Python (e.g. one cron job each
@@ -317,7 +318,7 @@ class SyncItemRegistry:
                 f"(known: {', '.join(sorted(self._items))})"
             )
         added = declarations_from(extension.record, item.sections, extension.where)
-        self._items[item.id] = replace(item, declarations=item.declarations.merged(added))
+        self._items[item.id] = item._replace(declarations=item.declarations.merged(added))
         self._declarations = None
 
     def declarations(self) -> Declarations:
@@ -435,27 +436,44 @@ LEGACY_PREFIX = "synchronize"
 _LEGACY_NOT_ITEMS = frozenset({"synchronizetoip"})
 
 
-@dataclass(frozen=True)
 class HasyncSettings:
     """The `hasync` section (reference §4), whichever form it is stored in.
 
     `password` is the backup's login, stored in plain text by OPNsense: it is excluded from
-    repr() so it cannot reach a log line or a traceback by accident.
+    repr() so it cannot reach a log line or a traceback by accident. A plain class, not a
+    NamedTuple as the other records a no-op sync imports (a dataclass costs start-up ~0.5 ms): a
+    tuple would hand the password to anything that iterates it, `json.dumps` included.
     """
 
-    disablepreempt: bool = False
-    disconnectppps: bool = False
-    pfsyncinterface: str = ""
-    pfsyncpeerip: str = ""
-    pfsyncversion: str = "1400"
-    pfsyncdefer: bool = False
-    synchronizetoip: str = ""
-    verifypeer: bool = False
-    username: str = ""
-    password: str = field(default="", repr=False)
-    syncitems: list[str] = field(default_factory=list)
-    form: str = "absent"  # "current", "legacy" or "absent"
-    pfsyncenabled: bool | None = None  # legacy flag; None in the current form
+    __slots__ = ("disablepreempt", "disconnectppps", "pfsyncinterface", "pfsyncpeerip", "pfsyncversion",  # noqa: RUF023
+                 "pfsyncdefer", "synchronizetoip", "verifypeer", "username", "password", "syncitems", "form",
+                 "pfsyncenabled")  # in the section's order: `public_dict` keeps it
+
+    def __init__(self, *, disablepreempt: bool = False, disconnectppps: bool = False, pfsyncinterface: str = "",
+                 pfsyncpeerip: str = "", pfsyncversion: str = "1400", pfsyncdefer: bool = False,
+                 synchronizetoip: str = "", verifypeer: bool = False, username: str = "", password: str = "",
+                 syncitems: Sequence[str] = (), form: str = "absent", pfsyncenabled: bool | None = None) -> None:
+        self.disablepreempt = disablepreempt
+        self.disconnectppps = disconnectppps
+        self.pfsyncinterface = pfsyncinterface
+        self.pfsyncpeerip = pfsyncpeerip
+        self.pfsyncversion = pfsyncversion
+        self.pfsyncdefer = pfsyncdefer
+        self.synchronizetoip = synchronizetoip
+        self.verifypeer = verifypeer
+        self.username = username
+        self.password = password
+        self.syncitems = list(syncitems)
+        self.form = form  # "current", "legacy" or "absent"
+        self.pfsyncenabled = pfsyncenabled  # legacy flag; None in the current form
+
+    def _fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HasyncSettings) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable fields: as a dataclass with eq
 
     @property
     def pfsync_interface_effective(self) -> str:
@@ -476,9 +494,13 @@ class HasyncSettings:
 
     def public_dict(self) -> dict[str, Any]:
         """Every field, with the password reduced to whether one is set (safe for JSON output)."""
-        data = asdict(self)
+        data = self._fields()
         data["password"] = "********" if self.password else ""
         return data
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self._fields().items() if name != "password")
+        return f"HasyncSettings({shown})"
 
 
 def _flag(text: str) -> bool:

@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from hasync.core.errors import SyncItemError
 from hasync.core.php import php_truthy
@@ -54,8 +53,7 @@ _STEP_RE = re.compile(rf"^(?:(\*)|({_NAME})(?:\[(?:(\*)|({_NAME})(?:=([^\]]*))?)
 # --- the declaration model -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Selector:
+class Selector(NamedTuple):
     """Which records of a list a step picks: all, those with a non-empty field, or field == value."""
 
     field: str = ""  # "" = every record
@@ -73,16 +71,14 @@ class Selector:
         return text == self.value if self.value is not None else php_truthy(text)
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One step of a declaration path: a child key (or `*`), optionally narrowed to records."""
 
     name: str  # "*" = every child key
     selector: Selector | None = None
 
 
-@dataclass(frozen=True)
-class PathRule:
+class PathRule(NamedTuple):
     """One parsed declaration path."""
 
     text: str
@@ -140,8 +136,7 @@ def parse_path(text: str) -> PathRule:
     return PathRule(text.strip(), tuple(steps))
 
 
-@dataclass(frozen=True)
-class Declarations:
+class Declarations(NamedTuple):
     """The per-node declarations of one item, or of a whole registry (their union)."""
 
     local: tuple[PathRule, ...] = ()
@@ -264,15 +259,17 @@ def from_wire(value: Any) -> Declarations:
 Identity = tuple[Any, ...]
 
 
-@dataclass(eq=False)
 class Slot:
     """Where a declared path lands in a payload: the holding container and key, for reading and
     writing in place, and the record identity that names it in notes."""
 
-    holder: Any
-    key: Any
-    pointer: tuple[Any, ...]
-    identity: Identity
+    __slots__ = ("holder", "identity", "key", "pointer")
+
+    def __init__(self, holder: Any, key: Any, pointer: tuple[Any, ...], identity: Identity) -> None:
+        self.holder = holder
+        self.key = key
+        self.pointer = pointer
+        self.identity = identity
 
     @property
     def value(self) -> Any:

@@ -19,7 +19,6 @@ import base64
 import binascii
 import math
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -58,12 +57,13 @@ class XmlRpcDecodeError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
 class Fault(Exception):
     """An XML-RPC fault a peer answered (code and message as PHP's IXR sends them)."""
 
-    code: int
-    message: str
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
 
     def __str__(self) -> str:
         return f"fault {self.code}: {self.message}"
