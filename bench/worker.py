@@ -115,7 +115,7 @@ def op_sync(args: argparse.Namespace) -> None:
     result = SyncRun(ConfigStore(args.conf_dir), registry, options).run()
     seconds = time.perf_counter() - started
     emit(op="sync", seconds=seconds, wire=counter.total, connections=counter.connections,
-         status=result.status, message=result.message, steps=[vars(s) for s in result.steps],
+         status=result.status, message=result.message, steps=[s._asdict() for s in result.steps],
          body_sent=result.bytes_sent, body_received=result.bytes_received, transfer=result.transfer)
 
 

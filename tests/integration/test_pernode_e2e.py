@@ -240,7 +240,7 @@ def test_stock_backup_is_told_once_which_local_fields_it_overwrites(tmp_path: Pa
         agent.stop()
     control = prepare(tmp_path / "control")
     control.registry = SyncItemRegistry(
-        item if item.id != "kea" else type(item)(**{**item.__dict__, "declarations": Declarations()})
+        item if item.id != "kea" else item._replace(declarations=Declarations())
         for item in control.registry)
     agent = start_agent(control, tmp_path / "control", "--no-extensions")
     try:

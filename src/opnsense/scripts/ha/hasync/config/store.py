@@ -23,9 +23,8 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 from lxml import etree
 
@@ -46,8 +45,7 @@ _TMP_PREFIX = ".tmp-config-"
 HISTORY_MODE = 0o640  # as OPNsense writes /conf/backup
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
+class HistoryEntry(NamedTuple):
     """One history file (`backup/config-<time>.xml`) and the revision it records."""
 
     path: Path

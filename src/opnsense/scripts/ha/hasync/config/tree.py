@@ -27,9 +27,8 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from sys import intern
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from lxml import etree
 
@@ -66,8 +65,7 @@ def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS
     return _convert(node, list_tags, None, known)[0]
 
 
-@dataclass(frozen=True)
-class TextRules:
+class TextRules(NamedTuple):
     """What payload validation accepts of a name and of a text (`validate.TEXT_RULES` owns the
     rules): handed to `Grafts`, so the decoder's conversion vets each record as it walks it and
     validation need not walk it again (`Grafts.vetted`).
@@ -312,8 +310,7 @@ def dropped_list_record(record: etree._Element, siblings: etree._Element | Itera
 MISSING_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
-@dataclass(frozen=True)
-class SentSections:
+class SentSections(NamedTuple):
     """What a primary declared it sent by the fast path: the sha256 of each section's bytes as
     it serialised them (only sections the decoder changes nothing in), and `token`, the sha256
     of the whole sections document, which names this one request.

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from hasync.config.pernode import CopyOnWrite, Declarations, find, show_identity, slot_order
 from hasync.core.errors import ConfigError
@@ -18,8 +17,7 @@ from hasync.core.errors import ConfigError
 # --- applying the rules ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Note:
+class Note(NamedTuple):
     """What a declaration did to one field, for `diff`, the sync's warnings and logs."""
 
     path: str

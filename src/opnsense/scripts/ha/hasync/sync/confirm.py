@@ -13,7 +13,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hasync.core.errors import HaError, RemoteFault
@@ -35,16 +34,16 @@ def fetch_state(peer: PeerClient) -> dict[str, Any] | None:
         return None
     return reply if isinstance(reply, dict) else None
 
-@dataclass
 class PrimaryConfirm:
-    """One commit-confirmed sync as the primary drives it."""
+    """One commit-confirmed sync as the primary drives it (a plain class: no dataclass in what a no-op sync imports)."""
 
-    seconds: int
-    ident: str = field(default_factory=lambda: secrets.token_urlsafe(12))
-    running: list[str] = field(default_factory=list)
-    deadline: float = 0.0  # our estimate, for "the backup will roll back at"; the backup's own governs
-    merged: bool = False  # the backup acknowledged the merge
-    state: str = ARMED
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+        self.ident = secrets.token_urlsafe(12)
+        self.running: list[str] = []
+        self.deadline = 0.0  # our estimate, for "the backup will roll back at"; the backup's own governs
+        self.merged = False  # the backup acknowledged the merge
+        self.state = ARMED
 
     def prepare(self, peer: PeerClient) -> str:
         """Before the merge: the backup must be able to roll back; note the services running now."""

@@ -13,9 +13,8 @@ import json
 import logging
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hasync.core.errors import HaError, RemoteFault
 from hasync.core.fileio import atomic_write
@@ -34,15 +33,16 @@ PROBE_METHOD = "hasync.sync_probe"
 
 PROBE_REPLY_LIMIT = 1024 * 1024
 
-@dataclass(eq=False)
 class PeerProbe:
-    """What one round trip told us about the backup."""
+    """What one round trip told us about the backup (filled in as the replies are read)."""
 
-    firmware: Any
-    capabilities: dict[str, Any] | None = None  # None: not asked, or no hasync.capabilities (stock)
-    digests: Any = None  # the raw hasync.digest reply, when asked for and offered
-    note: str = ""
-    extensions: bool = False  # the peer answered a hasync.* call: one of our agents
+    def __init__(self, firmware: Any, capabilities: dict[str, Any] | None = None, digests: Any = None,
+                 note: str = "", extensions: bool = False) -> None:
+        self.firmware = firmware
+        self.capabilities = capabilities  # None: not asked, or no hasync.capabilities (stock)
+        self.digests = digests  # the raw hasync.digest reply, when asked for and offered
+        self.note = note
+        self.extensions = extensions  # the peer answered a hasync.* call: one of our agents
 
     @property
     def fast_path(self) -> bool:
@@ -162,8 +162,7 @@ def compact_probe(peer: Any, item_ids: Sequence[str], conf_dir: Path) -> PeerPro
                      digests, extensions=True)
 
 
-@dataclass(frozen=True)
-class PeerFeatures:
+class PeerFeatures(NamedTuple):
     """What `system.listMethods` said a peer offers."""
 
     methods: frozenset[str]

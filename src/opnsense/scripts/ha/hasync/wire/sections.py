@@ -47,8 +47,7 @@ import hashlib
 import logging
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from lxml import etree
 
@@ -108,8 +107,7 @@ def locate(root: etree._Element, dotted: str) -> list[etree._Element] | None:
     group = [child for child in node if child.tag == parts[-1]]
     return group or None
 
-@dataclass
-class SectionsBlob:
+class SectionsBlob(NamedTuple):
     """What the primary sends: the struct for `METHOD` plus numbers for the report."""
 
     param: dict[str, Any]
@@ -497,14 +495,19 @@ def describe(blob: SectionsBlob) -> str:
             f"({blob.ratio:.0%})")
 
 
-@dataclass
 class Decoded:
-    """A fast-path request turned back into the compatible payload."""
+    """A fast-path request turned back into the compatible payload.
 
-    payload: dict[str, Any]
-    sections: list[str]
-    size: int  # inflated bytes
-    local_rules: frozenset[str] | None = None  # the primary's declared-local rules, if it said
+    A plain class (no dataclass in what a no-op sync imports), not a tuple: the agent lets go of
+    the payload it holds as soon as the reply is sent, which a test watches through a weak reference.
+    """
+
+    def __init__(self, payload: dict[str, Any], sections: list[str], size: int,
+                 local_rules: frozenset[str] | None = None) -> None:
+        self.payload = payload
+        self.sections = sections
+        self.size = size  # inflated bytes
+        self.local_rules = local_rules  # the primary's declared-local rules, if it said
 
 
 def read_sent(argument: Mapping[str, Any], sections: Sequence[str]) -> tuple[dict[str, str], frozenset[str] | None]:
