@@ -44,10 +44,7 @@ MAX_ITEM_FILE_BYTES = 256 * 1024
 
 
 class SyncItem(NamedTuple):
-    """One synchronisable area, as `plugins_xmlrpc_sync()` describes it.
-
-    A NamedTuple, as every record a no-op sync imports: building a dataclass costs start-up ~0.5 ms.
-    """
+    """One synchronisable area, as `plugins_xmlrpc_sync()` describes it (a NamedTuple: see `hasync`)."""
 
     id: str
     description: str
@@ -440,9 +437,9 @@ class HasyncSettings:
     """The `hasync` section (reference §4), whichever form it is stored in.
 
     `password` is the backup's login, stored in plain text by OPNsense: it is excluded from
-    repr() so it cannot reach a log line or a traceback by accident. A plain class, not a
-    NamedTuple as the other records a no-op sync imports (a dataclass costs start-up ~0.5 ms): a
-    tuple would hand the password to anything that iterates it, `json.dumps` included.
+    repr() so it cannot reach a log line or a traceback by accident. A plain class (see
+    `hasync`), not a NamedTuple: a tuple would hand the password to anything that iterates it,
+    `json.dumps` included.
     """
 
     __slots__ = ("disablepreempt", "disconnectppps", "pfsyncinterface", "pfsyncpeerip", "pfsyncversion",  # noqa: RUF023

@@ -35,7 +35,7 @@ def fetch_state(peer: PeerClient) -> dict[str, Any] | None:
     return reply if isinstance(reply, dict) else None
 
 class PrimaryConfirm:
-    """One commit-confirmed sync as the primary drives it (a plain class: no dataclass in what a no-op sync imports)."""
+    """One commit-confirmed sync as the primary drives it (a plain class: see `hasync`)."""
 
     def __init__(self, seconds: int) -> None:
         self.seconds = seconds

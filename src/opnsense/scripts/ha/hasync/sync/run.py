@@ -48,10 +48,7 @@ class Step(NamedTuple):
 
 
 class SyncOptions:
-    """How to sync: what the command line and configd pass in.
-
-    Plain classes here: what a no-op sync imports builds no dataclass (each costs its start ~0.5 ms).
-    """
+    """How to sync: what the command line and configd pass in (a plain class: see `hasync`)."""
 
     def __init__(self, *, items: list[str] | None = None, restart_services: bool = False,
                  pre_check_master: bool = False, dry_run: bool = False, ignore_version: bool = False,

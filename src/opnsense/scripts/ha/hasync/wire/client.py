@@ -115,10 +115,8 @@ class TrustStore:
 
 
 class ClientOptions:
-    """Deadlines, retries and peer verification of one client (the sync's `--timeout` etc.).
-
-    A plain class: what a no-op sync imports builds no dataclass (each costs its start ~0.5 ms).
-    """
+    """Deadlines, retries and peer verification of one client (the sync's `--timeout` etc.; a
+    plain class, see `hasync`)."""
 
     def __init__(self, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  total_timeout: float = DEFAULT_TOTAL_TIMEOUT, retries: int = DEFAULT_RETRIES,

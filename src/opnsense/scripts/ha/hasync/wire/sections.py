@@ -498,8 +498,8 @@ def describe(blob: SectionsBlob) -> str:
 class Decoded:
     """A fast-path request turned back into the compatible payload.
 
-    A plain class (no dataclass in what a no-op sync imports), not a tuple: the agent lets go of
-    the payload it holds as soon as the reply is sent, which a test watches through a weak reference.
+    A plain class (see `hasync`), not a NamedTuple: the agent lets go of the payload it holds as
+    soon as the reply is sent, which a test watches through a weak reference.
     """
 
     def __init__(self, payload: dict[str, Any], sections: list[str], size: int,
