@@ -261,6 +261,19 @@ def test_password_never_in_repr_or_public_dict() -> None:
     assert "PrimaryToBackupSecret" not in json.dumps(settings.public_dict())
     assert settings.public_dict()["password"] == "********"
     assert settings.public_dict()["username"] == "hasync"
+    assert settings.password == "PrimaryToBackupSecret"  # the control: the password is there to leak
+
+
+def test_settings_hand_their_password_to_no_generic_walk() -> None:
+    """Not a tuple (unlike the other records a sync imports): nothing iterates, indexes or
+    JSON-encodes the settings with their password by accident."""
+    settings = read_hasync(xmlsafe.parse_bytes((CONFIGS / "primary.xml").read_bytes()))
+    with pytest.raises(TypeError):
+        iter(settings)  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        json.dumps(settings)
+    assert read_hasync(xmlsafe.parse_bytes((CONFIGS / "primary.xml").read_bytes())) == settings
+    assert settings != read_hasync(xmlsafe.parse_bytes((CONFIGS / "backup.xml").read_bytes()))
 
 
 # --- CLI -------------------------------------------------------------------------------------
