@@ -55,16 +55,18 @@ def test_control_the_full_parser_loads_them() -> None:
                                                                                  "hasync.health.checks"}
 
 
-# What a no-op sync runs past the parser (items, the digest cache, the snapshot), and a check that
-# it loaded neither the merge engine nor the failover layer (only a merge or `--pre-check-master`
-# needs them), nor the standard library's tempfile and subprocess (~4 ms: a no-op writes and runs
-# nothing) or dataclasses (~0.5 ms for each class it builds).
+# What a no-op sync never needs: the merge and the failover layer, the standard library's temp
+# files (only a write needs them) and processes (`opnsense-version` is looked for at its installed
+# path, so no command runs where it is absent), ctypes (the agent's malloc setting), and
+# dataclasses (its records are NamedTuples or plain classes: each dataclass costs ~0.5 ms to build).
+NOT_IN_A_NO_OP = ("hasync.payload.merge", "hasync.failover.base", "tempfile", "subprocess", "ctypes", "dataclasses")
+
+# What a no-op sync imports and runs past the parser (items, the digest cache, the snapshot),
+# then a check that none of NOT_IN_A_NO_OP came with it.
 NO_OP_IMPORTS = ("from hasync.config.items import SyncItemRegistry\nfrom hasync import cli\n"
                  "from hasync.sync import run, plan, snapshot\nfrom hasync.payload import digest\n"
                  "cli.build_parser('sync')\nSyncItemRegistry.load()\nimport sys\n"
-                 "assert 'hasync.payload.merge' not in sys.modules and 'hasync.failover.base' not in sys.modules\n"
-                 "assert not any(m in sys.modules for m in ('tempfile', 'subprocess', 'dataclasses')), "
-                 "[m for m in ('tempfile', 'subprocess', 'dataclasses') if m in sys.modules]")
+                 f"loaded = [m for m in {NOT_IN_A_NO_OP!r} if m in sys.modules]\nassert not loaded, loaded")
 
 
 def test_a_sync_run_loads_none_of_them_either() -> None:
@@ -74,13 +76,6 @@ def test_a_sync_run_loads_none_of_them_either() -> None:
 def test_control_the_check_sees_a_dataclass() -> None:
     with pytest.raises(subprocess.CalledProcessError):
         loaded_after("import dataclasses\n" + NO_OP_IMPORTS)
-
-
-# What a no-op sync never needs: the merge and the failover layer, the standard library's temp
-# files (only a write needs them) and processes (`opnsense-version` is looked for at its installed
-# path, so no command runs where it is absent), ctypes (the agent's malloc setting), and
-# dataclasses (its records are NamedTuples or plain classes: each dataclass costs ~0.5 ms to build).
-NOT_IN_A_NO_OP = ("hasync.payload.merge", "hasync.failover.base", "tempfile", "subprocess", "ctypes", "dataclasses")
 
 
 def sync_process(conf_dir: Path, *flags: str) -> tuple[int, list[str]]:
