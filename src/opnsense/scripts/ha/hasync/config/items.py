@@ -464,11 +464,12 @@ class HasyncSettings:
         self.form = form  # "current", "legacy" or "absent"
         self.pfsyncenabled = pfsyncenabled  # legacy flag; None in the current form
 
-    def _fields(self) -> dict[str, Any]:
+    def _by_name(self) -> dict[str, Any]:
+        """Every field by name, in the section's order."""
         return {name: getattr(self, name) for name in self.__slots__}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, HasyncSettings) and self._fields() == other._fields()
+        return isinstance(other, HasyncSettings) and self._by_name() == other._by_name()
 
     __hash__ = None  # type: ignore[assignment]  # mutable fields: as a dataclass with eq
 
@@ -491,12 +492,12 @@ class HasyncSettings:
 
     def public_dict(self) -> dict[str, Any]:
         """Every field, with the password reduced to whether one is set (safe for JSON output)."""
-        data = self._fields()
+        data = self._by_name()
         data["password"] = "********" if self.password else ""
         return data
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={value!r}" for name, value in self._fields().items() if name != "password")
+        shown = ", ".join(f"{name}={value!r}" for name, value in self._by_name().items() if name != "password")
         return f"HasyncSettings({shown})"
 
 
