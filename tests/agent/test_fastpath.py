@@ -46,7 +46,7 @@ from hasync.wire import protocol, xmlrpc
 from hasync.wire import sections as sectionsmod
 from hasync.wire.client import PeerClient
 from support.bench import bench_module
-from support.nodes import Pair, make_pair, running_agent
+from support.nodes import SYNC_PASSWORD, SYNC_USER, Pair, make_pair, running_agent
 from support.paths import SHARED
 from support.xmlshapes import SECTION_CHOICES, TAGS, TEXTS, configs, edit, elements, fingerprint
 
@@ -532,6 +532,47 @@ def test_config_cache_checks_content_while_the_file_is_young(tmp_path: Path, mon
     cache.root()
     store.config_path.write_bytes(data)
     assert cache.root().findtext("system/hostname") == "fw-c"  # control: without the check it is not seen
+
+
+def test_the_agent_parses_config_xml_once_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crash recovery at start parses config.xml, and the read cache keeps that tree: a start
+    and the first login parse once (each parse of a 20 MB config leaves heap behind). Control:
+    recovering without handing the tree over parses twice."""
+    pair = new_pair(tmp_path, "n")
+    parses = []
+    parse = storemod.parse_config_bytes
+
+    def counted(data: bytes, source: str) -> Any:
+        parses.append(source)
+        return parse(data, source)
+
+    monkeypatch.setattr(storemod, "parse_config_bytes", counted)
+    monkeypatch.setattr(fastpath, "parse_config_bytes", counted)
+    for handed_over in (True, False):
+        if not handed_over:
+            monkeypatch.setattr(fastpath.ConfigCache, "recover", lambda cache: cache.store.recover())
+        parses.clear()
+        with running_agent(pair) as agent:
+            client = PeerClient(f"https://127.0.0.1:{agent.server_address[1]}/xmlrpc.php", SYNC_USER, SYNC_PASSWORD)
+            assert client.call("opnsense.firmware_version", [])
+        assert len(parses) == (1 if handed_over else 2), parses
+
+
+def test_the_tree_kept_at_start_is_checked_by_content_while_the_file_is_young(tmp_path: Path,
+                                                                               monkeypatch: Any) -> None:
+    pair = new_pair(tmp_path, "n")
+    store = ConfigStore(pair.backup)
+    identity = lambda path: (0, 0, path.stat().st_size, 0, 0)  # noqa: E731 (timestamps that tell nothing)
+    monkeypatch.setattr(fastpath, "file_key", identity)
+    monkeypatch.setattr(storemod, "file_key", identity)
+    for now in (0.5, 10.0):  # young, then (control) old enough to be trusted by identity
+        cache = fastpath.ConfigCache(store, SyncItemRegistry.load(), clock=lambda now=now: now)
+        cache.recover()
+        data = store.config_path.read_bytes()
+        store.config_path.write_bytes(data.replace(b"<hostname>fw-b<", b"<hostname>fw-c<"))  # same size
+        assert cache.root().findtext("system/hostname") == ("fw-c" if now < 1 else "fw-b")
+        assert cache.loads == (2 if now < 1 else 1)
+        store.config_path.write_bytes(data)
 
 
 def test_logins_remember_verified_passwords_never_failures(monkeypatch: pytest.MonkeyPatch) -> None:

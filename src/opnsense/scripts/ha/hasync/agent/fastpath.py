@@ -171,6 +171,19 @@ class ConfigCache:
             young = self.clock() - before[3] / 1e9 <= RACY_WINDOW
             self._content = hashlib.sha256(data).hexdigest() if young else None
 
+    def recover(self) -> None:
+        """`ConfigStore.recover` for the agent's start (temp files swept, a broken file restored
+        from history, under the exclusive lock), keeping the tree it parsed as the entry where the
+        file is still what was parsed: the start then parses config.xml once, not twice (each
+        parse of a 20 MB config leaves heap behind that the process never gives back)."""
+        with self.lock:
+            self._clear()
+            root, key, content = self.store.recover_entry()
+            self.loads += 1
+            if key is not None:
+                self._root, self._key = root, key
+                self._content = content if self.clock() - key[3] / 1e9 <= RACY_WINDOW else None
+
     def _clear(self) -> None:
         self._key, self._content, self._root, self._accounts = None, None, None, None
         self._digests, self._capabilities = {}, None

@@ -103,10 +103,13 @@ def service_backend(services_dir: Path | None) -> ServiceBackend:
 
 def build_server(options: ServeOptions, failover: FailoverBackend | None = None) -> AgentServer:
     store = ConfigStore(options.conf_dir)
-    store.recover()  # fail early, with file/line, on a broken config; clean up after a crash
+    registry = SyncItemRegistry.load(options.items_dir)
+    # parsed config.xml and digests, reused while the file is unchanged (logins read its users
+    # every request) and handed to the next merge instead of a second parse
+    cache = fastpath.ConfigCache(store, registry)
+    cache.recover()  # fail early, with file/line, on a broken config; clean up after a crash
     state_dir = options.state_dir or Path(DEFAULT_STATE_DIR)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    registry = SyncItemRegistry.load(options.items_dir)
     node = BackupNode(
         store,
         registry,
@@ -115,9 +118,6 @@ def build_server(options: ServeOptions, failover: FailoverBackend | None = None)
         accept_unknown_sections=options.accept_unknown_sections,
     )
     dispatcher = node.register(Dispatcher())
-    # parsed config.xml and digests, reused while the file is unchanged (logins read its users
-    # every request) and handed to the next merge instead of a second parse
-    cache = fastpath.ConfigCache(store, registry)
     node.on_merged = cache.note_merged  # a merge leaves most items' digests as they were
     # Parsed now, before the agent listens: the first login of the first sync then reads a warm
     # tree, as every later one does (a 20 MB config costs ~0.15 s to parse).

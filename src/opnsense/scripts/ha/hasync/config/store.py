@@ -161,8 +161,14 @@ class ConfigStore:
         next write. Holding the exclusive lock proves no live writer owns them; this sweeps them
         and restores config.xml from history when it does not parse.
         """
+        return self.recover_entry()[0]
+
+    def recover_entry(self) -> tuple[etree._Element, tuple[int, ...] | None, str]:
+        """`recover`, with what identifies the file the tree is (`fileio.file_key`, its sha256),
+        taken under the same lock: the agent's read cache keeps the tree instead of parsing again."""
         with self._locked(exclusive=True) as handle:
-            return self._read_locked(handle)
+            root = self._read_locked(handle)
+            return root, file_key(self.config_path), _sha256_of(handle)
 
     def read_bytes(self) -> bytes:
         with self._locked(exclusive=False) as handle:
