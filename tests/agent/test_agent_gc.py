@@ -18,7 +18,7 @@ from hasync.agent.server import DEFAULT_GC_PAUSE_BODY, CallContext
 from hasync.config.items import SyncItemRegistry
 from hasync.config.store import ConfigStore
 from hasync.sync.run import SyncOptions, SyncRun
-from hasync.wire import sections, xmlrpc
+from hasync.wire import sections, streamed, xmlrpc
 from hasync.wire.client import PeerClient
 from support.nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
 
@@ -93,8 +93,8 @@ def test_the_fast_path_keeps_its_decoded_payload_until_the_reply_is_sent(
         weakref.finalize(decoded, lambda: events.append("decoded freed"))
         return decoded
 
-    decode = sections.decode_param
-    monkeypatch.setattr(fastpath, "decode_param", decoding)
+    decode = streamed.decode_streamed
+    monkeypatch.setattr(fastpath, "decode_streamed", decoding)
     with running_agent(pair) as agent:
         pair.point_primary_at(f"https://127.0.0.1:{agent.server_address[1]}/")
         events.clear()

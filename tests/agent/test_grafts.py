@@ -349,6 +349,21 @@ DHCP_PRIMARY = """<opnsense><interfaces><lan><if>em1</if><ipaddr>10.0.0.1</ipadd
 STATICMAP = "<staticmap><mac>00:00:00:00:00:0{n}</mac><ipaddr>10.0.0.1{n}</ipaddr><descr>host {n}</descr></staticmap>"
 
 
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[etree._Element, Any]]:
+    """Every (element, dict) `Grafts.take` hands out from now on: what merges move in whole."""
+    moves: list[tuple[etree._Element, Any]] = []
+    take = tree.Grafts.take
+
+    def spy(self: tree.Grafts, value: Any, tag: str) -> etree._Element | None:
+        element = take(self, value, tag)
+        if element is not None:
+            moves.append((element, value))
+        return element
+
+    monkeypatch.setattr(tree.Grafts, "take", spy)
+    return moves
+
+
 @pytest.mark.parametrize("forget", [True, False], ids=["edited dicts forgotten", "control: all kept"])
 def test_a_rewritten_dhcp_section_keeps_its_static_mappings_grafted(monkeypatch: pytest.MonkeyPatch,
                                                                     forget: bool) -> None:
@@ -365,13 +380,15 @@ def test_a_rewritten_dhcp_section_keeps_its_static_mappings_grafted(monkeypatch:
     param = sectionsmod.build_blob(primary, ["dhcpd"], declarations=REGISTRY.declarations()).param
     assert param["pernode"]["self_address"]  # the rewrite applies here
     outcome = {}
+    moves = taken(monkeypatch)
     for backup_xml in ("<opnsense><dhcpd><lan><enable>0</enable></lan></dhcpd></opnsense>", "<opnsense/>"):
         payload = sectionsmod.decode_param(param).payload
         assert isinstance(payload, tree.GraftedPayload)
         backup = etree.fromstring(backup_xml)
+        moves.clear()
         merge.merge_payload(backup, payload, REGISTRY)
         outcome[backup_xml] = (backup.findtext("dhcpd/lan/failover_peerip"),
-                               sorted(str(element.tag) for element in payload.grafts.moved))
+                               sorted(str(element.tag) for element, _value in moves))
     with_section, without = outcome.values()
     assert with_section == ("10.0.0.1", ["staticmap"] * 3)  # merged key by key: the dict's value either way
     assert without == (("10.0.0.1", []) if forget else ("10.0.0.2", ["dhcpd"]))
@@ -506,22 +523,27 @@ def test_c_code_reading_an_unfilled_record_sees_the_record() -> None:
     assert json.dumps(EmptyUnderneath()) == "{}"
 
 
-def test_a_fast_path_merge_moves_the_records_without_building_their_dicts() -> None:
+def test_a_fast_path_merge_moves_the_records_without_building_their_dicts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Of a generated pair, the merge moves hundreds of records in whole and builds the dict of
     none but those holding a nosync child (`remove_nosync` reads those); the merged bytes are
-    those of a merge that builds every element (`assert_grafting_changes_nothing`, above)."""
+    those of a merge that builds every element (`assert_grafting_changes_nothing`, above). The
+    agent keeps only the dicts built (`Grafts.moved`) for its digests: an unfilled one would be
+    filled from its element, as converting it does."""
     primary_bytes, backup_bytes = bench_module("generate").generate(0.3, seed=7)
     primary = parse_config_bytes(primary_bytes, "primary")
     backup = parse_config_bytes(backup_bytes, "backup")
     sections = REGISTRY.sections_for(read_hasync(primary).syncitems)
     payload = sectionsmod.decode_param(sectionsmod.build_blob(primary, sections).param).payload
     assert isinstance(payload, tree.GraftedPayload)
+    moves = taken(monkeypatch)
     merge.merge_payload(backup, payload, REGISTRY)
-    moved = list(payload.grafts.moved.values())
-    deferred = [value for value in moved if isinstance(value, tree.DeferredRecord)]
+    deferred = [value for _element, value in moves if isinstance(value, tree.DeferredRecord)]
     assert len(deferred) > 300
     filled = [value for value in deferred if value.filled]
     assert all("nosync" in value for value in filled)
+    kept = payload.grafts.moved
+    assert {id(value) for value in kept.values()} == {id(value) for _element, value in moves
+                                                      if not isinstance(value, tree.DeferredRecord) or value.filled}
 
 
 def test_a_record_found_inexact_deep_down_is_not_checked_again_at_every_level(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,10 +41,12 @@ from hasync.core.fileio import RACY_WINDOW, file_key
 from hasync.core.memory import gc_paused
 from hasync.payload import digest as digestmod
 from hasync.payload.merge import MergeReport
+from hasync.payload.parts import PayloadParts
 from hasync.wire import xmlrpc
 from hasync.wire.discovery import PROBE_METHOD
 from hasync.wire.protocol import AS_SENT_FEATURE, FAST_PATH_FEATURE, PERNODE_FEATURE, RESTORE_METHOD, VOUCH_METHOD
-from hasync.wire.sections import MAX_INFLATED, METHOD, Decoded, decode_param
+from hasync.wire.sections import MAX_INFLATED, METHOD, Decoded
+from hasync.wire.streamed import decode_streamed
 
 log = logging.getLogger("hasync.fastpath")
 
@@ -68,7 +70,7 @@ class FastPathAgent:
         self.dispatcher.register(METHOD, self.restore_sections_xml)
 
     def restore_sections_xml(self, argument: Any, context: CallContext) -> Any:
-        decoded = decode_param(argument, self.max_inflated)
+        decoded = decode_streamed(argument, self.max_inflated)
         merge = self.dispatcher.methods.get(RESTORE_METHOD)
         if merge is None:
             raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: this agent has no {RESTORE_METHOD}")
@@ -76,9 +78,12 @@ class FastPathAgent:
                   context.username, context.remote_addr)
         context.kept_until_sent.append(decoded)
         payload = decoded.payload
-        if isinstance(payload, GraftedPayload) and (self.local_rules is None
-                                                    or decoded.local_rules != self.local_rules):
-            payload.sent = None  # its digests would prune other paths than ours: nothing is as sent
+        if self.local_rules is None or decoded.local_rules != self.local_rules:
+            # its digests would prune other paths than ours: nothing is as sent
+            if isinstance(payload, GraftedPayload):
+                payload.sent = None
+            elif isinstance(payload, PayloadParts):
+                payload.as_sent = False
         result = merge(payload, context)
         if self.after_merge is not None:
             try:
@@ -392,9 +397,12 @@ def _warm_digests(cache: ConfigCache, decoded: Decoded) -> Callable[[Callable[[]
     Items the merge wrote as sent (`ConfigCache.claims`) are left for later: the primary has
     their digests. The function returned computes them, once the reply is out."""
     payload = decoded.payload
-    grafts = payload.grafts if isinstance(payload, GraftedPayload) else None
-    known = grafts.moved if grafts is not None else None
-    token = payload.sent.token if isinstance(payload, GraftedPayload) and payload.sent is not None else ""
+    if isinstance(payload, PayloadParts):
+        known: dict[etree._Element, dict[str, Any]] | None = payload.moved
+        token = payload.token if payload.as_sent else ""
+    else:
+        known = payload.grafts.moved if isinstance(payload, GraftedPayload) else None
+        token = payload.sent.token if isinstance(payload, GraftedPayload) and payload.sent is not None else ""
     sent = set(decoded.sections)
     ids = [item.id for item in cache.registry.resolve(cache.registry.ids()) if set(item.sections) <= sent]
     with cache.lock:

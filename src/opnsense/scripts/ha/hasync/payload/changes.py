@@ -189,17 +189,36 @@ class SectionsBefore:
     """
 
     def __init__(self, root: etree._Element, keys: Iterable[str], points: Sequence[str]) -> None:
-        self.points: dict[str, list[str]] = {key: [p for p in points if p.split(".")[0] == key] for key in keys}
+        self.all_points = list(points)
+        self.points: dict[str, list[str]] = {}
         self.nodes: dict[str, list[bytes]] = {}
         self.empty: dict[str, bool] = {}  # the point read as a missing one (`digest.reads_as_empty`)
         self.shapes: dict[str, list[Any]] = {}
-        for key, group in self.points.items():
-            tops = children(root, key)
+        for key in keys:
+            self.add(root, key)
+
+    def add(self, root: etree._Element, key: str, with_points: bool = True) -> None:
+        """Keep top-level section `key`'s shape as it is now, and its points' nodes unless told
+        not to (a merge taking a section at a time keeps each point just before its first part
+        merges, `add_point`: the others do not touch it, and only one point's bytes are held)."""
+        group = self.points[key] = [p for p in self.all_points if p.split(".")[0] == key]
+        tops = children(root, key)
+        if with_points:
             for point in group:
-                found = _find_below(tops, point)
-                self.nodes[point] = [serial(node) for node in found]
-                self.empty[point] = reads_as_empty(found)
-            self.shapes[key] = [self._outline(node, key, key) for node in tops]
+                self.add_point(root, point, tops)
+        self.shapes[key] = [self._outline(node, key, key) for node in tops]
+
+    def add_point(self, root: etree._Element, point: str, tops: list[etree._Element] | None = None) -> None:
+        """Keep `point`'s nodes as they are now (`tops`: its top-level section's nodes, if at hand)."""
+        found = _find_below(children(root, point.split(".")[0]) if tops is None else tops, point)
+        self.nodes[point] = [serial(node) for node in found]
+        self.empty[point] = reads_as_empty(found)
+
+    def forget(self, key: str) -> None:
+        """Let go of what `key` was (its points' bytes and its shape), once it has been compared."""
+        for point in self.points.get(key, ()):
+            self.nodes.pop(point, None)
+        self.shapes.pop(key, None)
 
     def _kind(self, key: str, path: str) -> str:
         group = self.points[key]
@@ -231,42 +250,38 @@ class SectionsBefore:
         return all(self._same_outline(part, kid, key, f"{path}.{kid.tag}")
                    for part, kid in zip(parts, kids, strict=True))
 
-    def changed_points(self, key: str, after: list[etree._Element], sent: Mapping[str, str] | None = None,
-                       as_sent: list[str] | None = None, root: etree._Element | None = None,
-                       kept_own: Sequence[etree._Element] = ()) -> dict[str, list[etree._Element]]:
-        """The points of `key` whose nodes now differ, with those nodes; `after`: the section's nodes now.
+    def changed_at(self, point: str, after: list[etree._Element], sent: Mapping[str, str] | None = None,
+                   as_sent: list[str] | None = None, root: etree._Element | None = None,
+                   kept_own: Sequence[etree._Element] = ()) -> list[etree._Element] | None:
+        """`point`'s nodes if they now differ, else None; `after`: its top-level section's nodes now.
 
         `sent`: the sha256 a primary declared of its nodes at some points (`tree.SentSections`);
-        those whose nodes now have the same bytes, read as a digest reads them below `root`
-        (`digest.read_through_containers`: then they are the nodes `_find_below` found), go to
-        `as_sent` (each node is serialised once for both comparisons, and not kept). The bytes of
-        `kept_own` records (the backup's own nosync records the merge kept) are not counted: the
-        primary's are not either (`wire.sections`), and the digests leave both out."""
-        changed: dict[str, list[etree._Element]] = {}
-        for point in self.points[key]:
-            nodes = _find_below(after, point)
-            declared = sent.get(point) if sent and as_sent is not None and root is not None else None
-            own = _inside(nodes, kept_own) if declared is not None and kept_own else {}
-            digest = hashlib.sha256() if declared is not None and not own else None
-            if not same_as(self.nodes[point], nodes, digest):
-                changed[point] = nodes
-            if own:  # (rare: the backup has nosync records of its own here) serialised again, less those
-                digest = hashlib.sha256()
-                for node in nodes:
-                    inside = own.get(node, [])
-                    if node in inside:
-                        continue  # one of the backup's own records itself: left out whole
-                    if not hash_without(digest, serial(node), inside):
-                        digest = None
-                        break
-            if digest is None or as_sent is None or root is None or not read_through_containers(root, point):
-                continue
+        if this point's nodes now have the same bytes, read as a digest reads them below `root`
+        (`digest.read_through_containers`: then they are the nodes `_find_below` found), it goes
+        to `as_sent` (each node is serialised once for both comparisons, and not kept). The bytes
+        of `kept_own` records (the backup's own nosync records the merge kept) are not counted:
+        the primary's are not either (`wire.sections`), and the digests leave both out."""
+        nodes = _find_below(after, point)
+        declared = sent.get(point) if sent and as_sent is not None and root is not None else None
+        own = _inside(nodes, kept_own) if declared is not None and kept_own else {}
+        digest = hashlib.sha256() if declared is not None and not own else None
+        changed = not same_as(self.nodes[point], nodes, digest)
+        if own:  # (rare: the backup has nosync records of its own here) serialised again, less those
+            digest = hashlib.sha256()
+            for node in nodes:
+                inside = own.get(node, [])
+                if node in inside:
+                    continue  # one of the backup's own records itself: left out whole
+                if not hash_without(digest, serial(node), inside):
+                    digest = None
+                    break
+        if digest is not None and as_sent is not None and root is not None and read_through_containers(root, point):
             if declared == MISSING_SHA256:  # the primary lacks it: sent as [], which reads as empty
                 if reads_as_empty(nodes):
                     as_sent.append(point)
             elif digest.hexdigest() == declared:
                 as_sent.append(point)
-        return changed
+        return nodes if changed else None
 
     def same_shape(self, key: str, after: list[etree._Element]) -> bool:
         """Whether the section around its points reads as before (`after`: its nodes now)."""

@@ -52,13 +52,14 @@ Decisions where we deliberately differ from the PHP code (bugs, not behaviour an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lxml import etree
 
 from hasync.config.items import SyncItemRegistry
+from hasync.config.pernode import Declarations
 from hasync.config.tree import (
     ATTRIBUTES,
     LIST_TAGS,
@@ -77,6 +78,7 @@ from hasync.payload.build import RULE_LISTS
 from hasync.payload.changes import SectionsBefore
 from hasync.payload.digest import reads_as_empty
 from hasync.payload.kept import keep_local
+from hasync.payload.parts import PayloadParts, streamable
 from hasync.payload.validate import COMPANION_PATHS, NAME_RE, check_payload, normalize_payload
 
 METHOD = "opnsense.restore_config_section"
@@ -156,7 +158,7 @@ class MergeReport:
         }
 
 
-def revision_description(payload: Mapping[str, Any]) -> str:
+def revision_description(payload: Iterable[Any]) -> str:
     """The revision text OPNsense writes: ``implode(', ', array_keys($sections))``."""
     return f"Merged {', '.join(str(key) for key in payload)} config sections from XMLRPC client."
 
@@ -188,66 +190,158 @@ def merge_payload(
 
     Pure: no I/O, no lock. Call it inside ``store.transaction(revision_description(payload))``;
     if it raises, the tree may be half-merged, which is why the transaction then writes nothing.
+    A `parts.PayloadParts` is merged a section at a time where that is the same merge
+    (`parts.streamable`), else as the whole payload it stands for.
     """
+    if isinstance(payload, PayloadParts):
+        points = streamable(payload.sections, registry)
+        if points is not None:
+            return _merge_parts(root, payload, points, registry, accept_unknown)
+        payload = payload.whole()
     grafts = payload.grafts if isinstance(payload, GraftedPayload) else None
     sent = payload.sent if isinstance(payload, GraftedPayload) else None
     data = normalize_payload(dict(payload), grafts.vetted if grafts is not None else None)
     points = check_payload(data, registry, accept_unknown)
     data, kept = keep_local(root, data, registry.declarations())
-    unknown_points = [p for p in points if not registry.is_covered(p) and p not in COMPANION_PATHS]
     ctx = _Context(root, grafts)
-    for path in unknown_points:
-        ctx.warnings.append(f"{path}: merged although no registered sync item covers it (--accept-unknown-sections)")
-
+    _warn_unknown(points, registry, ctx)
     before = SectionsBefore(root, data, points)
+    _merge_data(data, ctx)
+    changes = _Changes()
+    for key in data:
+        changes.tell(key, before, ctx, sent.sha256 if sent is not None else None)
+    return _report(ctx, list(data), points, changes, sent.token if sent is not None else "",
+                   [note.path for note in kept])
 
+
+def _merge_parts(root: etree._Element, payload: PayloadParts, points: list[str], registry: SyncItemRegistry,
+                 accept_unknown: bool) -> MergeReport:
+    """`merge_payload` a section at a time: each part is checked, given the backup's local values
+    and merged before the next is read, and let go of then (what it did not move into `root`)."""
+    declarations = registry.declarations()
+    ctx = _Context(root)
+    _warn_unknown(points, registry, ctx)
+    before = SectionsBefore(root, (), points)
+    changes = _Changes()
+    sent: dict[str, str] = {}
+    kept_paths: list[str] = []
+    # The parts come point by point and key by key (`streamable`: the whole payload's order), and
+    # each part changes only what lies at its own point: so each point is kept just before its
+    # first part merges and told after its last, each key likewise.
+    key = point = ""
+    for section, part in payload.parts():
+        at = next(p for p in points if section == p or section.startswith(p + "."))
+        if at != point:
+            if point:
+                changes.tell(key, before, ctx, sent, [point])
+            if at.split(".")[0] != key:
+                if key:
+                    changes.tell_shape(key, before, ctx)
+                key = at.split(".")[0]
+                before.add(root, key, with_points=False)
+            point = at
+            before.add_point(root, point)
+        grafts = part.grafts if isinstance(part, GraftedPayload) else None
+        if isinstance(part, GraftedPayload) and part.sent is not None:
+            sent.update(part.sent.sha256)
+        data = normalize_payload(dict(part), grafts.vetted if grafts is not None else None)
+        check_payload(data, registry, accept_unknown)
+        data, kept = keep_local(root, data, _declared_in(declarations, section))
+        kept_paths.extend(note.path for note in kept)
+        ctx.grafts = grafts
+        _merge_data(data, ctx)
+        ctx.grafts = None
+        del part, data, grafts  # (not held while the next section is read)
+    if point:
+        changes.tell(key, before, ctx, sent, [point])
+        changes.tell_shape(key, before, ctx)
+    return _report(ctx, list(payload), points, changes, payload.token if sent else "", kept_paths)
+
+
+def _declared_in(declarations: Declarations, section: str) -> Declarations:
+    """The `local` declarations that can reach into `section` (a rule's path lies under its
+    literal prefix): a part's merge reads the backup's values only for those."""
+    parts = section.split(".")
+    return Declarations(tuple(rule for rule in declarations.local
+                              if rule.literal_prefix[: len(parts)] == parts[: len(rule.literal_prefix)]), (), ())
+
+
+def _warn_unknown(points: list[str], registry: SyncItemRegistry, ctx: _Context) -> None:
+    for path in points:
+        if not registry.is_covered(path) and path not in COMPANION_PATHS:
+            ctx.warnings.append(
+                f"{path}: merged although no registered sync item covers it (--accept-unknown-sections)")
+
+
+def _merge_data(data: Mapping[str, Any], ctx: _Context) -> None:
     for key, value in data.items():
         if key == "virtualip":
-            _merge_vips(root, value, ctx)
+            _merge_vips(ctx.root, value, ctx)
         else:  # through the container merge, so a root-level "@attributes" is handled as such
-            _merge_container(root, {key: value}, "", ctx)
+            _merge_container(ctx.root, {key: value}, "", ctx)
 
-    # What changed, by `_fingerprint` equality: every point of the payload against its bytes from
-    # before the merge, and each top-level section's own shape only where none of its points changed
-    # (a point that changed changes its section: equal fingerprints have equal descendants at every
-    # tag path).
-    changed_top: list[str] = []
-    changed: set[str] = set()
-    empty_both: set[str] = set()  # changed, but missing or bare before and after: one digest
-    as_sent: list[str] = []
-    for key in data:
-        after = children(root, key)
-        changed_here = before.changed_points(key, after, sent.sha256 if sent is not None else None, as_sent,
-                                             root, ctx.kept_own)
-        if changed_here or not before.same_shape(key, after):
-            changed_top.append(key)
-        for point, nodes in changed_here.items():
-            if before.empty[point] and reads_as_empty(nodes):
-                empty_both.add(point)
-        changed.update(changed_here)
-    changed_points = [p for p in points if p in changed]
+
+class _Changes:
+    """What the merge changed, told once merged: point by point, then each top-level key's own
+    shape (a merge taking a section at a time tells each point after its last part, and each key
+    after its last point, and the `SectionsBefore` lets go of what it kept of them)."""
+
+    def __init__(self) -> None:
+        self.top: list[str] = []  # the changed top-level sections, in order
+        self.points: set[str] = set()
+        self.empty_both: set[str] = set()  # changed, but missing or bare before and after: one digest
+        self.as_sent: list[str] = []
+
+    def tell(self, key: str, before: SectionsBefore, ctx: _Context, sent: Mapping[str, str] | None,
+             points: Sequence[str] | None = None) -> None:
+        """Compare `points` of top-level `key` (None: all, and then its shape) with `before`, by
+        `_fingerprint` equality: each point against its bytes from before the merge."""
+        after = children(ctx.root, key)
+        for point in before.points[key] if points is None else points:
+            nodes = before.changed_at(point, after, sent, self.as_sent, ctx.root, ctx.kept_own)
+            if nodes is not None:
+                self.points.add(point)
+                if before.empty[point] and reads_as_empty(nodes):
+                    self.empty_both.add(point)
+            before.nodes.pop(point)
+        if points is None:
+            self.tell_shape(key, before, ctx)
+
+    def tell_shape(self, key: str, before: SectionsBefore, ctx: _Context) -> None:
+        """Whether top-level `key` changed: a point of it did, or else its own shape (a point that
+        changed changes its section: equal fingerprints have equal descendants at every tag path)."""
+        if any(point in self.points for point in before.points[key]) or \
+                not before.same_shape(key, children(ctx.root, key)):
+            self.top.append(key)
+        before.forget(key)
+
+
+def _report(ctx: _Context, keys: list[str], points: list[str], changes: _Changes, token: str,
+            kept_paths: list[str]) -> MergeReport:
+    """What the merge of top-level `keys` did, every key told to `changes`."""
+    changed_points = [p for p in points if p in changes.points]
     vips_touched = ctx.vips_added or ctx.vips_changed or ctx.vips_removed
-    if "virtualip" in data and vips_touched and "virtualip" not in changed_points:
+    if "virtualip" in keys and vips_touched and "virtualip" not in changed_points:
         changed_points.append("virtualip")
     # Equal nodes at a point read as the same value, and so do a missing section and the bare
     # <tag/> the merge writes for it; but a digest reads the nodes through their ancestors (one
     # container per level, `digest.tree_item_value`), and a replaced ancestor (two containers
     # made one) can change what it reads there: such a point is not vouched for.
-    unchanged = [p for p in points if (p not in changed_points or p in empty_both)
+    unchanged = [p for p in points if (p not in changed_points or p in changes.empty_both)
                  and not any(p.startswith(path + ".") for path in ctx.replaced)]
     return MergeReport(
-        description=revision_description(data),
-        merged_keys=list(data),
+        description=revision_description(keys),
+        merged_keys=keys,
         sections=changed_points,
-        changed_sections=changed_top,
+        changed_sections=changes.top,
         vips_added=ctx.vips_added,
         vips_changed=ctx.vips_changed,
         vips_removed=ctx.vips_removed,
         warnings=ctx.warnings,
-        kept_local=[note.path for note in kept],
+        kept_local=kept_paths,
         unchanged_points=unchanged,
-        as_sent_points=[p for p in points if p in as_sent],
-        as_sent_token=sent.token if sent is not None and as_sent else "",
+        as_sent_points=[p for p in points if p in changes.as_sent],
+        as_sent_token=token if changes.as_sent else "",
     )
 
 

@@ -21,7 +21,12 @@ Wire form (`METHOD`, one struct param):
 * ``section_sha256`` (optional): the sha256 of each present section's elements as serialised in
   the document, and ``local_rules``: the text of the primary's declared-local rules. With them
   the agent can tell which sections it now holds byte for byte as the primary does, and so
-  which items' digests are the primary's own (`protocol.AS_SENT_FEATURE`).
+  which items' digests are the primary's own (`protocol.AS_SENT_FEATURE`);
+* ``section_sizes`` (optional): the byte length of the document's head (up to and with
+  ``<sections>``), then of each ``<section>`` element in turn; the rest is the tail. With it the
+  agent parses and merges one section at a time (`streamed`), without holding a second tree as
+  large as config.xml's. Left out where a section is a single struct marked nosync (removing it
+  from the payload can empty the struct above it, which only the whole payload tells).
 
 The inflated document is ``<sections><section path="a.b">ELEMENTS</section>...</sections>``, the
 elements being the primary's subtrees at each path *before* any payload transform, or
@@ -46,7 +51,7 @@ import copy
 import hashlib
 import logging
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from lxml import etree
@@ -69,6 +74,7 @@ from hasync.core.php import php_empty
 from hasync.payload import pernode
 from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
 from hasync.payload.digest import ALGORITHM, CANONICAL_FORM
+from hasync.payload.parts import payload_order
 from hasync.payload.validate import TEXT_RULES
 from hasync.wire import xmlrpc
 from hasync.wire.deflate import ParallelDeflate
@@ -82,9 +88,13 @@ FORMAT = "hasync-sections-1"
 
 COMPRESSION = "zlib"
 
-CHUNK = 6 * 1024 * 1024  # raw bytes per <base64> param item: 8 MiB of base64, under libxml2's 10 MB
+# raw bytes per <base64> param item (libxml2's limit is 10 MB of base64): small, so an agent decoding
+# them holds one small text at a time, and one merging a section at a time frees each once inflated
+CHUNK = 1024 * 1024
 
 MAX_INFLATED = 768 * 1024 * 1024
+
+SIZES_KEY = "section_sizes"  # where each section's bytes end (see the wire form)
 
 COMPRESS_LEVEL = 1  # loopback and LAN links are fast; level 1 gets ~3x on configs at ~75 MB/s per core
 
@@ -136,7 +146,7 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
     (`deflate.ParallelDeflate`), so the primary never holds the inflated document and the
     compressed one at once.
     """
-    wanted = check_sections(sections)
+    wanted = payload_order(check_sections(sections))  # (so the agent can merge a section at a time)
     declared = shipped_declarations() if declarations is None else declarations
     compressor = ParallelDeflate(level)
     digest = hashlib.sha256()
@@ -149,7 +159,7 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
         compressor.write(data)
 
     try:
-        section_sha256 = _write_sections(root, wanted, put)
+        section_sha256, spans = _write_sections(root, wanted, put)
     except BaseException:
         compressor.close()
         raise
@@ -164,30 +174,49 @@ def build_blob(root: etree._Element, sections: Sequence[str], level: int = COMPR
         "section_sha256": section_sha256,
         "local_rules": [rule.text for rule in declared.local],
     }
+    if spans is not None:
+        param[SIZES_KEY] = spans
     rules = declared.rewriting(wanted)
     if rules:
         param["pernode"] = rules.as_json()
         param["interfaces"] = _interfaces_for_rewrite(root)
     return SectionsBlob(param, list(wanted), size, len(stream))
 
-def _write_sections(root: etree._Element, wanted: Sequence[str], put: Callable[[bytes], None]) -> dict[str, str]:
+def _write_sections(root: etree._Element, wanted: Sequence[str],
+                    put: Callable[[bytes], None]) -> tuple[dict[str, str], list[int] | None]:
     """The sections document, piece by piece into `put`; returns each section's sha256 as sent
-    (see `tree.SentSections`), where it can be told."""
+    (see `tree.SentSections`), where it can be told, and the document's `SIZES_KEY` spans
+    (None: its sections are not to be merged apart)."""
     from xml.sax.saxutils import quoteattr  # here: it pulls in urllib, and a no-op sync builds no blob
 
     section_sha256: dict[str, str] = {}
-    put(b'<?xml version="1.0" encoding="UTF-8"?>\n<sections>')
+    spans: list[int] = []
+    written = 0
+
+    def emit(data: bytes) -> None:
+        nonlocal written
+        written += len(data)
+        put(data)
+
+    emit(b'<?xml version="1.0" encoding="UTF-8"?>\n<sections>')
+    apart = True  # whether each section can be merged apart from the others (`SIZES_KEY`)
     for dotted in wanted:
+        spans.append(written)
+        written = 0
         group = locate(root, dotted)
         if group is None:
-            put(f"<section path={quoteattr(dotted)} missing=\"1\"/>".encode())
+            emit(f"<section path={quoteattr(dotted)} missing=\"1\"/>".encode())
             section_sha256[dotted] = MISSING_SHA256
             continue
-        put(f"<section path={quoteattr(dotted)}>".encode())
+        # A section that is one struct marked nosync leaves the payload whole (remove_nosync),
+        # which can empty the struct above it: merged alone, that empty one would be merged too.
+        if len(group) == 1 and group[0].tag not in LIST_TAGS and _nosync_record(group[0]) is not False:
+            apart = False
+        emit(f"<section path={quoteattr(dotted)}>".encode())
         section: Any = hashlib.sha256()
         for node in group:
             data = etree.tostring(node, encoding="utf-8", with_tail=False)
-            put(data)
+            emit(data)
             if section is not None:
                 if b"nosync" not in data:
                     section.update(data)
@@ -195,9 +224,10 @@ def _write_sections(root: etree._Element, wanted: Sequence[str], put: Callable[[
                     section = None
         if section is not None:
             section_sha256[dotted] = section.hexdigest()
-        put(b"</section>")
+        emit(b"</section>")
+    spans.append(written)
     put(b"</sections>")
-    return section_sha256
+    return section_sha256, spans if apart else None
 
 def _nosync_record(node: etree._Element) -> bool | None:
     """Whether toArray's dict of `node` has a non-empty ``nosync`` (what `build.remove_nosync`
@@ -250,21 +280,33 @@ def _hash_kept(section: Any, data: bytes, node: etree._Element, group: Sequence[
 
 def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -> bytes:
     """Inflate a zlib stream, never producing more than `declared` (≤ `limit`) bytes."""
+    return b"".join(inflated(chunks, declared, limit))
+
+
+def check_declared(declared: int, limit: int) -> None:
+    """Refuse an inflated size over `limit` before anything is inflated."""
     if declared < 0 or declared > limit:
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: declared size {declared} is over the {limit} allowed")
+
+
+def inflated(chunks: Iterable[bytes], declared: int, limit: int, piece_size: int | None = None) -> Iterator[bytes]:
+    """`inflate`'s bytes in pieces (of at most `piece_size`), checked as they come: the size
+    first, the stream's end and its declared size after the last piece."""
+    check_declared(declared, limit)
     inflater = zlib.decompressobj()
-    pieces: list[bytes] = []
     total = 0
     try:
         for chunk in chunks:
             data = chunk
             while data:
-                piece = inflater.decompress(data, declared - total + 1)
+                room = declared - total + 1
+                piece = inflater.decompress(data, room if piece_size is None else min(room, piece_size))
                 total += len(piece)
                 if total > declared:
                     raise MethodFault(xmlrpc.INVALID_PARAMS,
                                       f"{METHOD}: the data inflates past its declared size of {declared} bytes")
-                pieces.append(piece)
+                if piece:
+                    yield piece
                 data = inflater.unconsumed_tail
                 if inflater.eof:
                     break
@@ -276,7 +318,6 @@ def inflate(chunks: Iterable[bytes], declared: int, limit: int = MAX_INFLATED) -
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: corrupt compressed data ({exc})") from None
     if total != declared:
         raise MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: inflated to {total} bytes, {declared} declared")
-    return b"".join(pieces)
 
 def _ixr_roundtrip_fix(value: Any, clean: Callable[[Any], bool]) -> Any:
     """What the IXR round trip does to a toArray value beyond line ends: an empty struct
@@ -338,22 +379,30 @@ def read_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[st
             raise _fault(f"'pernode': {exc}") from None
     return sections, data, size, sha, interfaces, rules
 
+MARKS = (b"nosync", b"<!--", b"<?")  # what `payload_from_tree` must look for when a document holds one
+
+
 def _has_marks(document: bytes) -> bool:
     """Whether the document holds a `nosync`, a comment or a PI (see `payload_from_tree`)."""
     start = document.find(b"?>") + 2
-    return any(document.find(mark, start) >= 0 for mark in (b"nosync", b"<!--", b"<?"))
+    return any(document.find(mark, start) >= 0 for mark in MARKS)
+
+
+def carriage_returns(document: bytes) -> bytes:
+    """What the IXR round trip does to CRs: XML-RPC carries CR raw and the receiving parser turns
+    CR LF and lone CR into LF; lxml wrote every CR of a value as a character reference (a LF too,
+    inside attribute values), which is the only way one can be in here. LF goes back as a
+    reference: raw, an attribute would read it as a space. (A character reference lies inside
+    an element's text: a section's bytes can be done apart from the rest, `streamed`.)"""
+    if b"&#13;" not in document:
+        return document
+    return (document.replace(b"&#13;&#10;", b"&#10;").replace(b"&#13;\n", b"\n")
+            .replace(b"&#13;", b"&#10;"))
 
 
 def _parse_document(document: bytes) -> etree._Element:
-    # XML-RPC carries CR raw and the receiving parser turns CR LF and lone CR into LF; lxml wrote
-    # every CR of a value as a character reference (a LF too, inside attribute values), which is
-    # the only way one can be in here. LF goes back as a reference: raw, an attribute would
-    # read it as a space.
-    if b"&#13;" in document:
-        document = (document.replace(b"&#13;&#10;", b"&#10;").replace(b"&#13;\n", b"\n")
-                    .replace(b"&#13;", b"&#10;"))
     try:
-        return xmlsafe.parse_bytes(document, remove_blank_text=False)
+        return xmlsafe.parse_bytes(carriage_returns(document), remove_blank_text=False)
     except etree.XMLSyntaxError as exc:
         raise _fault(f"the sections document is not well-formed ({exc})") from None
     except xmlsafe.UnsafeXmlError as exc:
@@ -371,6 +420,16 @@ def payload_from_tree(
     if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
             any(h.tag != "section" for h in holders):
         raise _fault("the sections document does not list the announced sections")
+    return payload_from_holders(holders, marked, sections, interfaces, rules, sent, token)
+
+
+def payload_from_holders(
+    holders: Sequence[etree._Element], marked: bool, sections: Sequence[str], interfaces: dict[str, Any] | None,
+    rules: Declarations | None, sent: Mapping[str, str] | None, token: str,
+    moved: dict[etree._Element, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """`payload_from_tree` of `holders`, the ``<section>`` elements of `sections` (all of them,
+    or one: a part of `streamed.StreamedSections`); `moved` goes to its `Grafts`."""
     # the primary's rules; a primary that sent none gets the rules this package ships
     rewriting = (shipped_declarations() if rules is None else rules).rewriting(sections)
     # Paths whose values others edit in place: a section inside another one (place_at puts `x.a`
@@ -386,10 +445,9 @@ def payload_from_tree(
         return any(prefix[: len(parts)] == parts or parts[: len(prefix)] == prefix for prefix in prefixes)
 
     payload: dict[str, Any] = {}
-    grafts = Grafts(TEXT_RULES)  # records are vetted as they are converted: validation skips them
+    grafts = Grafts(TEXT_RULES, moved)  # records are vetted as they are converted: validation skips them
     unedited: dict[str, str] = {}
-    for holder in holders:
-        dotted = str(holder.get("path"))
+    for holder, dotted in zip(holders, sections, strict=True):
         parts = dotted.split(".")
         last = parts[-1]
         missing = holder.get("missing") == "1"
@@ -423,9 +481,10 @@ def payload_from_tree(
     if marked:
         payload = _ixr_roundtrip_fix(payload, grafts.holds)
     # (an empty struct became an empty array above: that one stays what the compatible path gets)
-    if not (len(grafts) and isinstance(payload, dict)):
+    sent_sections = SentSections(token, unedited) if unedited and token else None
+    if not ((len(grafts) or sent_sections) and isinstance(payload, dict)):
         return payload
-    return GraftedPayload(payload, grafts, SentSections(token, unedited) if unedited and token else None)
+    return GraftedPayload(payload, grafts, sent_sections)
 
 def send_blob(peer: Any, blob: SectionsBlob, digest_items: Sequence[str],
               while_waiting: Callable[[], None] | None = None, as_sent: bool = False) -> tuple[Any, Any]:
