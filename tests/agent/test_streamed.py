@@ -123,8 +123,8 @@ def test_each_section_is_merged_before_the_next_is_parsed(monkeypatch: pytest.Mo
     primary, backup, sections = generated_pair()
     param = sectionsmod.build_blob(primary, sections).param
     events: list[str] = []
-    parse, merge_data = streamed._parse, merge._merge_data
-    monkeypatch.setattr(streamed, "_parse", lambda data: events.append("parse") or parse(data))
+    parse, merge_data = streamed.parse_document, merge._merge_data
+    monkeypatch.setattr(streamed, "parse_document", lambda data: events.append("parse") or parse(data))
     monkeypatch.setattr(merge, "_merge_data", lambda data, ctx: events.append("merge") or merge_data(data, ctx))
     own = dict(param, data=list(param["data"]))  # (the streamed reading lets go of the chunks it inflated)
     merge.merge_payload(copy.deepcopy(backup), streamed.decode_streamed(own, sectionsmod.MAX_INFLATED).payload,

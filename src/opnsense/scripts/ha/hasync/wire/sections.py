@@ -338,31 +338,31 @@ def _ixr_roundtrip_fix(value: Any, clean: Callable[[Any], bool]) -> Any:
                 value[index] = _ixr_roundtrip_fix(item, clean)
     return value
 
-def _fault(text: str) -> MethodFault:
+def fault(text: str) -> MethodFault:
     return MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: {text}")
 
 def read_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[str, Any] | None,
                                          Declarations | None]:
     if not isinstance(argument, dict):
-        raise _fault("expects one struct")
+        raise fault("expects one struct")
     if argument.get("format") != FORMAT:
-        raise _fault(f"unknown format {str(argument.get('format'))[:40]!r}, this agent reads {FORMAT!r}")
+        raise fault(f"unknown format {str(argument.get('format'))[:40]!r}, this agent reads {FORMAT!r}")
     if argument.get("compression") != COMPRESSION:
-        raise _fault(f"unknown compression {str(argument.get('compression'))[:20]!r}")
+        raise fault(f"unknown compression {str(argument.get('compression'))[:20]!r}")
     sections = argument.get("sections")
     if not isinstance(sections, list) or not sections or not all(isinstance(s, str) for s in sections):
-        raise _fault("'sections' must be a non-empty array of dotted paths")
+        raise fault("'sections' must be a non-empty array of dotted paths")
     data = argument.get("data")
     if isinstance(data, bytes):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(chunk, bytes) for chunk in data):
-        raise _fault("'data' must be an array of base64 chunks")
+        raise fault("'data' must be an array of base64 chunks")
     size = argument.get("size")
     if not isinstance(size, int) or isinstance(size, bool):
-        raise _fault("'size' must be an integer")
+        raise fault("'size' must be an integer")
     sha = argument.get("sha256")
     if not isinstance(sha, str):
-        raise _fault("'sha256' must be a hex string")
+        raise fault("'sha256' must be a hex string")
     interfaces = argument.get("interfaces")
     if interfaces is not None:
         interfaces = interfaces if interfaces != [] else {}
@@ -370,13 +370,13 @@ def read_param(argument: Any) -> tuple[list[str], list[bytes], int, str, dict[st
             isinstance(conf, dict) and all(isinstance(text, str) for text in conf.values())
             for conf in interfaces.values()
         ):
-            raise _fault("'interfaces' must map interface names to {ipaddr, subnet, ipaddrv6, subnetv6}")
+            raise fault("'interfaces' must map interface names to {ipaddr, subnet, ipaddrv6, subnetv6}")
     rules = None
     if "pernode" in argument:
         try:
             rules = from_wire(argument["pernode"])
         except (ValueError, TypeError) as exc:
-            raise _fault(f"'pernode': {exc}") from None
+            raise fault(f"'pernode': {exc}") from None
     return sections, data, size, sha, interfaces, rules
 
 MARKS = (b"nosync", b"<!--", b"<?")  # what `payload_from_tree` must look for when a document holds one
@@ -400,13 +400,13 @@ def carriage_returns(document: bytes) -> bytes:
             .replace(b"&#13;", b"&#10;"))
 
 
-def _parse_document(document: bytes) -> etree._Element:
+def parse_document(document: bytes) -> etree._Element:
     try:
         return xmlsafe.parse_bytes(carriage_returns(document), remove_blank_text=False)
     except etree.XMLSyntaxError as exc:
-        raise _fault(f"the sections document is not well-formed ({exc})") from None
+        raise fault(f"the sections document is not well-formed ({exc})") from None
     except xmlsafe.UnsafeXmlError as exc:
-        raise _fault(str(exc)) from None
+        raise fault(str(exc)) from None
 
 
 def payload_from_tree(
@@ -419,7 +419,7 @@ def payload_from_tree(
     holders = [node for node in top if isinstance(node.tag, str)]
     if top.tag != "sections" or [h.get("path") for h in holders] != list(sections) or \
             any(h.tag != "section" for h in holders):
-        raise _fault("the sections document does not list the announced sections")
+        raise fault("the sections document does not list the announced sections")
     return payload_from_holders(holders, marked, sections, interfaces, rules, sent, token)
 
 
@@ -452,7 +452,7 @@ def payload_from_holders(
         last = parts[-1]
         missing = holder.get("missing") == "1"
         if not missing and (len(holder) == 0 or any(isinstance(c.tag, str) and c.tag != last for c in holder)):
-            raise _fault(f"section {dotted}: expected <{last}> elements only")
+            raise fault(f"section {dotted}: expected <{last}> elements only")
         holder.attrib.clear()  # the holder's own attributes are not part of the value
         # Nested sections, and the VIPs (rebuilt by vip_section), are converted without grafts:
         # their dicts will not be what their elements say.
@@ -576,10 +576,10 @@ def read_sent(argument: Mapping[str, Any], sections: Sequence[str]) -> tuple[dic
     hashes = {} if hashes == [] else hashes  # an empty struct travels as an empty array
     if not isinstance(hashes, dict) or not all(
             isinstance(key, str) and isinstance(value, str) and len(value) == 64 for key, value in hashes.items()):
-        raise _fault("'section_sha256' must map section paths to sha256 hex strings")
+        raise fault("'section_sha256' must map section paths to sha256 hex strings")
     local = argument.get("local_rules")
     if local is not None and (not isinstance(local, list) or not all(isinstance(text, str) for text in local)):
-        raise _fault("'local_rules' must be an array of strings")
+        raise fault("'local_rules' must be an array of strings")
     announced = set(sections)
     return ({key: value.lower() for key, value in hashes.items() if key in announced},
             frozenset(local) if local is not None else None)
@@ -595,11 +595,11 @@ def decode_param(argument: Any, limit: int = MAX_INFLATED) -> Decoded:
     sent, local_rules = read_sent(argument, sections)
     document = inflate(chunks, size, limit)
     if hashlib.sha256(document).hexdigest() != sha.lower():
-        raise _fault("the inflated document does not match its sha256")
-    marked, top = _has_marks(document), _parse_document(document)
+        raise fault("the inflated document does not match its sha256")
+    marked, top = _has_marks(document), parse_document(document)
     del document  # (15 MB at 20 MB) not kept beside the arrays the conversion builds
     try:
         payload = payload_from_tree(top, marked, sections, interfaces, rules, sent, sha.lower())
     except HaError as exc:  # e.g. the DHCP failover rewrite finds no interface facing the peer
-        raise _fault(str(exc)) from None
+        raise fault(str(exc)) from None
     return Decoded(payload, sections, size, local_rules)

@@ -30,19 +30,17 @@ from lxml import etree
 
 from hasync.config.pernode import Declarations
 from hasync.config.tree import GraftedPayload
-from hasync.core import xmlsafe
-from hasync.core.errors import HaError, MethodFault
+from hasync.core.errors import HaError
 from hasync.payload.parts import PayloadParts
-from hasync.wire import xmlrpc
 from hasync.wire.sections import (
     MARKS,
-    METHOD,
     SIZES_KEY,
     Decoded,
-    carriage_returns,
     check_declared,
     decode_param,
+    fault,
     inflated,
+    parse_document,
     payload_from_holders,
     read_param,
     read_sent,
@@ -51,19 +49,6 @@ from hasync.wire.sections import (
 PIECE = 256 * 1024  # inflated bytes at a time
 
 _ANNOUNCED = "the sections document does not list the announced sections"
-
-
-def _fault(text: str) -> MethodFault:
-    return MethodFault(xmlrpc.INVALID_PARAMS, f"{METHOD}: {text}")
-
-
-def _parse(data: bytes) -> etree._Element:
-    try:
-        return xmlsafe.parse_bytes(carriage_returns(data), remove_blank_text=False)
-    except etree.XMLSyntaxError as exc:
-        raise _fault(f"the sections document is not well-formed ({exc})") from None
-    except xmlsafe.UnsafeXmlError as exc:
-        raise _fault(str(exc)) from None
 
 
 class _Reader:
@@ -99,7 +84,7 @@ class StreamedSections(PayloadParts):
         sent, local_rules = read_sent(argument, sections)
         check_declared(size, limit)
         if len(sizes) != len(sections) + 1 or sum(sizes) > size:
-            raise _fault(f"'{SIZES_KEY}' must give the head's length and each section's, within 'size'")
+            raise fault(f"'{SIZES_KEY}' must give the head's length and each section's, within 'size'")
         super().__init__(sections)
         self.size = size
         self.local_rules = local_rules
@@ -132,33 +117,33 @@ class StreamedSections(PayloadParts):
         for dotted, count in zip(self.sections, self._sizes[1:], strict=True):
             data = reader.read(count)
             if not data.startswith(b"<section"):  # (nothing before it: no declaration, no DTD)
-                raise _fault(_ANNOUNCED)
-            holder = _parse(data)
+                raise fault(_ANNOUNCED)
+            holder = parse_document(data)
             if holder.tag != "section" or holder.get("path") != dotted:
-                raise _fault(_ANNOUNCED)
+                raise fault(_ANNOUNCED)
             # `decode_param` looks for marks in the whole document; a section without any
             # converts the same either way (`sections.payload_from_holders`)
             marked = any(data.find(mark) >= 0 for mark in MARKS)
             del data
             yield dotted, self._convert(holder, dotted, marked)
             holder.clear()  # what the merge did not move into config.xml's tree
-        envelope = _parse(head + reader.rest())
+        envelope = parse_document(head + reader.rest())
         if envelope.tag != "sections" or any(isinstance(node.tag, str) for node in envelope) \
                 or str(envelope.getroottree().docinfo.encoding).upper() != "UTF-8":
-            raise _fault(_ANNOUNCED)
+            raise fault(_ANNOUNCED)
         if reader.digest.hexdigest() != self.token:
-            raise _fault("the inflated document does not match its sha256")
+            raise fault("the inflated document does not match its sha256")
 
     def _convert(self, holder: etree._Element, dotted: str, marked: bool) -> dict[str, Any]:
         try:
             part = payload_from_holders([holder], marked, [dotted], self._interfaces, self._rules,
                                         self._sent if self.as_sent else None, self.token, self.moved)
         except HaError as exc:  # e.g. the DHCP failover rewrite finds no interface facing the peer
-            raise _fault(str(exc)) from None
+            raise fault(str(exc)) from None
         node: Any = part
         for key in dotted.split("."):  # a primary leaves the sizes out where nosync drops a section
             if not isinstance(node, dict) or key not in node:
-                raise _fault(f"section {dotted} is marked nosync as a whole: it cannot be merged apart "
+                raise fault(f"section {dotted} is marked nosync as a whole: it cannot be merged apart "
                              f"('{SIZES_KEY}' must be left out)")
             node = node[key]
         return part
@@ -181,6 +166,6 @@ def decode_streamed(argument: Any, limit: int) -> Decoded:
         return decode_param(argument, limit)
     if not isinstance(sizes, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                               for n in sizes):
-        raise _fault(f"'{SIZES_KEY}' must be an array of byte counts")
+        raise fault(f"'{SIZES_KEY}' must be an array of byte counts")
     payload = StreamedSections(argument, limit, sizes)
     return Decoded(payload, payload.sections, payload.size, payload.local_rules)
