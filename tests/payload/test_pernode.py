@@ -27,7 +27,7 @@ from hasync.payload import pernode
 from hasync.payload.build import build_payload, payload_for_items
 from hasync.payload.merge import merge_payload
 from hasync.wire import sections as sectionsmod
-from hasync.wire import xmlrpc
+from hasync.wire import streamed, xmlrpc
 from support.paths import FIXTURES, SHARED
 from support.pernode import PERNODE, overlay_tree, without_declarations
 
@@ -309,6 +309,27 @@ def test_fast_path_merges_the_same_config(registry: SyncItemRegistry) -> None:
     backup = etree.fromstring(merged[0])
     assert _kea(backup, "dhcp4", "this_server_name") == "fw-b"
     assert backup.xpath("string(virtualip/vip[vhid='5']/peer)") == "10.77.1.2"
+
+
+def test_a_section_at_a_time_keeps_the_same_local_values(registry: SyncItemRegistry) -> None:
+    """The agent's merge of a fast-path request a section at a time (`wire.streamed`) keeps the
+    declared-local fields and rewrites the per-node ones as the whole request's merge does."""
+    primary = node("primary")
+    sections = registry.sections_for(["kea", "virtualip", "cron"])
+    param = sectionsmod.build_blob(primary, sections, declarations=registry.declarations()).param
+    outcomes = []
+    for decode in (sectionsmod.decode_param, streamed.decode_streamed):
+        backup = node("backup")
+        payload = decode(dict(param, data=list(param["data"])), sectionsmod.MAX_INFLATED).payload
+        report = merge_payload(backup, payload, registry)
+        outcomes.append((etree.tostring(backup), report.public_dict(), type(payload).__name__))
+    assert outcomes[1][2] == "StreamedSections"
+    assert outcomes[1][:2] == outcomes[0][:2]
+    assert outcomes[1][1]["kept_local"] == ["OPNsense.Kea.dhcp4.ha.this_server_name",
+                                            "OPNsense.Kea.dhcp6.ha.this_server_name"]
+    merged = etree.fromstring(outcomes[1][0])
+    assert _kea(merged, "dhcp4", "this_server_name") == "fw-b"
+    assert merged.xpath("string(virtualip/vip[vhid='5']/peer)") == "10.77.1.2"
 
 
 def test_fast_path_without_rules_from_the_primary_uses_the_shipped_ones(registry: SyncItemRegistry) -> None:

@@ -6,7 +6,7 @@ peaked at ~14x the config). Read section by section, each section's elements are
 merged (moved into config.xml's tree) and let go of before the next is read, so the incoming
 side costs about its largest section.
 
-`PayloadParts` is what the fast path's decoder hands the merge (`wire.sections` builds one):
+`PayloadParts` is what the fast path's decoder hands the merge (`wire.streamed` builds one):
 its keys are the payload's top-level keys (what a revision text and the handlers' checks read),
 `parts` yields each section as a payload of its own, and `whole` gives the one payload the
 decoder would have built instead (the merge falls back to it where a section at a time would
@@ -38,8 +38,9 @@ class PayloadParts(dict[str, Any]):
     def __init__(self, sections: Sequence[str]) -> None:
         super().__init__(dict.fromkeys(top_keys(sections)))
         self.sections = list(sections)
-        # what the merge moved from the parts into config.xml, element -> its dict (as
-        # `tree.Grafts.moved`, for all parts): the agent digests those without converting them again
+        # the dicts already built of what the merge moved from the parts into config.xml,
+        # element -> its dict (`tree.Grafts.moved`, shared by all parts): the agent digests
+        # those without converting them again
         self.moved: dict[etree._Element, dict[str, Any]] = {}
         self.as_sent = True  # False: no part carries the primary's `tree.SentSections`
         self.token = ""  # the request's `tree.SentSections.token`, where parts carry them
