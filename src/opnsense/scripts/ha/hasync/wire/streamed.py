@@ -65,7 +65,8 @@ class _Reader:
             if piece is None:
                 break
             self._buffer += piece
-        data = bytes(self._buffer[:count])
+        with memoryview(self._buffer) as view:
+            data = bytes(view[:count])  # (one copy: a slice of the bytearray would be another)
         del self._buffer[:count]
         self.digest.update(data)
         return data
