@@ -88,8 +88,14 @@ def streamable(sections: Sequence[str], registry: SyncItemRegistry) -> list[str]
         return None  # the whole payload's merge gives the error
 
 
+def enclosing(split: list[list[str]]) -> list[list[str]]:
+    """Of sections split at their dots, those another one lies inside."""
+    return [parts for parts in split if any(len(other) > len(parts) and other[: len(parts)] == parts
+                                            for other in split)]
+
+
 def _nested(split: list[list[str]]) -> bool:
-    return any(len(other) > len(parts) and other[: len(parts)] == parts for parts in split for other in split)
+    return bool(enclosing(split))
 
 
 def _skeleton(split: list[list[str]]) -> dict[str, Any]:

@@ -74,7 +74,7 @@ from hasync.core.php import php_empty
 from hasync.payload import pernode
 from hasync.payload.build import VIRTUALIP, check_sections, place_at, remove_nosync, shipped_declarations, vip_section
 from hasync.payload.digest import ALGORITHM, CANONICAL_FORM
-from hasync.payload.parts import payload_order
+from hasync.payload.parts import enclosing, payload_order
 from hasync.payload.validate import TEXT_RULES
 from hasync.wire import xmlrpc
 from hasync.wire.deflate import ParallelDeflate
@@ -437,8 +437,7 @@ def payload_from_holders(
     # grafts; of the second, only the dicts the rewrite edits lose theirs, after it ran (a DHCP
     # section's hundreds of static mappings stay grafted around its rewritten failover peer).
     split = [section.split(".") for section in sections]
-    nested = [parts for parts in split if any(len(other) > len(parts) and other[: len(parts)] == parts
-                                              for other in split)]
+    nested = enclosing(split)
     rewritten = [rule.literal_prefix for rule in (*rewriting.self_address, *(pair[0] for pair in rewriting.swap))]
 
     def under(parts: list[str], prefixes: list[list[str]]) -> bool:
@@ -588,8 +587,10 @@ def read_sent(argument: Mapping[str, Any], sections: Sequence[str]) -> tuple[dic
 def decode_param(argument: Any, limit: int = MAX_INFLATED) -> Decoded:
     """Check, inflate (at most `limit` bytes), verify and rebuild the payload of one `METHOD` call.
 
-    Everything the agent does before the merge, as one function: the agent calls it, and the
-    equivalence tests call the same code instead of a test-only copy.
+    Everything the agent does before the merge, as one function: the agent calls it for a
+    request without section sizes, or one its merge cannot take a section at a time
+    (`streamed.decode_streamed`, `StreamedSections.whole`), and the equivalence tests call the
+    same code instead of a test-only copy.
     """
     sections, chunks, size, sha, interfaces, rules = read_param(argument)
     sent, local_rules = read_sent(argument, sections)
