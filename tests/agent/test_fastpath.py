@@ -34,7 +34,7 @@ from lxml import etree
 
 from hasync.agent import fastpath
 from hasync.config import store as storemod
-from hasync.config import tree
+from hasync.config import tree, vetting
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes
 from hasync.config.tree import ATTRIBUTES
@@ -385,7 +385,7 @@ def test_vetted_records_merge_or_are_refused_exactly_as_walked_ones(monkeypatch:
     refused = {name for name, outcome in outcomes.items() if isinstance(outcome, str)}
     assert refused == set(HOSTILE_RECORDS) - {"clean", "deep but within"}  # the records really are hostile
     # control: rules that vet every name and text let the hostile records through the fast path
-    monkeypatch.setattr(sectionsmod, "TEXT_RULES", tree.TextRules(name_ok=lambda _name: True, refused=frozenset()))
+    monkeypatch.setattr(sectionsmod, "TEXT_RULES", vetting.TextRules(name_ok=lambda _name: True, refused=frozenset()))
     slipped = {name for name, same in vetting_changes_nothing().items() if not same}
     assert slipped == refused - {"too deep"}  # (depth is counted, not taken from the rules)
 
@@ -408,7 +408,7 @@ def test_validation_skips_a_vetted_record_only_where_it_has_room() -> None:
 
 @pytest.mark.parametrize("code", [*range(0x20), 0xFFFE, 0xFFFF])
 def test_parsed_text_never_holds_a_character_validation_refuses(code: int) -> None:
-    """Why vetting checks no characters (`tree.TextRules`): the parser refuses them first."""
+    """Why vetting checks no characters (`vetting.TextRules`): the parser refuses them first."""
     char = chr(code)
     refused = bool(validate._XML_INVALID.search(char))
     for text in (f"&#{code};", char):

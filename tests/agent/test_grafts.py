@@ -26,7 +26,7 @@ from lxml import etree
 
 from hasync.agent import fastpath
 from hasync.agent.server import CallContext, Dispatcher
-from hasync.config import tree
+from hasync.config import tree, vetting
 from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import parse_config_bytes, serialize
 from hasync.core.errors import HaError
@@ -420,16 +420,16 @@ def test_the_backups_own_nosync_record_is_left_out_only_where_the_digest_leaves_
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(untidy())
 def test_the_record_check_gives_the_conversions_verdict(node: etree._Element) -> None:
-    """`_vet` decides, without building a dict, what `_convert` decides while building it: exact,
+    """`vet_record` decides, without building a dict, what `_convert` decides while building it: exact,
     the height validation may skip, and whether a ``nosync`` child is there. Every subtree is
-    asked (`_vet` is called on records only, but its checks hold for any element)."""
+    asked (`vet_record` is called on records only, but its checks hold for any element)."""
     for element in node.iter():
         if not isinstance(element.tag, str) or len(element) == 0:
             continue
         holder = etree.fromstring(b"<h>" + etree.tostring(element, with_tail=False) + b"</h>")
         record = holder[0]
         value, exact, height = tree._convert(record, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES), None)
-        vetted = tree._vet(record, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES))
+        vetted = vetting.vet_record(record, tree.LIST_TAGS, validate.TEXT_RULES, set())
         if exact:
             assert vetted == (True, height, "nosync" in value)
         else:
@@ -448,18 +448,18 @@ RECORD_HAZARDS = {
 
 @pytest.mark.parametrize("xml", RECORD_HAZARDS.values(), ids=RECORD_HAZARDS.keys())
 def test_the_record_check_refuses_each_hazard_the_conversion_refuses(xml: bytes) -> None:
-    """Each hazard by name, as the random shapes above may not draw them all: `_vet` and
+    """Each hazard by name, as the random shapes above may not draw them all: `vet_record` and
     `_convert` both call the record not exact. Control: the same record without the hazard's
-    difference is exact for both, and `_vet` reports a nosync child where there is one."""
+    difference is exact for both, and `vet_record` reports a nosync child where there is one."""
     record = etree.fromstring(b"<h>" + xml + b"</h>")[0]
     converted = tree._convert(record, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES), None)
     assert converted[1] is False
-    assert tree._vet(record, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES))[0] is False
+    assert vetting.vet_record(record, tree.LIST_TAGS, validate.TEXT_RULES, set())[0] is False
     clean = etree.fromstring(b"<r><a>1</a><a>2</a><item><b>3</b></item><member>4</member></r>")
-    assert tree._vet(clean, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES)) == \
+    assert vetting.vet_record(clean, tree.LIST_TAGS, validate.TEXT_RULES, set()) == \
         (True, *tree._convert(clean, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES), None)[2:], False)
     flagged = etree.fromstring(b"<r><nosync>1</nosync><a>1</a></r>")
-    assert tree._vet(flagged, tree.LIST_TAGS, tree.Grafts(validate.TEXT_RULES))[::2] == (True, True)
+    assert vetting.vet_record(flagged, tree.LIST_TAGS, validate.TEXT_RULES, set())[::2] == (True, True)
 
 
 def deferred_of(xml: bytes) -> tree.DeferredRecord:
@@ -559,13 +559,14 @@ def test_a_record_found_inexact_deep_down_is_not_checked_again_at_every_level(mo
         xml = f"<rule>{items}{xml}</rule>"
     holder = etree.fromstring(f"<h><list>{xml}</list></h>".encode())
     calls = []
-    real = tree._vet
+    real = tree.vet_record
 
     def counted(*args: Any) -> tuple[bool, int, bool]:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(tree, "_vet", counted)
+    monkeypatch.setattr(tree, "vet_record", counted)
+    monkeypatch.setattr(vetting, "vet_record", counted)  # (its own calls, level by level)
     value = tree.element_to_grafts(holder, tree.Grafts(validate.TEXT_RULES))
     elements = sum(1 for _ in holder.iter())
     assert len(calls) <= 2 * elements

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple, TypeAlias
 
 from lxml import etree
 
+from hasync.config.vetting import NO_NAMES, UNVETTED, TextRules, admit, passes, vet_record
+
 # `listtags()` of src/etc/inc/config.inc (reference §10).
 LIST_TAGS: frozenset[str] = frozenset(
     """acls alias aliasurl allowedip allowedhostname authserver bridged build_port_path ca cacert
@@ -65,24 +67,6 @@ def element_to_value(node: etree._Element, list_tags: frozenset[str] = LIST_TAGS
     return _convert(node, list_tags, None, known)[0]
 
 
-class TextRules(NamedTuple):
-    """What payload validation accepts of a name and of a text (`validate.TEXT_RULES` owns the
-    rules): handed to `Grafts`, so the decoder's conversion vets each record as it walks it and
-    validation need not walk it again (`Grafts.vetted`).
-
-    Of a text only `refused` needs checking there: validation's other rule on text, no character
-    XML cannot carry, holds for everything a parser returns (libxml2 enforces XML's `Char`
-    production, for character references too).
-    """
-
-    name_ok: Callable[[str], bool]  # an element or attribute name
-    refused: frozenset[str]  # texts and attribute values validation refuses although XML carries them
-
-
-_UNVETTED = TextRules(name_ok=lambda _name: False, refused=frozenset())  # no rules: nothing is vetted
-_NO_NAMES: set[str] = set()  # (read only while something is vetted: never with `_UNVETTED`)
-
-
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _FILLING = threading.Lock()
 
@@ -105,7 +89,7 @@ class DeferredRecord(dict[str, Any]):
     Why: the merge moves a grafted record's element into config.xml whole (`Grafts.take`) and
     reads nothing of its dict but, at most, its uuid. At 20 MB a payload holds ~35,000 records
     of list tags, whose dicts were 42 MB of the agent's peak (332 -> 291 MB) for nothing; the
-    check that a record is exact (`_vet`) costs about what building it did, so time is unchanged.
+    check that a record is exact (`vetting.vet_record`) costs about what building it did, so time is unchanged.
     `_convert` makes one for a record it found exact, from its element.
 
     Every dict method fills it first (``element_to_value`` of its element: the dict `_convert`
@@ -351,7 +335,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
              defer: bool = True) -> tuple[dict[str, Any], bool, int]:
     """`element_to_value`; whether `fill_element` would rebuild `node`'s children exactly; and,
     with `grafts.rules`, the value's height if every name and text in it passes them, else -1.
-    With `grafts` and `defer`, a record of a list tag that `_vet` finds exact becomes a
+    With `grafts` and `defer`, a record of a list tag that `vet_record` finds exact becomes a
     `DeferredRecord` instead of a dict.
 
     What a dict loses (module docstring) makes a rebuild differ: a comment or PI, text beside
@@ -375,10 +359,10 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
             return done, False, -1
     result: dict[str, Any] = {}
     exact = grafts is not None and not node.text
-    rules = grafts.rules if grafts is not None and grafts.rules is not None else _UNVETTED
+    rules = grafts.rules if grafts is not None and grafts.rules is not None else UNVETTED
     # stays -1 once anything fails the rules; counted only while `exact` (else nothing reads it)
-    height = 0 if exact and rules is not _UNVETTED else -1
-    names_ok = grafts.names_ok if grafts is not None else _NO_NAMES
+    height = 0 if exact and rules is not UNVETTED else -1
+    names_ok = grafts.names_ok if grafts is not None else NO_NAMES
     refused = rules.refused
     if node.attrib:
         attributes = {intern(str(k)): str(v) for k, v in node.attrib.items()}
@@ -386,7 +370,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
         if "nosync" in node.attrib:
             exact = False  # remove_nosync drops an attribute struct with a non-empty nosync
         if height >= 0:  # (only with `exact`)
-            height = 2 if _pass(attributes.items(), rules, names_ok) else -1
+            height = 2 if passes(attributes.items(), rules, names_ok) else -1
     previous = None
     empty_first: set[str] | None = None
     for child in node:
@@ -403,13 +387,13 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
             elif child.tail:
                 exact = False
             previous = name
-            if height >= 0 and name not in names_ok and not _admit(name, rules, names_ok):
+            if height >= 0 and name not in names_ok and not admit(name, rules, names_ok):
                 height = -1
         if len(child) > 0:
             sub: dict[str, Any] | None = None
             below = defer
             if grafts is not None and defer and name in list_tags:  # a list's record: the merge moves it whole
-                sub_exact, sub_height, sub_nosync = _vet(child, list_tags, grafts)
+                sub_exact, sub_height, sub_nosync = vet_record(child, list_tags, rules, names_ok)
                 if sub_exact:
                     sub = DeferredRecord(child, list_tags)
                 # Not exact: converted in full, and nothing below it is checked again. (A check
@@ -467,97 +451,9 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 result[intern(name + ATTRIBUTES)] = attributes
                 if "nosync" in child.attrib:
                     exact = False
-                if exact and height >= 0 and not _pass(attributes.items(), rules, names_ok):
+                if exact and height >= 0 and not passes(attributes.items(), rules, names_ok):
                     height = -1
     return result, exact, height
-
-
-def _vet(node: etree._Element, list_tags: frozenset[str], grafts: Grafts) -> tuple[bool, int, bool]:
-    """``_convert(node, list_tags, grafts, None)``'s verdict without building any dict: whether
-    the record is exact, its height, and whether it holds a ``nosync`` child (its parent's
-    `_convert` reads that from the dict). It gives up at the first thing that is not exact (the
-    caller then converts the record the full way, which finds the same).
-
-    The checks are `_convert`'s, one for one; the tests compare the two verdicts on
-    random shapes (`test_grafts`).
-    """
-    if node.text:
-        return False, -1, False
-    rules = grafts.rules if grafts.rules is not None else _UNVETTED
-    height = 0 if rules is not _UNVETTED else -1
-    names_ok = grafts.names_ok
-    refused = rules.refused
-    attributes = node.attrib
-    if attributes:
-        if "nosync" in attributes:
-            return False, -1, False
-        if height >= 0:
-            height = 2 if _pass(attributes.items(), rules, names_ok) else -1
-    seen: set[str] = set()
-    previous = None
-    empty_first: set[str] | None = None
-    for child in node:
-        name = child.tag
-        if not isinstance(name, str) or child.tail:  # a comment or PI; a tail
-            return False, -1, False
-        repeated = name == previous
-        if not repeated:
-            if name in seen:  # interleaved with another tag
-                return False, -1, False
-            seen.add(name)
-            previous = name
-        if height >= 0 and name not in names_ok and not _admit(name, rules, names_ok):
-            height = -1
-        if empty_first is not None and name in empty_first:  # more after a list tag's empty first leaf
-            return False, -1, False
-        if len(child) > 0:
-            sub_exact, sub_height, sub_nosync = _vet(child, list_tags, grafts)
-            if not sub_exact or sub_nosync:
-                return False, -1, False
-            if sub_height < 0:
-                height = -1
-            elif sub_height + 2 > height >= 0:
-                height = sub_height + 2
-            continue
-        text = child.text or ""
-        if height >= 0:
-            if text in refused:
-                height = -1
-            elif height < 2:
-                height = 2
-        child_attributes = child.attrib
-        if repeated:
-            if child_attributes:  # leaf attributes on a later item
-                return False, -1, False
-        elif name in list_tags and text.strip() == "":
-            if text:  # whitespace the rebuilt <tag/> would not have
-                return False, -1, False
-            if empty_first is None:
-                empty_first = set()
-            empty_first.add(name)
-        if child_attributes:
-            if "nosync" in child_attributes:
-                return False, -1, False
-            if height >= 0 and not _pass(child_attributes.items(), rules, names_ok):
-                height = -1
-    return True, height, "nosync" in seen
-
-
-def _pass(attributes: Iterable[tuple[Any, Any]], rules: TextRules, names_ok: set[str]) -> bool:
-    """Whether every attribute's (name, value) passes `rules` (`names_ok`: names that did)."""
-    for name, value in attributes:
-        if value in rules.refused or (name not in names_ok and not _admit(name, rules, names_ok)):
-            return False
-    return True
-
-
-def _admit(name: str, rules: TextRules, names_ok: set[str]) -> bool:
-    """Whether `name` passes `rules`; if so it joins `names_ok`, which callers look in first (a
-    payload repeats a few hundred names half a million times)."""
-    if rules.name_ok(name):
-        names_ok.add(name)
-        return True
-    return False
 
 
 def value_to_elements(tag: str, value: Any) -> list[etree._Element]:

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hasync.config.items import SyncItemRegistry
-from hasync.config.tree import ATTRIBUTES, TextRules
+from hasync.config.tree import ATTRIBUTES
+from hasync.config.vetting import TextRules
 from hasync.core.errors import MergeError
 from hasync.payload.build import REDACTED
 
