@@ -36,7 +36,7 @@ from hasync.wire import protocol
 from hasync.wire import sections as sectionsmod
 from support.bench import bench_module
 from support.paths import FIXTURES, SHARED
-from support.xmlshapes import SECTION_CHOICES, TEXTS, configs, elements, fingerprint
+from support.xmlshapes import SECTION_CHOICES, TEXTS, configs, fingerprint, untidy
 
 REGISTRY = SyncItemRegistry.load()
 
@@ -51,20 +51,6 @@ def as_grafted(element: etree._Element) -> bytes:
 
 def rebuilt(element: etree._Element, value: dict[str, Any]) -> bytes:
     return etree.tostring(tree.value_to_elements(str(element.tag), value)[0])
-
-
-@st.composite
-def untidy(draw: st.DrawFn) -> etree._Element:
-    """`elements()` with text beside child elements and tails sprinkled in (whitespace or not)."""
-    node = draw(elements())
-    for target in node.iter():
-        if not isinstance(target.tag, str):
-            continue
-        if len(target) and draw(st.integers(0, 6)) == 0:
-            target.text = draw(st.sampled_from(["\n  ", "mixed"]))
-        if target is not node and draw(st.integers(0, 6)) == 0:
-            target.tail = draw(st.sampled_from(["\n    ", "tail"]))
-    return node
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -546,30 +532,35 @@ def test_a_fast_path_merge_moves_the_records_without_building_their_dicts(monkey
                                                       if not isinstance(value, tree.DeferredRecord) or value.filled}
 
 
-def test_a_record_found_inexact_deep_down_is_not_checked_again_at_every_level(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("width", [5, 0], ids=["beside five items", "alone at each level"])
+def test_a_record_found_inexact_deep_down_is_not_checked_again_at_every_level(monkeypatch: pytest.MonkeyPatch,
+                                                                              width: int) -> None:
     """A record whose check gives up deep down (here a comment at the bottom of 120 nested rules,
-    each beside five exact items) is converted in full without checking what lies below it
-    again: the checks stay within twice the element count. Control: were each level's records
-    checked again, a crafted 256-level document would cost the depth times the elements
-    (~43,000 checks here)."""
-    depth, width = 120, 5
-    items = "".join(f"<item><a>{n}</a></item>" for n in range(width))
+    each beside five exact items, or alone with one leaf: then the quick check descends too) is
+    converted in full without checking what lies below it again: each check stays within twice
+    the element count. Control: were each level's records checked again, a crafted 256-level
+    document would cost the depth times the elements (~43,000 checks here)."""
+    depth = 120
+    items = "".join(f"<item><a>{n}</a></item>" for n in range(width)) or "<a>1</a>"
     xml = "<rule><!-- the bottom --></rule>"
     for _ in range(depth):
         xml = f"<rule>{items}{xml}</rule>"
-    holder = etree.fromstring(f"<h><list>{xml}</list></h>".encode())
-    calls = []
-    real = tree.vet_record
+    primer = "<rule><a>1</a><rule><a>2</a></rule></rule>"  # (its names admitted, the quick check reads on)
+    holder = etree.fromstring(f"<h><list>{primer}{xml}</list></h>".encode())
+    calls: dict[str, list[int]] = {"vet_record": [], "vet_plain_record": []}
+    for name, found in calls.items():
+        real = getattr(vetting, name)
 
-    def counted(*args: Any) -> tuple[bool, int, bool]:
-        calls.append(1)
-        return real(*args)
+        def counted(*args: Any, real: Any = real, found: list[int] = found) -> Any:
+            found.append(1)
+            return real(*args)
 
-    monkeypatch.setattr(tree, "vet_record", counted)
-    monkeypatch.setattr(vetting, "vet_record", counted)  # (its own calls, level by level)
+        monkeypatch.setattr(tree, name, counted)
+        monkeypatch.setattr(vetting, name, counted)  # (its own calls, level by level)
     value = tree.element_to_grafts(holder, tree.Grafts(validate.TEXT_RULES))
     elements = sum(1 for _ in holder.iter())
-    assert len(calls) <= 2 * elements
-    assert len(calls) >= depth  # (the check did run down the chain)
+    assert all(len(found) <= 2 * elements for found in calls.values())
+    assert len(calls["vet_record"]) >= depth  # (the check did run down the chain)
+    assert len(calls["vet_plain_record"]) >= (depth if not width else 1)
     monkeypatch.undo()
     assert value == tree.element_to_value(holder)

@@ -117,3 +117,17 @@ def edit(node: etree._Element, choice: int, text: str) -> None:
         target.remove(target[0])
     else:
         target.append(etree.ProcessingInstruction("pi", "<b>"))
+
+
+@st.composite
+def untidy(draw: st.DrawFn) -> etree._Element:
+    """`elements()` with text beside child elements and tails sprinkled in (whitespace or not)."""
+    node = draw(elements())
+    for target in node.iter():
+        if not isinstance(target.tag, str):
+            continue
+        if len(target) and draw(st.integers(0, 6)) == 0:
+            target.text = draw(st.sampled_from(["\n  ", "mixed"]))
+        if target is not node and draw(st.integers(0, 6)) == 0:
+            target.tail = draw(st.sampled_from(["\n    ", "tail"]))
+    return node

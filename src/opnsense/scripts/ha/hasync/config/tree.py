@@ -32,7 +32,16 @@ from typing import Any, NamedTuple, TypeAlias
 
 from lxml import etree
 
-from hasync.config.vetting import NO_NAMES, UNVETTED, TextRules, admit, passes, vet_record
+from hasync.config.vetting import (
+    NO_NAMES,
+    UNVETTED,
+    TextRules,
+    admit,
+    passes,
+    plain_below,
+    vet_plain_record,
+    vet_record,
+)
 
 # `listtags()` of src/etc/inc/config.inc (reference §10).
 LIST_TAGS: frozenset[str] = frozenset(
@@ -327,16 +336,18 @@ def element_to_grafts(node: etree._Element, grafts: Grafts,
                       list_tags: frozenset[str] = LIST_TAGS) -> dict[str, Any]:
     """`element_to_value`, also recording in `grafts` every dict that `value_to_elements` would
     turn back into exactly its element (the elements stay in `node`'s document until moved)."""
-    return _convert(node, list_tags, grafts, None)[0]
+    plain = grafts.rules is not None and plain_below(node, grafts.rules, grafts.names_ok)
+    return _convert(node, list_tags, grafts, None, True, plain)[0]
 
 
 def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | None,
              known: Mapping[etree._Element, dict[str, Any]] | None,
-             defer: bool = True) -> tuple[dict[str, Any], bool, int]:
+             defer: bool = True, plain: bool = False) -> tuple[dict[str, Any], bool, int]:
     """`element_to_value`; whether `fill_element` would rebuild `node`'s children exactly; and,
     with `grafts.rules`, the value's height if every name and text in it passes them, else -1.
     With `grafts` and `defer`, a record of a list tag that `vet_record` finds exact becomes a
-    `DeferredRecord` instead of a dict.
+    `DeferredRecord` instead of a dict; with `plain` (`vetting.plain_below` of an element above),
+    `vet_plain_record` answers first where it can.
 
     What a dict loses (module docstring) makes a rebuild differ: a comment or PI, text beside
     child elements (mixed content), a tail, a tag that comes back after another (interleaved
@@ -393,7 +404,11 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
             sub: dict[str, Any] | None = None
             below = defer
             if grafts is not None and defer and name in list_tags:  # a list's record: the merge moves it whole
-                sub_exact, sub_height, sub_nosync = vet_record(child, list_tags, rules, names_ok)
+                verdict = vet_plain_record(child, list_tags, names_ok) if plain else None
+                if verdict is not None:
+                    sub_exact, (sub_height, sub_nosync) = True, verdict
+                else:
+                    sub_exact, sub_height, sub_nosync = vet_record(child, list_tags, rules, names_ok)
                 if sub_exact:
                     sub = DeferredRecord(child, list_tags)
                 # Not exact: converted in full, and nothing below it is checked again. (A check
@@ -401,7 +416,7 @@ def _convert(node: etree._Element, list_tags: frozenset[str], grafts: Grafts | N
                 # spot: quadratic in the depth, ~depth/2 times the elements for a crafted document.)
                 below = False
             if sub is None:
-                sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known, below)
+                sub, sub_exact, sub_height = _convert(child, list_tags, grafts, known, below, plain)
                 sub_nosync = "nosync" in sub
             if sub_exact and grafts is not None:
                 grafts.add(sub, child, sub_height)

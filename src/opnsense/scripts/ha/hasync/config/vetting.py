@@ -3,8 +3,15 @@
 The fast path's decoder (`tree.element_to_grafts`) turns a list's record into a `DeferredRecord`
 when `value_to_elements` would rebuild its element exactly, and notes how many levels it spans
 if every name and text in it passes validation's rules (`TextRules`), so validation can skip it.
-`vet_record` gives that verdict: it follows `tree._convert`'s checks one for one (the tests
-compare the two verdicts on random shapes, `test_grafts`).
+Two checks give that verdict here:
+
+* `vet_record` reads every element of the record, and follows `tree._convert`'s checks one for
+  one (the tests compare the two verdicts on random shapes, `test_grafts`);
+* `vet_plain_record` reads only tags and layout, for records below an element that
+  `plain_below` cleared in two libxml2 passes (no refused text, every attribute passes, none is
+  ``nosync``). It answers for the common record (every child tag once) and leaves the rest to
+  `vet_record`. At 20 MB the records' checks take ~0.38 s instead of ~0.49 s, and a streamed
+  decode and merge ~0.78 s instead of ~0.85 s (each the least of 8, alternating in one process).
 """
 
 from __future__ import annotations
@@ -99,6 +106,64 @@ def vet_record(node: etree._Element, list_tags: frozenset[str], rules: TextRules
             if height >= 0 and not passes(child_attributes.items(), rules, names_ok):
                 height = -1
     return True, height, "nosync" in seen
+
+
+def plain_below(node: etree._Element, rules: TextRules, names_ok: set[str]) -> bool:
+    """Whether a record's check below `node` may leave texts and attributes unread
+    (`vet_plain_record`): `rules` are set, no text below holds a refused one, and every
+    attribute below passes them and is no ``nosync``.
+
+    The texts are searched in their concatenation, which can find a refused text that no
+    single text is (then the full check runs, which tells): libxml2 writes it and searches it,
+    and lists the attributes, where reading each element's would cost ~0.15 s at 20 MB.
+    """
+    if rules is UNVETTED:
+        return False
+    if rules.refused:
+        texts = etree.tostring(node, method="text", encoding="utf-8", with_tail=False)
+        if any(text.encode("utf-8") in texts for text in rules.refused):
+            return False
+    found = node.xpath("descendant::*/@*")
+    for value in found if isinstance(found, list) else ():
+        name = getattr(value, "attrname", None)
+        if not isinstance(name, str) or name == "nosync" or value in rules.refused or \
+                (name not in names_ok and not admit(name, rules, names_ok)):
+            return False
+    return True
+
+
+def vet_plain_record(node: etree._Element, list_tags: frozenset[str],
+                     names_ok: set[str]) -> tuple[int, bool] | None:
+    """`vet_record`'s height and nosync child for an exact record below a `plain_below`
+    element, read from its tags and layout alone; None where that cannot tell, and then
+    `vet_record` decides: a tag that comes twice in one element (a list, or interleaved), a
+    comment or PI, a name not yet in `names_ok`, text beside elements or a tail, whitespace as
+    a list item's text, a ``nosync`` child below the record's own level (not exact there).
+
+    With each child tag once, what `vet_record` checks of repeated tags cannot arise, and
+    `plain_below` answered for the texts' refusal and for every attribute.
+    """
+    if node.text:
+        return None
+    kids = list(node)
+    names = {kid.tag for kid in kids}
+    if len(names) != len(kids) or not names <= names_ok:
+        return None
+    height = 2  # (every element checked has children: a leaf or an attribute struct is 2 levels)
+    for kid in kids:
+        if kid.tail:
+            return None
+        if len(kid) > 0:
+            below = vet_plain_record(kid, list_tags, names_ok)
+            if below is None or below[1]:
+                return None
+            if below[0] + 2 > height:
+                height = below[0] + 2
+        elif kid.tag in list_tags:
+            text = kid.text
+            if text and not text.strip():
+                return None
+    return height, "nosync" in names
 
 
 def passes(attributes: Iterable[tuple[Any, Any]], rules: TextRules, names_ok: set[str]) -> bool:
