@@ -45,7 +45,7 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
     expected = {"limit a", "limit b", "limit c", "full sync, compatible", "full sync, fast path", "no-op sync",
                 "no-op sync, cold", "status", "full sync, CLI (process start counted)",
                 "no-op sync, CLI (process start counted)", "bare Python start (import lxml.etree)",
-                "OPNsense PHP full sync"}
+                "OPNsense PHP full sync", "floor: the C steps of a fast-path sync"}
     assert expected <= set(rows)
     php = rows.pop("OPNsense PHP full sync")
     command_runs = rows["full sync, CLI (process start counted)"]["runs"]
@@ -70,5 +70,25 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
     report = out.read_text()
     assert "Targets (issue 6)" in report and "| 0.2 MB | full sync, fast path |" in report
     assert "Targets (issue 12)" in report and "x a bare `python -c 'import lxml.etree'`" in report
+    assert "its C steps alone" not in report  # (said of 20 MB only, where issue 12's fast-path target is)
     for target in ("fast path ≤ 1.5x", "compatible ≤ 3.0x", "no-op sync at", "peak RSS", "Machine:"):
         assert target in report, target
+
+
+def test_the_fast_path_target_says_what_its_c_steps_leave_for_the_rest() -> None:
+    """At 20 MB the report puts the fast path's C steps (`worker.py floor`) beside its target:
+    their share of a+b+c, and what the target leaves for everything else. Control: without the
+    floor row there is no such line."""
+    run = bench_module("run")
+    result = run.SizeResult(20.0, 20 * 1024 * 1024)
+    for name, seconds in (("limit a", 0.3), ("limit b", 0.05), ("limit c", 0.05),
+                          ("full sync, fast path", 1.6), (run.FLOOR_ROW, 0.9)):
+        result.rows[name] = run.Row(20.0, name, seconds)
+    share = 0.9 / result.limit
+    lines = [line for line in run.issue12_targets([result]) if "its C steps alone" in line]
+    assert len(lines) == 1
+    assert f"= {share:.2f}x" in lines[0]
+    assert f"leaves {3.0 - share:.2f}x ({(3.0 - share) * result.limit:.3f}s)" in lines[0]
+    assert f"spends {1.6 - 0.9:.3f}s on it" in lines[0]
+    del result.rows[run.FLOOR_ROW]
+    assert not [line for line in run.issue12_targets([result]) if "its C steps alone" in line]

@@ -4,6 +4,7 @@ no package, and the tests that need a realistic generated config use the bench's
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any
 
 from support.paths import REPO
@@ -16,5 +17,6 @@ def bench_module(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
