@@ -943,6 +943,31 @@ def test_request_decoder_fuzz(body: bytes) -> None:
     assert isinstance(method, str) and method.strip() and isinstance(params, list)
 
 
+def outcome_of(decode: Callable[[], tuple[str, list[Any]]]) -> Any:
+    """What a decode gives: its value, or its error's code and message (a syntax error's message
+    comes from libxml2, which words a truncated document fed in pieces its own way: the prefix)."""
+    try:
+        return ("value", decode())
+    except xmlrpc.XmlRpcDecodeError as exc:
+        message = str(exc)
+        return ("error", exc.code, "parse error. not well formed" if message.startswith(
+            "parse error. not well formed (") and "nesting too deep" not in message else message)
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(calls, restores, multicalls, mutated(), xmlish, deep()), st.integers(1, 64))
+def test_request_decoder_in_pieces_gives_the_whole_trees_outcome(body: bytes, feed: int) -> None:
+    """`loads_request` parses a piece at a time, decoding and dropping the finished parts of the
+    structs and arrays it reads (`xmlrpc._collapse`); in pieces as small as a byte, it gives the
+    value or the error the decode of the whole tree gives. Control: the whole tree's decode is
+    the path `loads_response` takes, untouched."""
+    whole = outcome_of(lambda: xmlrpc._request_of(xmlrpc._parse(body)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(xmlrpc, "FEED", feed)
+        pieces = outcome_of(lambda: xmlrpc.loads_request(body))
+    assert pieces == whole
+
+
 json_like = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20),
               st.binary(max_size=5), st.datetimes()),
