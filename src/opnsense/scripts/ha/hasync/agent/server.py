@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from hasync.core.errors import HaError, MergeError, MethodFault, ServiceError
 from hasync.core.memory import gc_paused
 from hasync.wire import xmlrpc
-from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER, CONFIRM_HEADER
+from hasync.wire.protocol import ALLOW_LOCKOUT_HEADER, CONFIRM_HEADER, no_delay
 
 log = logging.getLogger("hasync.agent")
 
@@ -301,6 +301,7 @@ class AgentServer(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
+        no_delay(sock)
         if self.tls is not None:
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr

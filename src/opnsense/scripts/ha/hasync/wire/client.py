@@ -28,6 +28,7 @@ from hasync.core.errors import AuthError, HaError, RemoteFault, TransportError
 from hasync.core.fileio import atomic_write
 from hasync.core.osiface import Clock, SystemClock
 from hasync.wire import xmlrpc
+from hasync.wire.protocol import no_delay
 from hasync.wire.tls import MIN_TLS, fingerprint
 
 log = logging.getLogger("hasync.client")
@@ -203,6 +204,8 @@ class PeerClient:
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         conn.connect()
+        if conn.sock is not None:
+            no_delay(conn.sock)
         return conn
 
     def call(self, method: str, params: list[Any] | None = None, *,

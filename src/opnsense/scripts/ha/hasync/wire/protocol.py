@@ -9,6 +9,9 @@ fast path's encoder, is loaded only by a sync that sends.)
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 #: The capability by which an agent offers the fast path (`wire.sections`).
 FAST_PATH_FEATURE = "restore_sections_xml"
 #: The capability of an agent that applies the primary's self_address/swap rules sent along.
@@ -32,3 +35,13 @@ ALLOW_LOCKOUT_HEADER = "X-Opnsense-Ha-Allow-Lockout"
 CONFIRM_HEADER = "X-Opnsense-Ha-Confirm"
 #: Every lock-out refusal ends with this.
 LOCKOUT_MARK = "the primary would be locked out of this backup"
+
+
+def no_delay(sock: socket.socket) -> None:
+    """Send each write at once (``TCP_NODELAY``), at both ends of an exchange. An HTTP head and
+    its body go out as two writes (two TLS records), and under Nagle's algorithm the second waits
+    until the peer acknowledges the first, which a peer with nothing to send delays (40 ms on
+    Linux): each merge's reply reached the primary ~44 ms after the agent wrote it, a fifth of a
+    2 MB sync. (A socket that is not TCP has no such delay and keeps its options.)"""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
