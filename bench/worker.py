@@ -169,6 +169,14 @@ def op_fsync(args: argparse.Namespace) -> None:
     data = Path(args.file).read_bytes()
     target = Path(args.dest)
     started = time.perf_counter()
+    write_fsynced(target, data)
+    seconds = time.perf_counter() - started
+    target.unlink()
+    emit(op="fsync", seconds=seconds, bytes=len(data))
+
+
+def write_fsynced(target: Path, data: bytes) -> None:
+    """`data` into a new file `target`, then fsync: what limit (c) times."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         view = memoryview(data)
@@ -177,9 +185,6 @@ def op_fsync(args: argparse.Namespace) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    seconds = time.perf_counter() - started
-    target.unlink()
-    emit(op="fsync", seconds=seconds, bytes=len(data))
 
 
 def op_post(args: argparse.Namespace) -> None:
@@ -283,14 +288,7 @@ def op_floor(args: argparse.Namespace) -> None:
     hashlib.sha256(data).digest()
     step("backup: serialise config.xml and sha256")
     for target in (Path(args.dest), Path(args.dest + ".2")):
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_fsynced(target, data)
     step("backup: write + fsync, twice")
     for target in (Path(args.dest), Path(args.dest + ".2")):
         target.unlink()
