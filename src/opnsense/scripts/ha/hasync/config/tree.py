@@ -98,8 +98,8 @@ class DeferredRecord(dict[str, Any]):
     Why: the merge moves a grafted record's element into config.xml whole (`Grafts.take`) and
     reads nothing of its dict but, at most, its uuid. At 20 MB a payload holds ~35,000 records
     of list tags, whose dicts were 42 MB of the agent's peak (332 -> 291 MB) for nothing; the
-    check that a record is exact (`vetting.vet_record`) costs about what building it did, so time is unchanged.
-    `_convert` makes one for a record it found exact, from its element.
+    check that a record is exact (`vetting`) costs about what building it did, so time is
+    unchanged. `_convert` makes one for a record it found exact, from its element.
 
     Every dict method fills it first (``element_to_value`` of its element: the dict `_convert`
     would have built), and from then on it is that dict, with its dicts as the record's values.

@@ -1,8 +1,9 @@
 """The few conventions between two opnsense-ha nodes beyond OPNsense's own XML-RPC.
 
 Both ends need them (the primary sends, the agent reads), so they live here rather than in
-either side: the names of the fast path's features, two request headers, and the text a lock-out
-refusal ends with, by which a primary recognises it even through the compatible path. (Here rather
+either side: the names of the fast path's features, two request headers, the text a lock-out
+refusal ends with, by which a primary recognises it even through the compatible path, and how
+both ends set up a connection's socket (`no_delay`). (Here rather
 than in `wire.sections` also because a primary reads them in every sync, and that module, the
 fast path's encoder, is loaded only by a sync that sends.)
 """

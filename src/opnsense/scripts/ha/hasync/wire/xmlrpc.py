@@ -210,9 +210,7 @@ _DECODED: ContextVar[dict[etree._Element, Any] | None] = ContextVar("hasync_xmlr
 def _parse(body: bytes) -> etree._Element:
     try:
         return xmlsafe.parse_bytes(body, remove_blank_text=False)
-    except etree.XMLSyntaxError as exc:
-        raise XmlRpcDecodeError(f"parse error. not well formed ({exc})") from None
-    except xmlsafe.UnsafeXmlError as exc:
+    except (etree.XMLSyntaxError, xmlsafe.UnsafeXmlError) as exc:
         raise XmlRpcDecodeError(f"parse error. not well formed ({exc})") from None
 
 
@@ -410,9 +408,7 @@ def _parse_collapsing(body: bytes, decoded: dict[etree._Element, Any]) -> etree.
                     collapsing = False  # the decode at the end meets it again, in its own order
         root = parser.close()
         xmlsafe.refuse_dtd(root)
-    except etree.XMLSyntaxError as exc:
-        raise XmlRpcDecodeError(f"parse error. not well formed ({exc})") from None
-    except xmlsafe.UnsafeXmlError as exc:
+    except (etree.XMLSyntaxError, xmlsafe.UnsafeXmlError) as exc:
         raise XmlRpcDecodeError(f"parse error. not well formed ({exc})") from None
     return root
 
