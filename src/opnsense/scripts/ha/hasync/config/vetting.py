@@ -124,12 +124,9 @@ def plain_below(node: etree._Element, rules: TextRules, names_ok: set[str]) -> b
         if any(text.encode("utf-8") in texts for text in rules.refused):
             return False
     found = node.xpath("descendant::*/@*")
-    for value in found if isinstance(found, list) else ():
-        name = getattr(value, "attrname", None)
-        if not isinstance(name, str) or name == "nosync" or value in rules.refused or \
-                (name not in names_ok and not admit(name, rules, names_ok)):
-            return False
-    return True
+    attributes = [(getattr(value, "attrname", None), value) for value in (found if isinstance(found, list) else ())]
+    return all(isinstance(name, str) and name != "nosync" for name, _value in attributes) and \
+        passes(attributes, rules, names_ok)
 
 
 def vet_plain_record(node: etree._Element, list_tags: frozenset[str],
