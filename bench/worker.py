@@ -271,8 +271,8 @@ def op_floor(args: argparse.Namespace) -> None:
     step("primary: parse config.xml")
     groups = [sections.locate(root, dotted) or [] for dotted in registry.sections_for(read_hasync(root).syncitems)]
     clock = time.perf_counter()
-    document = b"".join(etree.tostring(node, encoding="utf-8") for group in groups for node in group)
-    document = b"<sections>" + document + b"</sections>"
+    document = b"".join([b"<sections>", *(etree.tostring(node, encoding="utf-8") for group in groups for node in group),
+                         b"</sections>"])
     step("primary: serialise the sections")
     hashlib.sha256(document).digest()
     compressor = ParallelDeflate(sections.COMPRESS_LEVEL)
