@@ -57,3 +57,28 @@ def test_the_tree_never_holds_much_more_than_a_piece(body: bytes, collapse: bool
         assert largest < 3 * per_piece < elements / 10
     else:
         assert largest > 0.9 * elements
+
+
+def member_names(value: Any) -> list[str]:
+    """Every struct member name in a decoded value, one entry per member."""
+    if isinstance(value, dict):
+        return [*value, *(name for item in value.values() for name in member_names(item))]
+    if isinstance(value, list):
+        return [name for item in value for name in member_names(item)]
+    return []
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["interned", "control: a string per member"])
+def test_member_names_are_one_string_per_name(body: bytes, shared: bool) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        if not shared:
+            patch.setattr(xmlrpc, "intern", lambda name: name)
+        _method, params = xmlrpc.loads_request(body)
+    names = member_names(params)
+    distinct = len(set(names))
+    objects = len({id(name) for name in names})  # (all alive at once: ids are unique)
+    assert len(names) > 100 * distinct
+    if shared:
+        assert objects == distinct
+    else:
+        assert objects > len(names) / 2

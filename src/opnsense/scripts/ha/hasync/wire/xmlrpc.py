@@ -21,6 +21,7 @@ import math
 import re
 from contextvars import ContextVar
 from datetime import datetime
+from sys import intern
 from typing import Any
 
 from lxml import etree
@@ -251,7 +252,11 @@ def _decode_struct(typed: etree._Element) -> dict[str, Any]:
 
 
 def _decode_member(member: etree._Element, result: dict[str, Any]) -> None:
-    """One child of a <struct> into `result` (a comment or PI adds nothing)."""
+    """One child of a <struct> into `result` (a comment or PI adds nothing).
+
+    The member's name is interned: a config's payload repeats a few hundred tag names some
+    400,000 times at 20 MB, and one string per name instead of one per member is ~30 MB less
+    in the agent while a stock primary's request waits for the merge."""
     tag = member.tag
     if tag != "member":
         if isinstance(tag, str):
@@ -262,7 +267,7 @@ def _decode_member(member: etree._Element, result: dict[str, Any]) -> None:
         if name.tag == "name" and value.tag == "value":
             item = _decode_value(value)
             if item is not _NO_VALUE:
-                result[name.text or ""] = item
+                result[intern(name.text or "")] = item
             return
     parts = _children(member)
     names = [p for p in parts if p.tag == "name"]
@@ -271,7 +276,7 @@ def _decode_member(member: etree._Element, result: dict[str, Any]) -> None:
         raise XmlRpcDecodeError("<member> must hold one <name> and one <value>")
     item = _decode_value(values[0])
     if item is not _NO_VALUE:
-        result[names[0].text or ""] = item
+        result[intern(names[0].text or "")] = item
 
 
 def _decode_array(typed: etree._Element) -> list[Any]:
