@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import socket
-import ssl
 from pathlib import Path
 
 from hasync.agent.server import AgentLimits, BodyBudget
 from hasync.wire import xmlrpc
-from support.nodes import SYNC_PASSWORD, SYNC_USER, make_pair, running_agent
+from support.nodes import make_pair, open_request, read_reply, running_agent
 from support.polling import wait_for
 
 
@@ -23,26 +20,6 @@ def test_budget_lets_one_request_use_max_body_but_shares_the_rest() -> None:
     budget.release(600)
     budget.release(400)
     assert budget.used == 0
-
-
-def open_request(port: int, body_length: int) -> ssl.SSLSocket:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20))
-    auth = base64.b64encode(f"{SYNC_USER}:{SYNC_PASSWORD}".encode()).decode()
-    head = (f"POST /xmlrpc.php HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n"
-            f"Content-Type: text/xml\r\nContent-Length: {body_length}\r\n\r\n")
-    sock.sendall(head.encode())
-    return sock
-
-
-def read_reply(sock: ssl.SSLSocket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    sock.close()
-    return b"".join(chunks)
 
 
 def test_a_second_large_body_waits_for_the_budget(tmp_path: Path) -> None:

@@ -653,17 +653,20 @@ def test_control_a_valid_merge_is_filtered_and_would_be_caught(fresh_agent: Targ
 # --- size limits ---------------------------------------------------------------------------
 
 
-def stream_body(port: int, head: bytes, total: int, chunk: int = 1 << 20) -> tuple[int, bytes, str]:
-    """Send `head`, then up to `total` body bytes; returns (bytes the kernel took, reply, error)."""
+def stream_body(port: int, head: bytes, total: int, chunk: int = 1 << 20,
+                fill: bytes = b"\0") -> tuple[int, bytes, str]:
+    """Send `head`, then up to `total` body bytes of `fill` repeated (its length divides `chunk`);
+    returns (bytes of them the kernel took, reply, error)."""
     sent = 0
     error = ""
     reply = b""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head)
-        block = b"\0" * chunk
+        block = fill * (chunk // len(fill))
         try:
             while sent < total:
-                sent += sock.send(block[: min(chunk, total - sent)])
+                at = sent % chunk
+                sent += sock.send(block[at: at + min(chunk - at, total - sent)])
         except OSError as exc:
             error = type(exc).__name__
         try:
@@ -738,13 +741,17 @@ def test_200mb_body_refused_by_the_size_limit(fresh_agent: Target, authenticated
 
 def test_control_memory_probe_sees_a_body_that_is_read(fresh_agent: Target) -> None:
     """Control for the two tests around it: an authenticated body under the limit *is* read, and
-    the same /proc probe shows the agent's peak RSS grow by at least its size."""
+    when what it decodes to is kept (48 MB of array items, never closed: the agent parses a body
+    as it arrives, so a body of NULs is refused at its first byte and drained at no cost) the
+    same /proc probe shows the agent's peak RSS grow by at least its size."""
     target = fresh_agent
     total = 48 * 1024 * 1024
-    head = (f"POST /xmlrpc.php HTTP/1.0\r\nContent-Length: {total}\r\nAuthorization: {target.auth}\r\n\r\n"
-            ).encode()
+    start = b"<?xml version='1.0'?><methodCall><methodName>x</methodName><params><param><value><array><data>"
+    item = b"<value><string>" + b"a" * (1024 - 32) + b"</string></value>"
+    head = (f"POST /xmlrpc.php HTTP/1.0\r\nContent-Length: {total + len(start)}\r\n"
+            f"Authorization: {target.auth}\r\n\r\n").encode() + start
     before = proc_status(target.agent.pid)["VmHWM"]
-    sent, reply, _error = stream_body(target.agent.port, head, total)
+    sent, reply, _error = stream_body(target.agent.port, head, total, fill=item)
     growth_mb = (proc_status(target.agent.pid)["VmHWM"] - before) / 1024
     assert sent == total and b"faultCode" in reply
     assert growth_mb >= 40, f"the probe saw only {growth_mb:.1f} MB for a 48 MB body that was read"

@@ -6,7 +6,10 @@ certificates), so the client, the HTTP layer and the wire codec are all exercise
 
 from __future__ import annotations
 
+import base64
 import shutil
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,3 +83,25 @@ def running_agent(pair: Pair, **overrides: object) -> Iterator[AgentServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def open_request(port: int, body_length: int) -> ssl.SSLSocket:
+    """A TLS connection to an agent with a sync login's POST head sent; the body is the caller's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20))
+    auth = base64.b64encode(f"{SYNC_USER}:{SYNC_PASSWORD}".encode()).decode()
+    head = (f"POST /xmlrpc.php HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n"
+            f"Content-Type: text/xml\r\nContent-Length: {body_length}\r\n\r\n")
+    sock.sendall(head.encode())
+    return sock
+
+
+def read_reply(sock: ssl.SSLSocket) -> bytes:
+    """All the agent answers until it closes, then the socket closed."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    sock.close()
+    return b"".join(chunks)

@@ -342,6 +342,10 @@ class AgentServer(ThreadingHTTPServer):
         return f"{scheme}://{shown}:{port}{XMLRPC_PATH}"
 
 
+class _BodyLost(Exception):
+    """A request body that did not arrive whole: nothing more is answered (or 408 already was)."""
+
+
 class AgentRequestHandler(BaseHTTPRequestHandler):
     server: AgentServer
     protocol_version = "HTTP/1.0"
@@ -417,7 +421,8 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_HEAD = do_GET
 
-    def _read_body(self) -> bytes | None:
+    def _body_length(self) -> int | None:
+        """The declared body length, or None once a request without a usable one is answered."""
         length_text = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding"):
             self._send(411, b"chunked request bodies are not accepted; send Content-Length", "text/plain")
@@ -430,21 +435,29 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         if length < 0 or length > self.server.limits.max_body:
             self._send(413, f"request body over {self.server.limits.max_body} bytes".encode(), "text/plain")
             return None
+        return length
+
+    def _body_pieces(self, length: int) -> Iterator[bytes]:
+        """The body as it arrives, a read (at most 1 MiB) at a time, within the body deadline.
+
+        Why pieces: the decoder parses each one as it comes (`xmlrpc.loads_request`), so the
+        agent never holds a large body whole beside what it decodes to (a stock primary's
+        request for a 20 MB config is 41 MB). Raises `_BodyLost` when the client goes away or
+        the deadline passes (then answered with 408).
+        """
         self._arm(self.server.limits.body_deadline, "request body")
         deadline = time.monotonic() + self.server.limits.body_deadline
-        chunks: list[bytes] = []
         remaining = length
         while remaining > 0:
             if time.monotonic() > deadline:
                 self._send(408, b"request body not received in time", "text/plain")
-                return None
+                raise _BodyLost
             chunk = self.rfile.read1(min(remaining, 1 << 20))
             if not chunk:
-                return None  # client went away
-            chunks.append(chunk)
+                raise _BodyLost  # client went away
             remaining -= len(chunk)
+            yield chunk
         self._disarm()
-        return b"".join(chunks)
 
     def do_POST(self) -> None:
         # A large request runs with the cyclic collector paused (`AgentLimits.gc_pause_body`), up
@@ -485,17 +498,19 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             return None
         context: CallContext | None = None
         try:
-            body = self._read_body()
-            if body is None:
+            length = self._body_length()
+            if length is None:
                 return None
             context = CallContext(verdict.username, remote, self.headers.get("Authorization"),
                                   self.headers.get(ALLOW_LOCKOUT_HEADER, "").strip() == "1",
                                   self.headers.get(CONFIRM_HEADER, "").strip())
-            if len(body) >= self.server.limits.gc_pause_body:
+            if length >= self.server.limits.gc_pause_body:
                 # (to the end of `do_POST`: work left for after the reply holds what it needs)
                 paused.enter_context(gc_paused())
-            request = self._decode(body)
-            del body  # (7 MB for a 20 MB config's merge) not kept beside what it decodes to
+            try:
+                request = self._decode(self._body_pieces(length))
+            except _BodyLost:
+                return None
             reply = request if isinstance(request, bytes) else self._dispatch(*request, context)
             self._send(200, reply)
             # Freed once the reply is out, and while the collector is still paused (back on,
@@ -519,7 +534,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
                     log.warning("work after a reply failed (%s)", type(exc).__name__)
 
     def _declared_length(self) -> int:
-        """Content-Length for budgeting (0 when absent or bad: `_read_body` refuses those)."""
+        """Content-Length for budgeting (0 when absent or bad: `_body_length` refuses those)."""
         try:
             return max(0, min(int(self.headers.get("Content-Length") or "0"), self.server.limits.max_body))
         except ValueError:
@@ -542,11 +557,14 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             self._disarm()
 
     @staticmethod
-    def _decode(body: bytes) -> tuple[str, list[Any]] | bytes:
-        """The request's method and params, or the fault to answer."""
+    def _decode(pieces: Iterator[bytes]) -> tuple[str, list[Any]] | bytes:
+        """The request's method and params, or the fault to answer. A body refused before its
+        end is still read to the end: answering first would have the client's send reset."""
         try:
-            return xmlrpc.loads_request(body)
+            return xmlrpc.loads_request(pieces)
         except xmlrpc.XmlRpcDecodeError as exc:
+            for _rest in pieces:
+                pass
             return xmlrpc.dumps_fault(exc.code, str(exc))
 
     def _dispatch(self, method: str, params: list[Any], context: CallContext) -> bytes:

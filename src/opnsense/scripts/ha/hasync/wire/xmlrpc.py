@@ -19,6 +19,7 @@ import base64
 import binascii
 import math
 import re
+from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import datetime
 from sys import intern
@@ -375,8 +376,11 @@ def _decode_params(params: etree._Element | None) -> list[Any]:
     return out
 
 
-def loads_request(body: bytes) -> tuple[str, list[Any]]:
+def loads_request(body: bytes | Iterable[bytes]) -> tuple[str, list[Any]]:
     """Decode a methodCall into (method name, params).
+
+    `body` is the request's bytes, or its pieces as they arrive (the agent feeds the parser
+    from the socket, so a large body is never held whole).
 
     The body is parsed a piece at a time (`FEED`), and after each piece the finished parts of
     the structs and arrays being read are decoded and dropped from the tree (`_collapse`): the
@@ -394,13 +398,14 @@ def loads_request(body: bytes) -> tuple[str, list[Any]]:
         _DECODED.reset(token)
 
 
-def _parse_collapsing(body: bytes, decoded: dict[etree._Element, Any]) -> etree._Element:
+def _parse_collapsing(body: bytes | Iterable[bytes], decoded: dict[etree._Element, Any]) -> etree._Element:
     parser = xmlsafe.pull_parser("methodCall", remove_blank_text=False)
     top: etree._Element | None = None
     collapsing = True
+    pieces = (body[start:start + FEED] for start in range(0, len(body), FEED)) if isinstance(body, bytes) else body
     try:
-        for start in range(0, len(body), FEED):
-            parser.feed(body[start:start + FEED])
+        for piece in pieces:
+            parser.feed(piece)
             # only <methodCall> starts are reported: the first is the root's, if the root is
             # one (if not, the request is refused once parsed, whatever was collapsed)
             for _event, element in parser.read_events():
