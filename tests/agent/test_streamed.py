@@ -33,7 +33,7 @@ from hasync.config.items import SyncItemRegistry, read_hasync
 from hasync.config.store import ConfigStore, parse_config_bytes, serialize
 from hasync.config.tree import GraftedPayload
 from hasync.core.errors import HaError, MethodFault, RemoteFault
-from hasync.payload import digest, merge, parts
+from hasync.payload import changes, digest, merge, parts
 from hasync.payload.build import build_payload
 from hasync.payload.validate import check_payload, normalize_payload
 from hasync.wire import sections as sectionsmod
@@ -132,11 +132,38 @@ def test_each_section_is_merged_before_the_next_is_parsed(monkeypatch: pytest.Mo
                         REGISTRY)
     assert own["data"] == [] and param["data"]
     assert events == ["parse", "merge"] * len(sections) + ["parse"]  # the last: the head and tail
-    # control: decoded whole, every section is converted before the one merge
+    # control: decoded whole, every section is converted before the merges (one per top-level key)
     events.clear()
     decoded = sectionsmod.decode_param(param).payload
     merge.merge_payload(copy.deepcopy(backup), decoded, REGISTRY)
-    assert events == ["merge"]
+    assert events == ["merge"] * len(decoded) and len(decoded) < len(sections)
+
+
+def test_a_whole_payload_keeps_one_top_level_keys_before_state_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload merged whole (a stock primary's) keeps the bytes change detection compares for
+    one top-level key at a time, not for all of them at once."""
+    primary, backup, sections = generated_pair()
+    payload = build_payload(primary, sections)
+    held: list[int] = []
+    add_point = changes.SectionsBefore.add_point
+
+    def watched(self: changes.SectionsBefore, *args: Any, **kwargs: Any) -> None:
+        add_point(self, *args, **kwargs)
+        held.append(sum(len(data) for nodes in self.nodes.values() for data in nodes))
+
+    monkeypatch.setattr(changes.SectionsBefore, "add_point", watched)
+    merge.merge_payload(copy.deepcopy(backup), payload, REGISTRY)
+    most = max(held)
+    data = normalize_payload(dict(payload))
+    points = check_payload(data, REGISTRY)
+    per_key = []
+    for key in data:  # each key's before-state alone, and (control) all of them at once
+        held.clear()
+        changes.SectionsBefore(backup, [key], points)
+        per_key.append(max(held, default=0))
+    held.clear()
+    changes.SectionsBefore(backup, data, points)
+    assert most == max(per_key) < max(held)
 
 
 def test_the_primary_sends_its_sections_in_the_payloads_order() -> None:

@@ -205,10 +205,14 @@ def merge_payload(
     data, kept = keep_local(root, data, registry.declarations())
     ctx = _Context(root, grafts)
     _warn_unknown(points, registry, ctx)
-    before = SectionsBefore(root, data, points)
-    _merge_data(data, ctx)
+    # Key by key: each top-level key's merge changes only its own section (`_merge_data`), so its
+    # before-state is kept just before it merges and let go of once told, and only one key's
+    # bytes are held at a time (a whole 20 MB config's are ~20 MB beside its payload).
+    before = SectionsBefore(root, (), points)
     changes = _Changes()
-    for key in data:
+    for key, value in data.items():
+        before.add(root, key)
+        _merge_data({key: value}, ctx)
         changes.tell(key, before, ctx, sent.sha256 if sent is not None else None)
     return _report(ctx, list(data), points, changes, sent.token if sent is not None else "",
                    [note.path for note in kept])
