@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from hasync.core import xmlsafe
 from hasync.core.errors import MergeError
 from hasync.failover.model import carp_vips
 from hasync.node.apply import apply_payload_file, load_payload_bytes
+from hasync.payload import merge as merge_module
 from hasync.payload.build import REDACTED, build_payload, payload_for_items
 from hasync.payload.merge import MergeReport, merge_payload, revision_description
 from hasync.payload.validate import normalize_payload
@@ -103,6 +105,27 @@ def test_lists_are_replaced_in_exactly_the_incoming_order() -> None:
     assert texts(root, "sec.item", "n") == ["c", "a", "b2"]
     # the new list sits where the old one started; the sibling in between stays
     assert [child.tag for child in one(root, "sec")] == ["item", "item", "item", "keep"]
+
+
+def test_a_replaced_lists_old_records_are_gone_before_the_new_ones_are_built(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """So the new records can take the memory the old ones had: no old record is left in the
+    tree, or in any list of the merge's, when the first new one is built (the backup's own
+    nosync records are kept aside and put back first, as before)."""
+    root = parse(NOSYNC_LIST)
+    built: list[list[str]] = []
+    build = merge_module.value_to_elements
+
+    def watched(key: str, value: Any) -> list[etree._Element]:
+        held = [node.findtext("n") or "" for node in gc.get_objects() if isinstance(node, etree._Element)
+                and node.tag == "item"]  # (an element without a Python object for it is freed)
+        built.append([node.findtext("n") or "" for node in root.iter("item")] + sorted(set(held) & {"a", "zero"}))
+        return build(key, value)
+
+    monkeypatch.setattr(merge_module, "value_to_elements", watched)
+    merge(root, {"sec": {"item": [{"n": "b"}, {"n": "c"}]}})
+    assert built == [[], []]  # (built after the splice: "a", "local", "zero" and "a", "zero" each time)
+    assert texts(root, "sec.item", "n") == ["local", "b", "c"]
 
 
 def test_single_list_tag_element_counts_as_a_list() -> None:

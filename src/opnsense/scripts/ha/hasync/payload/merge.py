@@ -443,6 +443,11 @@ def _replace(
         else:
             kept = local
     kept_uuids = {node.get("uuid") for node in kept if node.get("uuid")}
+    # The old nodes go before the new ones are built, so a list's new records can take the
+    # memory its old ones had (a 20 MB config's rule list replaced from a stock primary's
+    # payload held both at once: ~20 MB more at the agent's peak). `existing` is the caller's
+    # list, which nothing reads after this: emptied, so the old nodes are freed now.
+    marker = _vacate(parent, existing)
     new_nodes: list[etree._Element] = []
     for item in items:
         uuid = record_attribute(item, "uuid") if kept_uuids else None  # (a `DeferredRecord` stays unfilled)
@@ -459,25 +464,39 @@ def _replace(
             new_nodes.extend(value_to_elements(key, item))
     if not kept and not new_nodes and isinstance(value, list):
         new_nodes = [etree.Element(key)]  # PHP's fromArray writes an empty array as <key/>
-    _splice(parent, existing, kept + new_nodes)
+    _fill(parent, marker, kept + new_nodes)
     if kept and path not in RULE_LISTS:
         ctx.kept_own.extend(node for node in kept if dropped_list_record(node, parent))
 
 
 def _splice(parent: etree._Element, old: list[etree._Element], new: list[etree._Element]) -> None:
-    """Put `new` where the first of `old` was (or at the end), removing `old`.
+    """Put `new` where the first of `old` was (or at the end), removing `old`."""
+    _fill(parent, _vacate(parent, list(old)), new)
+
+
+def _vacate(parent: etree._Element, old: list[etree._Element]) -> etree._Element | None:
+    """Remove `old` from `parent` and empty the list; a placeholder where the first of them was
+    (None: there were none), for `_fill`.
 
     Inserting by index walks the child list each time (quadratic for a list of 20 000 rules), so
     a placeholder marks the spot and every node goes in right before it.
     """
     if not old:
-        parent.extend(new)
-        return
+        return None
     marker = etree.Element("hasync-splice-marker")
     old[0].addprevious(marker)
     for node in old:
         if node.getparent() is parent:
             parent.remove(node)
+    old.clear()
+    return marker
+
+
+def _fill(parent: etree._Element, marker: etree._Element | None, new: list[etree._Element]) -> None:
+    """Put `new` where `_vacate` left its placeholder (at the end without one), and drop it."""
+    if marker is None:
+        parent.extend(new)
+        return
     for node in new:
         marker.addprevious(node)
     parent.remove(marker)
