@@ -98,6 +98,45 @@ def test_a_section_at_a_time_merges_as_the_whole_does(primary: etree._Element, b
     counted["streamed" if took_parts else "whole"] += 1
 
 
+split_counted = {"points": 0, "keys": 0}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(), configs(), st.lists(st.sampled_from(SECTION_CHOICES), min_size=1, max_size=5, unique=True))
+def test_a_whole_payload_merges_point_by_point_as_key_by_key(primary: etree._Element, backup: etree._Element,
+                                                             sections: list[str]) -> None:
+    """A stock primary's payload (plain structs) merged a point at a time, where it is made of its
+    points alone, gives what merging it a top-level key at a time gives."""
+    primary = etree.fromstring(etree.tostring(primary))
+    backup = etree.fromstring(etree.tostring(backup), etree.XMLParser(remove_blank_text=True))
+    try:
+        payload = build_payload(primary, sections)
+    except HaError:
+        return
+    split = merge._at_points
+    took: list[bool] = []
+
+    def watched(data: Any, points: list[str]) -> Any:
+        found = split(data, points)
+        took.append(found is not None)
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(merge, "_at_points", watched)
+        by_points = outcome(backup, copy.deepcopy(payload))
+        patch.setattr(merge, "_at_points", lambda data, points: None)
+        by_keys = outcome(backup, copy.deepcopy(payload))
+    assert by_points == by_keys
+    split_counted["points" if any(took) else "keys"] += 1
+
+
+def test_the_random_whole_payloads_took_both_ways() -> None:
+    """(runs after the property test above) both ways were exercised, a point at a time often."""
+    if not split_counted["points"] + split_counted["keys"]:
+        pytest.skip("the property test did not run first")
+    assert split_counted["points"] >= 100 and split_counted["keys"] >= 10, split_counted
+
+
 def test_the_random_cases_took_both_ways() -> None:
     """(runs after the property test in this module) both ways were exercised, the streamed one often."""
     if not counted["streamed"] + counted["whole"]:
@@ -132,18 +171,23 @@ def test_each_section_is_merged_before_the_next_is_parsed(monkeypatch: pytest.Mo
                         REGISTRY)
     assert own["data"] == [] and param["data"]
     assert events == ["parse", "merge"] * len(sections) + ["parse"]  # the last: the head and tail
-    # control: decoded whole, every section is converted before the merges (one per top-level key)
+    # control: decoded whole, every section is converted before the merges (one per point)
     events.clear()
     decoded = sectionsmod.decode_param(param).payload
     merge.merge_payload(copy.deepcopy(backup), decoded, REGISTRY)
-    assert events == ["merge"] * len(decoded) and len(decoded) < len(sections)
+    assert events == ["merge"] * len(sections)
 
 
-def test_a_whole_payload_keeps_one_top_level_keys_before_state_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("unknown", [False, True], ids=["its points alone", "an uncovered section beside them"])
+def test_a_whole_payload_keeps_one_points_before_state_at_a_time(monkeypatch: pytest.MonkeyPatch,
+                                                                  unknown: bool) -> None:
     """A payload merged whole (a stock primary's) keeps the bytes change detection compares for
-    one top-level key at a time, not for all of them at once."""
+    one point at a time where it is made of its points alone, else for one top-level key at a
+    time; never for all of them at once."""
     primary, backup, sections = generated_pair()
     payload = build_payload(primary, sections)
+    if unknown:
+        payload["uncovered"] = {"a": "1"}
     held: list[int] = []
     add_point = changes.SectionsBefore.add_point
 
@@ -151,19 +195,21 @@ def test_a_whole_payload_keeps_one_top_level_keys_before_state_at_a_time(monkeyp
         add_point(self, *args, **kwargs)
         held.append(sum(len(data) for nodes in self.nodes.values() for data in nodes))
 
+    def most_held(keys: list[str], points: list[str]) -> int:
+        held.clear()
+        changes.SectionsBefore(backup, keys, points)
+        return max(held, default=0)
+
     monkeypatch.setattr(changes.SectionsBefore, "add_point", watched)
-    merge.merge_payload(copy.deepcopy(backup), payload, REGISTRY)
+    merge.merge_payload(copy.deepcopy(backup), payload, REGISTRY, accept_unknown=unknown)
     most = max(held)
     data = normalize_payload(dict(payload))
-    points = check_payload(data, REGISTRY)
-    per_key = []
-    for key in data:  # each key's before-state alone, and (control) all of them at once
-        held.clear()
-        changes.SectionsBefore(backup, [key], points)
-        per_key.append(max(held, default=0))
-    held.clear()
-    changes.SectionsBefore(backup, data, points)
-    assert most == max(per_key) < max(held)
+    points = check_payload(data, REGISTRY, accept_unknown=unknown)
+    per_point = max(most_held([point.split(".")[0]], [point]) for point in points)
+    per_key = max(most_held([key], points) for key in data)
+    everything = most_held(list(data), points)  # (control: all at once)
+    assert per_point < per_key < everything
+    assert most == (per_key if unknown else per_point)
 
 
 def test_the_primary_sends_its_sections_in_the_payloads_order() -> None:

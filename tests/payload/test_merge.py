@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import shutil
@@ -13,6 +14,7 @@ from lxml import etree
 
 from hasync.cli.commands import apply_payload as apply_command
 from hasync.config.items import SyncItem, SyncItemRegistry, read_hasync
+from hasync.config.pernode import declarations_from
 from hasync.config.store import ConfigStore, serialize
 from hasync.config.tree import element_to_value, find_path
 from hasync.core import xmlsafe
@@ -126,6 +128,53 @@ def test_a_replaced_lists_old_records_are_gone_before_the_new_ones_are_built(
     merge(root, {"sec": {"item": [{"n": "b"}, {"n": "c"}]}})
     assert built == [[], []]  # (built after the splice: "a", "local", "zero" and "a", "zero" each time)
     assert texts(root, "sec.item", "n") == ["local", "b", "c"]
+
+
+AT_POINTS = merge_module._at_points
+
+
+def merged_both_ways(root: etree._Element, payload: dict[str, Any], registry: SyncItemRegistry,
+                     monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, bool]:
+    """`root` merged with `payload` as it is, and a top-level key at a time (never a point at a
+    time), and whether the first went a point at a time."""
+    split = AT_POINTS
+    took: list[bool] = []
+    monkeypatch.setattr(merge_module, "_at_points", lambda *args: took.append(split(*args) is not None) or split(*args))
+    first = copy.deepcopy(root)
+    merge_payload(first, copy.deepcopy(payload), registry)
+    monkeypatch.setattr(merge_module, "_at_points", lambda *args: None)
+    second = copy.deepcopy(root)
+    merge_payload(second, copy.deepcopy(payload), registry)
+    return xml(first), xml(second), any(took)
+
+
+def test_a_level_without_a_point_in_it_merges_a_key_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload is merged a point at a time only where it holds its points alone: an empty level
+    above them (here `system`, above `system.user`) is merged as the whole merge does (a backup
+    without it gets it empty), which a point at a time would not."""
+    root = parse("<opnsense><sec><a>1</a></sec></opnsense>")
+    points_only, by_keys, took = merged_both_ways(root, {"sec": {"a": "2"}}, SMALL, monkeypatch)
+    assert points_only == by_keys and took  # (control: a payload of its points alone)
+    with_level, by_keys, took = merged_both_ways(root, {"system": {}, "sec": {"a": "2"}}, SMALL, monkeypatch)
+    assert with_level == by_keys == "<opnsense><sec><a>2</a></sec><system/></opnsense>" and not took
+
+
+def test_a_point_its_local_rule_took_away_merges_a_key_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section declared local as a whole, which the backup lacks, leaves the payload without
+    that point (`keep_local`): the payload then no longer holds all its points, and is merged a
+    key at a time (the other point of its level, `system.group`, merged as before)."""
+    local = declarations_from({"local": ["system.user"]}, ["system.user"], "test: ")
+    registry = SyncItemRegistry([SyncItem("sec", "Generic", ["sec"]),
+                                 SyncItem("users", "Users", ["system.user"], declarations=local),
+                                 SyncItem("groups", "Groups", ["system.group"])])
+    root = parse("<opnsense><sec><a>1</a></sec><system><group><name>g</name></group></system></opnsense>")
+    payload = {"system": {"user": [{"name": "u"}], "group": [{"name": "h"}]}, "sec": {"a": "2"}}
+    kept, by_keys, took = merged_both_ways(root, payload, registry, monkeypatch)
+    assert kept == by_keys == ("<opnsense><sec><a>2</a></sec><system><group><name>h</name></group></system>"
+                               "</opnsense>") and not took
+    root.find("system").insert(0, etree.fromstring("<user><name>mine</name></user>"))
+    kept, by_keys, took = merged_both_ways(root, payload, registry, monkeypatch)  # control: it has one
+    assert kept == by_keys and "<name>mine</name>" in kept and took
 
 
 def test_single_list_tag_element_counts_as_a_list() -> None:

@@ -52,7 +52,7 @@ Decisions where we deliberately differ from the PHP code (bugs, not behaviour an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +74,7 @@ from hasync.config.tree import (
 from hasync.config.vips import VipSpec, vip_key
 from hasync.core.errors import MergeError
 from hasync.core.php import php_empty, php_intval
-from hasync.payload.build import RULE_LISTS
+from hasync.payload.build import RULE_LISTS, place_at
 from hasync.payload.changes import SectionsBefore
 from hasync.payload.digest import reads_as_empty
 from hasync.payload.kept import keep_local
@@ -191,7 +191,8 @@ def merge_payload(
     Pure: no I/O, no lock. Call it inside ``store.transaction(revision_description(payload))``;
     if it raises, the tree may be half-merged, which is why the transaction then writes nothing.
     A `parts.PayloadParts` is merged a section at a time where that is the same merge
-    (`parts.streamable`), else as the whole payload it stands for.
+    (`parts.streamable`), else as the whole payload it stands for; a whole payload is checked
+    whole and then merged a point at a time where it is made of its points alone (`_at_points`).
     """
     if isinstance(payload, PayloadParts):
         points = streamable(payload.sections, registry)
@@ -199,23 +200,50 @@ def merge_payload(
             return _merge_parts(root, payload, points, registry, accept_unknown)
         payload = payload.whole()
     grafts = payload.grafts if isinstance(payload, GraftedPayload) else None
-    sent = payload.sent if isinstance(payload, GraftedPayload) else None
+    sent = payload.sent.sha256 if isinstance(payload, GraftedPayload) and payload.sent is not None else None
     data = normalize_payload(dict(payload), grafts.vetted if grafts is not None else None)
     points = check_payload(data, registry, accept_unknown)
     data, kept = keep_local(root, data, registry.declarations())
     ctx = _Context(root, grafts)
     _warn_unknown(points, registry, ctx)
-    # Key by key: each top-level key's merge changes only its own section (`_merge_data`), so its
-    # before-state is kept just before it merges and let go of once told, and only one key's
-    # bytes are held at a time (a whole 20 MB config's are ~20 MB beside its payload).
-    before = SectionsBefore(root, (), points)
-    changes = _Changes()
-    for key, value in data.items():
-        before.add(root, key)
-        _merge_data({key: value}, ctx)
-        changes.tell(key, before, ctx, sent.sha256 if sent is not None else None)
-    return _report(ctx, list(data), points, changes, sent.token if sent is not None else "",
-                   [note.path for note in kept])
+    split = _at_points(data, points) if streamable(points, registry) is not None else None
+    if split is not None:
+        changes = _merge_points(iter(split), points, ctx, sent)
+    else:
+        # Key by key: each top-level key's merge changes only its own section (`_merge_data`),
+        # so its before-state is kept just before it merges and let go of once told.
+        before = SectionsBefore(root, (), points)
+        changes = _Changes()
+        for key, value in data.items():
+            before.add(root, key)
+            _merge_data({key: value}, ctx)
+            changes.tell(key, before, ctx, sent)
+    token = payload.sent.token if isinstance(payload, GraftedPayload) and payload.sent is not None else ""
+    return _report(ctx, list(data), points, changes, token, [note.path for note in kept])
+
+
+def _at_points(data: Mapping[str, Any], points: list[str]) -> list[tuple[str, dict[str, Any]]] | None:
+    """`data` as one payload per point, in order, when it holds its points and nothing else: each
+    level above them a struct of keys that lead to points, and every point there (`check_payload`
+    found `points` in it, but a level can also hold none, or have lost one to `keep_local`); else
+    None. Merged one after another these are the whole merge (`parts.streamable`), and change
+    detection keeps one point's bytes at a time instead of every section's (~20 MB at 20 MB)."""
+    wanted = set(points)
+    found: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(level: Mapping[str, Any], prefix: str) -> bool:
+        for key, value in level.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if path in wanted:
+                part: dict[str, Any] = {}
+                place_at(part, path.split("."), value)
+                found.append((path, part))
+            elif not (isinstance(value, dict) and any(p.startswith(path + ".") for p in wanted)
+                      and walk(value, path)):
+                return False
+        return True
+
+    return found if walk(data, "") and [path for path, _ in found] == points else None
 
 
 def _merge_parts(root: etree._Element, payload: PayloadParts, points: list[str], registry: SyncItemRegistry,
@@ -225,15 +253,39 @@ def _merge_parts(root: etree._Element, payload: PayloadParts, points: list[str],
     declarations = registry.declarations()
     ctx = _Context(root)
     _warn_unknown(points, registry, ctx)
-    before = SectionsBefore(root, (), points)
-    changes = _Changes()
     sent: dict[str, str] = {}
     kept_paths: list[str] = []
-    # The parts come point by point and key by key (`streamable`: the whole payload's order), and
-    # each part changes only what lies at its own point: so each point is kept just before its
-    # first part merges and told after its last, each key likewise.
+
+    def checked() -> Iterator[tuple[str, Mapping[str, Any]]]:
+        for section, part in payload.parts():
+            grafts = part.grafts if isinstance(part, GraftedPayload) else None
+            if isinstance(part, GraftedPayload) and part.sent is not None:
+                sent.update(part.sent.sha256)
+            data = normalize_payload(dict(part), grafts.vetted if grafts is not None else None)
+            check_payload(data, registry, accept_unknown)
+            data, kept = keep_local(root, data, _declared_in(declarations, section))
+            kept_paths.extend(note.path for note in kept)
+            ctx.grafts = grafts
+            yield section, data
+            ctx.grafts = None
+            del part, data, grafts  # (not held while the next section is read)
+
+    changes = _merge_points(checked(), points, ctx, sent)
+    return _report(ctx, list(payload), points, changes, payload.token if sent else "", kept_paths)
+
+
+def _merge_points(sections: Iterator[tuple[str, Mapping[str, Any]]], points: list[str], ctx: _Context,
+                  sent: Mapping[str, str] | None) -> _Changes:
+    """Merge `sections` (each a payload of one section at or below one of `points`, checked) one
+    after another, telling `_Changes` about each point after its last section and each top-level
+    key after its last point."""
+    before = SectionsBefore(ctx.root, (), points)
+    changes = _Changes()
+    # The sections come point by point and key by key (`streamable`: the whole payload's order),
+    # and each changes only what lies at its own point: so each point is kept just before its
+    # first section merges and told after its last, each key likewise.
     key = point = ""
-    for section, part in payload.parts():
+    for section, data in sections:
         at = next(p for p in points if section == p or section.startswith(p + "."))
         if at != point:
             if point:
@@ -242,24 +294,15 @@ def _merge_parts(root: etree._Element, payload: PayloadParts, points: list[str],
                 if key:
                     changes.tell_shape(key, before, ctx)
                 key = at.split(".")[0]
-                before.add(root, key, with_points=False)
+                before.add(ctx.root, key, with_points=False)
             point = at
-            before.add_point(root, point)
-        grafts = part.grafts if isinstance(part, GraftedPayload) else None
-        if isinstance(part, GraftedPayload) and part.sent is not None:
-            sent.update(part.sent.sha256)
-        data = normalize_payload(dict(part), grafts.vetted if grafts is not None else None)
-        check_payload(data, registry, accept_unknown)
-        data, kept = keep_local(root, data, _declared_in(declarations, section))
-        kept_paths.extend(note.path for note in kept)
-        ctx.grafts = grafts
+            before.add_point(ctx.root, point)
         _merge_data(data, ctx)
-        ctx.grafts = None
-        del part, data, grafts  # (not held while the next section is read)
+        del data  # (not held while the next section is read)
     if point:
         changes.tell(key, before, ctx, sent, [point])
         changes.tell_shape(key, before, ctx)
-    return _report(ctx, list(payload), points, changes, payload.token if sent else "", kept_paths)
+    return changes
 
 
 def _declared_in(declarations: Declarations, section: str) -> Declarations:
