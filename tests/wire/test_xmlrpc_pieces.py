@@ -82,3 +82,29 @@ def test_member_names_are_one_string_per_name(body: bytes, shared: bool) -> None
         assert objects == distinct
     else:
         assert objects > len(names) / 2
+
+
+def short_values(value: Any, limit: int) -> list[str]:
+    """Every string value of 2 to `limit` characters in a decoded value, one per place (a
+    single character is one of Python's own shared strings anyway)."""
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in short_values(item, limit)]
+    if isinstance(value, list):
+        return [text for item in value for text in short_values(item, limit)]
+    return [value] if isinstance(value, str) and 1 < len(value) <= limit else []
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["kept once", "control: a string per value"])
+def test_short_values_are_one_string_per_text(body: bytes, shared: bool) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        if not shared:
+            patch.setattr(xmlrpc, "SHORT", 0)
+        _method, params = xmlrpc.loads_request(body)
+    texts = short_values(params, 16)
+    distinct = len(set(texts))
+    objects = len({id(text) for text in texts})  # (all alive at once: ids are unique)
+    assert len(texts) > 2 * distinct
+    if shared:
+        assert objects == distinct
+    else:
+        assert objects > len(texts) / 2
