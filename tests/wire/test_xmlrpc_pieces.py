@@ -74,14 +74,19 @@ def test_member_names_are_one_string_per_name(body: bytes, shared: bool) -> None
         if not shared:
             patch.setattr(xmlrpc, "intern", lambda name: name)
         _method, params = xmlrpc.loads_request(body)
-    names = member_names(params)
-    distinct = len(set(names))
-    objects = len({id(name) for name in names})  # (all alive at once: ids are unique)
-    assert len(names) > 100 * distinct
+    check_objects_per_text(member_names(params), shared, repeats=100)
+
+
+def check_objects_per_text(texts: list[str], shared: bool, repeats: int) -> None:
+    """`texts` (each repeated `repeats` times on average at least) are one object per distinct
+    text when `shared`, else mostly one object each."""
+    distinct = len(set(texts))
+    objects = len({id(text) for text in texts})  # (all alive at once: ids are unique)
+    assert len(texts) > repeats * distinct
     if shared:
         assert objects == distinct
     else:
-        assert objects > len(names) / 2
+        assert objects > len(texts) / 2
 
 
 def short_values(value: Any, limit: int) -> list[str]:
@@ -100,11 +105,4 @@ def test_short_values_are_one_string_per_text(body: bytes, shared: bool) -> None
         if not shared:
             patch.setattr(xmlrpc, "SHORT", 0)
         _method, params = xmlrpc.loads_request(body)
-    texts = short_values(params, 16)
-    distinct = len(set(texts))
-    objects = len({id(text) for text in texts})  # (all alive at once: ids are unique)
-    assert len(texts) > 2 * distinct
-    if shared:
-        assert objects == distinct
-    else:
-        assert objects > len(texts) / 2
+    check_objects_per_text(short_values(params, xmlrpc.SHORT), shared, repeats=2)
