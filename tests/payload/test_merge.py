@@ -137,9 +137,14 @@ def merged_both_ways(root: etree._Element, payload: dict[str, Any], registry: Sy
                      monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, bool]:
     """`root` merged with `payload` as it is, and a top-level key at a time (never a point at a
     time), and whether the first went a point at a time."""
-    split = AT_POINTS
     took: list[bool] = []
-    monkeypatch.setattr(merge_module, "_at_points", lambda *args: took.append(split(*args) is not None) or split(*args))
+
+    def watched(*args: Any) -> Any:
+        found = AT_POINTS(*args)
+        took.append(found is not None)
+        return found
+
+    monkeypatch.setattr(merge_module, "_at_points", watched)
     first = copy.deepcopy(root)
     merge_payload(first, copy.deepcopy(payload), registry)
     monkeypatch.setattr(merge_module, "_at_points", lambda *args: None)
