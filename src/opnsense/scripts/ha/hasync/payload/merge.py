@@ -200,7 +200,8 @@ def merge_payload(
             return _merge_parts(root, payload, points, registry, accept_unknown)
         payload = payload.whole()
     grafts = payload.grafts if isinstance(payload, GraftedPayload) else None
-    sent = payload.sent.sha256 if isinstance(payload, GraftedPayload) and payload.sent is not None else None
+    sent = payload.sent if isinstance(payload, GraftedPayload) else None
+    sha256 = sent.sha256 if sent is not None else None
     data = normalize_payload(dict(payload), grafts.vetted if grafts is not None else None)
     points = check_payload(data, registry, accept_unknown)
     data, kept = keep_local(root, data, registry.declarations())
@@ -208,7 +209,7 @@ def merge_payload(
     _warn_unknown(points, registry, ctx)
     split = _at_points(data, points) if streamable(points, registry) is not None else None
     if split is not None:
-        changes = _merge_points(iter(split), points, ctx, sent)
+        changes = _merge_points(split, points, ctx, sha256)
     else:
         # Key by key: each top-level key's merge changes only its own section (`_merge_data`),
         # so its before-state is kept just before it merges and let go of once told.
@@ -217,9 +218,9 @@ def merge_payload(
         for key, value in data.items():
             before.add(root, key)
             _merge_data({key: value}, ctx)
-            changes.tell(key, before, ctx, sent)
-    token = payload.sent.token if isinstance(payload, GraftedPayload) and payload.sent is not None else ""
-    return _report(ctx, list(data), points, changes, token, [note.path for note in kept])
+            changes.tell(key, before, ctx, sha256)
+    return _report(ctx, list(data), points, changes, sent.token if sent is not None else "",
+                   [note.path for note in kept])
 
 
 def _at_points(data: Mapping[str, Any], points: list[str]) -> list[tuple[str, dict[str, Any]]] | None:
@@ -274,7 +275,7 @@ def _merge_parts(root: etree._Element, payload: PayloadParts, points: list[str],
     return _report(ctx, list(payload), points, changes, payload.token if sent else "", kept_paths)
 
 
-def _merge_points(sections: Iterator[tuple[str, Mapping[str, Any]]], points: list[str], ctx: _Context,
+def _merge_points(sections: Iterable[tuple[str, Mapping[str, Any]]], points: list[str], ctx: _Context,
                   sent: Mapping[str, str] | None) -> _Changes:
     """Merge `sections` (each a payload of one section at or below one of `points`, checked) one
     after another, telling `_Changes` about each point after its last section and each top-level
