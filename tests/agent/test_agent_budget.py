@@ -1,12 +1,13 @@
-"""Concurrent request bodies share one memory budget on a real agent (TLS, real sockets)."""
+"""The agent's memory: concurrent request bodies share one budget on a real agent (TLS, real
+sockets), and a decoded request is not kept while it merges."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hasync.agent.server import AgentLimits, BodyBudget
+from hasync.agent.server import AgentLimits, BodyBudget, CallContext
 from hasync.wire import xmlrpc
-from support.nodes import make_pair, open_request, read_reply, running_agent
+from support.nodes import SYNC_USER, make_pair, open_request, read_reply, running_agent
 from support.polling import wait_for
 
 
@@ -43,3 +44,16 @@ def test_a_second_large_body_waits_for_the_budget(tmp_path: Path) -> None:
         third.sendall(big)
         assert read_reply(third).startswith(b"HTTP/1.0 200")
         assert server.body_budget.used == 0
+
+
+def test_the_agent_does_not_keep_a_request_it_merges(tmp_path: Path) -> None:
+    """`opnsense.restore_config_section` hands the payload it decoded to the merge to consume
+    (`merge_payload(consume=True)`): it is empty once merged, and the merge is written. (That the
+    merge lets go of each point as it goes: tests/payload/test_merge.py.)"""
+    pair = make_pair(tmp_path)
+    payload = {"filter": {"rule": [{"descr": "handed over", "type": "pass", "interface": "lan"}]}}
+    with running_agent(pair) as server:
+        merge = server.dispatcher.methods["opnsense.restore_config_section"]
+        assert merge(payload, CallContext(SYNC_USER, "127.0.0.1")) is True
+    assert payload == {}
+    assert b"<descr>handed over</descr>" in (pair.backup / "config.xml").read_bytes()

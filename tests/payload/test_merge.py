@@ -6,6 +6,8 @@ import copy
 import gc
 import json
 import shutil
+import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,50 @@ def test_a_point_its_local_rule_took_away_merges_a_key_at_a_time(monkeypatch: py
     root.find("system").insert(0, etree.fromstring("<user><name>mine</name></user>"))
     kept, by_keys, took = merged_both_ways(root, payload, registry, monkeypatch)  # control: it has one
     assert kept == by_keys and "<name>mine</name>" in kept and took
+
+
+class Held(dict[str, Any]):
+    """A record whose life a test can watch (a plain dict cannot be weakly referenced)."""
+
+
+@pytest.mark.parametrize("consume", [True, False], ids=["consumed", "control: not consumed"])
+@pytest.mark.parametrize("at_points", [True, False], ids=["a point at a time", "a key at a time"])
+def test_a_consumed_payload_lets_go_of_each_point_once_merged(monkeypatch: pytest.MonkeyPatch, consume: bool,
+                                                              at_points: bool) -> None:
+    """`consume=True` (the agent's merge of a request it decoded): the caller's payload is emptied
+    and each point's records are freed once merged, before the next point merges; the merged tree
+    and the report stay the same. Control: without it, every record lives until the merge ends."""
+    if not at_points:
+        monkeypatch.setattr(merge_module, "_at_points", lambda *args: None)
+    root = parse("<opnsense><sec><a>1</a></sec><system><user><name>old</name></user></system></opnsense>")
+
+    def payload() -> dict[str, Any]:
+        return {"filter": {"rule": [Held(descr="r1"), Held(descr="r2")]},
+                "nat": {"outbound": {"rule": [Held(descr="n1")]}},
+                "system": {"user": [Held(name="u1")]}, "sec": {"a": "2"}}
+
+    given = payload()
+    records = {record["descr" if "descr" in record else "name"]: weakref.ref(record)
+               for record in (*given["filter"]["rule"], *given["nat"]["outbound"]["rule"], *given["system"]["user"])}
+    alive_at: list[tuple[str, list[str]]] = []
+    merge_data = merge_module._merge_data
+
+    def watched(data: Mapping[str, Any], ctx: Any) -> None:
+        alive_at.append((next(iter(data)), sorted(name for name, ref in records.items() if ref() is not None)))
+        merge_data(data, ctx)
+
+    monkeypatch.setattr(merge_module, "_merge_data", watched)
+    expected_tree = copy.deepcopy(root)
+    expected = merge_payload(expected_tree, payload(), SMALL)
+    report = merge_payload(root, given, SMALL, consume=consume)
+    assert xml(root) == xml(expected_tree) and report == expected
+    everything = ["n1", "r1", "r2", "u1"]
+    if consume:
+        assert given == {}
+        assert alive_at[-4:] == [("filter", everything), ("nat", ["n1", "u1"]), ("system", ["u1"]), ("sec", [])]
+    else:
+        assert given == payload()
+        assert alive_at[-4:] == [(key, everything) for key in ("filter", "nat", "system", "sec")]
 
 
 def test_single_list_tag_element_counts_as_a_list() -> None:

@@ -106,9 +106,9 @@ class BackupNode:
             who = f"{context.username}@{context.remote_addr}"
             with self.store.transaction(description, username=who) as root:
                 accounts_before = lockout.accounts_copy(root)
-                report = merge_payload(
-                    root, sections, self.registry, accept_unknown=self.accept_unknown_sections
-                )
+                # the decoded request serves nothing else: the merge lets go of it as it goes
+                report = merge_payload(root, sections, self.registry, accept_unknown=self.accept_unknown_sections,
+                                       consume=True)
                 # raises before anything is written if the request's credentials would stop working
                 lockout.guard_merge(accounts_before, root, context.authorization, allow=context.allow_lockout,
                                     now=self.store.clock.time(), who=who)

@@ -185,6 +185,8 @@ def merge_payload(
     payload: Mapping[str, Any],
     registry: SyncItemRegistry,
     accept_unknown: bool = False,
+    *,
+    consume: bool = False,
 ) -> MergeReport:
     """Merge `payload` into the config tree `root` in place and report what changed.
 
@@ -193,6 +195,11 @@ def merge_payload(
     A `parts.PayloadParts` is merged a section at a time where that is the same merge
     (`parts.streamable`), else as the whole payload it stands for; a whole payload is checked
     whole and then merged a point at a time where it is made of its points alone (`_at_points`).
+
+    `consume`: the caller hands a whole payload over and never reads it again (the agent: a
+    decoded request serves nothing else). It is emptied once checked, and each point's values
+    are let go of once merged, so their memory is free again while the merge builds new records
+    (the agent's peak in a compatible 20 MB sync: 199 -> 193 MB; the decoded payload is ~25 MB).
     """
     if isinstance(payload, PayloadParts):
         points = streamable(payload.sections, registry)
@@ -207,20 +214,33 @@ def merge_payload(
     data, kept = keep_local(root, data, registry.declarations())
     ctx = _Context(root, grafts)
     _warn_unknown(points, registry, ctx)
+    keys = list(data)
+    if consume and isinstance(payload, dict):
+        payload.clear()  # its values live on in `data` (shared, not copied) until merged
     split = _at_points(data, points) if streamable(points, registry) is not None else None
     if split is not None:
-        changes = _merge_points(split, points, ctx, sha256)
+        if consume:
+            data.clear()  # the points hold the values now
+        changes = _merge_points(_taken(split) if consume else split, points, ctx, sha256)
     else:
         # Key by key: each top-level key's merge changes only its own section (`_merge_data`),
         # so its before-state is kept just before it merges and let go of once told.
         before = SectionsBefore(root, (), points)
         changes = _Changes()
-        for key, value in data.items():
+        for key in keys:
+            value = data.pop(key) if consume else data[key]
             before.add(root, key)
             _merge_data({key: value}, ctx)
             changes.tell(key, before, ctx, sha256)
-    return _report(ctx, list(data), points, changes, sent.token if sent is not None else "",
+    return _report(ctx, keys, points, changes, sent.token if sent is not None else "",
                    [note.path for note in kept])
+
+
+def _taken(parts: list[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`parts` in order, each let go of by the list as it is handed out."""
+    parts.reverse()
+    while parts:
+        yield parts.pop()
 
 
 def _at_points(data: Mapping[str, Any], points: list[str]) -> list[tuple[str, dict[str, Any]]] | None:
