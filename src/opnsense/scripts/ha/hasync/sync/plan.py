@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,16 +148,11 @@ class ConfigView:
             start = self.data.find(b"<hasync", start + 1)
         return None
 
-    @staticmethod
-    def _signature(registry: SyncItemRegistry, item_ids: Sequence[str]) -> str:
-        """What a cached set of digests is for: this version's canonical form and the items' sections."""
-        return hashlib.sha256(json.dumps(
-            [__version__, digestmod.CANONICAL_FORM, [(i, registry.get(i).sections) for i in item_ids]],
-        ).encode()).hexdigest()
-
     def digests(self, registry: SyncItemRegistry, item_ids: Sequence[str]) -> tuple[dict[str, str], bool]:
         """This node's digest of what it would send, per item; and whether they came from the cache."""
-        signature = self._signature(registry, item_ids)
+        signature = hashlib.sha256(json.dumps(
+            [__version__, digestmod.CANONICAL_FORM, [(i, registry.get(i).sections) for i in item_ids]],
+        ).encode()).hexdigest()
         cached = self._cache.get("digests", {}).get(signature)
         if isinstance(cached, dict) and set(cached) == set(item_ids):
             return {str(k): str(v) for k, v in cached.items()}, True
@@ -165,13 +160,6 @@ class ConfigView:
         digests = digestmod.item_digests(values, registry)
         self._store(signature, digests)
         return digests, False
-
-    def keep_digests(self, registry: SyncItemRegistry, item_ids: Sequence[str], digests: Mapping[str, str]) -> None:
-        """Keep digests of this very version computed elsewhere as `digests` keeps its own: a
-        ``--full`` sync computes every item's for its snapshot (the same digest of the same
-        values), and the next sync of the unchanged file then need not compute them again."""
-        if all(i in digests for i in item_ids):
-            self._store(self._signature(registry, item_ids), {i: digests[i] for i in item_ids})
 
     def _store(self, signature: str, digests: dict[str, str]) -> None:
         root = self.root
@@ -401,12 +389,6 @@ class SyncPlan:
                                    if i in self.record_ids}
         except Exception as exc:  # recorded the plain way afterwards, which reports it
             log.info("snapshot not prepared during the merge: %s", exc)
-            return
-        if ours is None:  # (--full) the next sync of this config need not digest it again
-            try:
-                self.view.keep_digests(self.registry, self.item_ids, self.record_digests)
-            except Exception as exc:  # a cache: never fail a sync over it
-                log.info("this config's digests were not kept for the next sync: %s", exc)
 
     def send(self, peer: Any) -> str:
         self._learn_capabilities(peer)
