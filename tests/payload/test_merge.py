@@ -195,8 +195,14 @@ def test_a_consumed_payload_lets_go_of_each_point_once_merged(monkeypatch: pytes
     """`consume=True` (the agent's merge of a request it decoded): the caller's payload is emptied
     and each point's records are freed once merged, before the next point merges; the merged tree
     and the report stay the same. Control: without it, every record lives until the merge ends."""
-    if not at_points:
-        monkeypatch.setattr(merge_module, "_at_points", lambda *args: None)
+    took: list[bool] = []
+
+    def split(*args: Any) -> Any:
+        found = AT_POINTS(*args) if at_points else None
+        took.append(found is not None)
+        return found
+
+    monkeypatch.setattr(merge_module, "_at_points", split)
     root = parse("<opnsense><sec><a>1</a></sec><system><user><name>old</name></user></system></opnsense>")
 
     def payload() -> dict[str, Any]:
@@ -219,6 +225,7 @@ def test_a_consumed_payload_lets_go_of_each_point_once_merged(monkeypatch: pytes
     expected = merge_payload(expected_tree, payload(), SMALL)
     report = merge_payload(root, given, SMALL, consume=consume)
     assert xml(root) == xml(expected_tree) and report == expected
+    assert took == [at_points, at_points]  # (the way each merge went)
     everything = ["n1", "r1", "r2", "u1"]
     if consume:
         assert given == {}
